@@ -1,0 +1,93 @@
+"""Every metric the agent exports, in one reviewed table (names, types, labels, help).
+
+Names follow Prometheus conventions: one ``gradwatch_`` namespace, snake_case, base units
+in the name, ``_total`` on counters. tests/agent/test_catalogue.py enforces them and
+``promtool check metrics`` runs over a real scrape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+RUN_LABELS = ("run", "rank")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # full exposed name (counters include _total)
+    kind: Literal["gauge", "counter"]
+    help: str
+    labels: tuple[str, ...] = RUN_LABELS
+
+    def family(self) -> Metric:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name.removesuffix("_total"), self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+
+def _run(name: str, kind: Literal["gauge", "counter"], help: str, *extra: str) -> MetricSpec:
+    return MetricSpec(name, kind, help, RUN_LABELS + extra)
+
+
+# -- per run and rank -----------------------------------------------------------------------------
+LOSS = _run("gradwatch_loss", "gauge", "Last loss the run logged with probe.log(loss=...).")
+GRAD_NORM = _run("gradwatch_grad_norm", "gauge",
+                 "Global L2 norm of the gradients at the last optimizer step (unscaled, before the optimizer update).")
+LEARNING_RATE = _run("gradwatch_learning_rate", "gauge", "Learning rate of each optimizer param group.", "group")
+STEPS = _run("gradwatch_steps_total", "counter", "Optimizer steps the process has completed.")
+STEP_DURATION = _run("gradwatch_step_duration_seconds", "gauge",
+                     "Wall time of the last optimizer step, from the end of the previous step to the end of this one.")
+DATA_WAIT = _run("gradwatch_data_wait_seconds", "gauge",
+                 "Time from the end of the last optimizer step to the next forward pass (data loading).")
+SAMPLES_PER_SECOND = _run("gradwatch_samples_per_second", "gauge",
+                          "Samples per second at the last step: logged batch_size over step duration.")
+SAMPLES = _run("gradwatch_samples_total", "counter", "Samples processed: sum of the logged batch_size.")
+NONFINITE = _run("gradwatch_nonfinite_total", "counter",
+                 "Non-finite (NaN or infinite) values seen, by quantity (loss, grad_norm, metric).", "quantity")
+SPIKES = _run("gradwatch_spikes_total", "counter",
+              "Upward spikes detected at step resolution (z-score over 6 against an outlier-free moving average).",
+              "quantity")
+LOSS_RECENT_MAX = _run("gradwatch_loss_recent_max", "gauge",
+                       "Largest finite loss logged in the recent window (agent setting spike_window_seconds).")
+GRAD_NORM_RECENT_MAX = _run("gradwatch_grad_norm_recent_max", "gauge",
+                            "Largest finite gradient norm in the recent window (agent setting spike_window_seconds).")
+LAST_STEP_TIMESTAMP = _run("gradwatch_last_step_timestamp_seconds", "gauge",
+                           "Unix time of the last optimizer step.")
+RUN_START_TIMESTAMP = _run("gradwatch_run_start_timestamp_seconds", "gauge", "Unix time the process attached its probe.")
+RUN_INFO = MetricSpec(
+    "gradwatch_run_info", "gauge",
+    "Run metadata as labels (value is always 1); user labels appear as label_<key>.",
+    RUN_LABELS + ("host", "pid", "local_rank", "world_size", "torch_version", "gradwatch_version"),
+)
+RUN_STATE = _run("gradwatch_run_state", "gauge",
+                 "1 for the current state of the process (running, stalled, crashed, finished), else 0.", "state")
+METRIC = _run("gradwatch_metric", "gauge", "Last value of every other scalar logged with probe.log(name=value).", "name")
+PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
+                     "Records the probe dropped (queue full, spool unwritable): training went on without them.")
+
+# -- the agent itself -----------------------------------------------------------------------------
+AGENT_INGESTED = MetricSpec("gradwatch_agent_records_ingested_total", "counter", "Spool records ingested.", ())
+AGENT_REJECTED = MetricSpec("gradwatch_agent_records_rejected_total", "counter",
+                            "Spool record lines rejected, by reason (malformed, invalid).", ("reason",))
+AGENT_INGEST_LAG = MetricSpec("gradwatch_agent_ingest_lag_seconds", "gauge",
+                              "Seconds between the newest ingested record being written and being ingested.", ())
+AGENT_RESCANS = MetricSpec("gradwatch_agent_rescans_total", "counter",
+                           "Full rescans of the spool (periodic, in case file events were missed).", ())
+AGENT_SCRAPE_DURATION = MetricSpec("gradwatch_agent_scrape_duration_seconds", "gauge",
+                                   "Time taken to build this scrape's metrics.", ())
+AGENT_HANDLER_ERRORS = MetricSpec("gradwatch_agent_handler_errors_total", "counter",
+                                  "Errors caught in file-event handlers and ingestion (logged, never fatal).", ())
+AGENT_WATCHER_UP = MetricSpec("gradwatch_agent_watcher_up", "gauge",
+                              "1 while the file watcher thread is alive, else 0 (it is restarted).", ())
+AGENT_WATCHER_RESTARTS = MetricSpec("gradwatch_agent_watcher_restarts_total", "counter",
+                                    "Times the file watcher died and was restarted.", ())
+AGENT_RUNS = MetricSpec("gradwatch_agent_runs", "gauge", "Runs the agent exports, by state.", ("state",))
+AGENT_RUNS_REJECTED = MetricSpec("gradwatch_agent_runs_rejected", "gauge",
+                                 "Runs whose metadata the agent refused (e.g. newer spool format); see the agent log.", ())
+AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
+                              ("version",))
+
+ALL: tuple[MetricSpec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, MetricSpec))

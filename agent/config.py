@@ -1,0 +1,93 @@
+"""Agent configuration: defaults < YAML file < environment < command line, validated once.
+
+A bad value is reported with the field, the value and where it came from, e.g.
+``port = 'abc' (from environment variable GRADWATCH_PORT): Input should be a valid integer``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gradwatch.errors import ConfigError
+from gradwatch.spool.format import default_home
+
+DEFAULT_PORT = 9478  # not 9400: that is the DCGM exporter's default, and both run on GPU nodes
+ENV_PREFIX = "GRADWATCH_"
+
+
+class AgentConfig(BaseModel):
+    """Settings of ``gradwatch agent``. Each has an environment twin ``GRADWATCH_<NAME>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Field(default_factory=default_home, description="spool directory shared with the probes")
+    host: str = Field("127.0.0.1", min_length=1, description="address to serve /metrics on")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="port to serve /metrics on (0: any free port)")
+    stall_after_seconds: float = Field(120.0, gt=0, description="a run with no record for this long is stalled")
+    ended_ttl_seconds: float = Field(900.0, ge=0, description="series of finished/crashed runs are dropped after this")
+    rescan_interval_seconds: float = Field(5.0, gt=0, description="full rescan of the spool (missed file events)")
+    checkpoint_interval_seconds: float = Field(5.0, gt=0, description="how often offsets and state are saved")
+    spike_window_seconds: float = Field(60.0, gt=0, description="window of the *_recent_max gauges")
+    exit_when_idle_seconds: float | None = Field(None, gt=0, description="exit after this long with no running run")
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out = {}
+    for name in AgentConfig.model_fields:
+        var = ENV_PREFIX + name.upper()
+        if var in env and env[var] != "":
+            out[name] = (env[var], f"environment variable {var}")
+    return out
+
+
+def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    agent_section = data.get("agent", data)
+    if not isinstance(agent_section, dict):
+        raise ConfigError(f"config file {path}: 'agent' must be a mapping of settings")
+    return {str(k): (v, f"config file {path}, key {k}") for k, v in agent_section.items()}
+
+
+def load_agent_config(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> AgentConfig:
+    """Merge the sources and validate; raise ConfigError listing every problem with its source."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(env[ENV_PREFIX + "CONFIG"])
+    layered: dict[str, tuple[Any, str]] = {}
+    if config_file is not None:
+        layered.update(_file_values(config_file))
+    layered.update(_env_values(env))
+    layered.update({k: (v, f"option --{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None})
+    try:
+        config = AgentConfig(**{k: v for k, (v, _) in layered.items()})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            value, source = layered.get(field, (err.get("input"), "defaults"))
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(AgentConfig.model_fields)
+                problems.append(f"unknown setting {field!r} ({source}); known settings: {known}")
+            else:
+                problems.append(f"{field} = {value!r} ({source}): {err['msg']}")
+        raise ConfigError("invalid agent configuration:\n  " + "\n  ".join(problems)) from None
+    return config.model_copy(update={"home": config.home.expanduser().resolve()})

@@ -1,0 +1,230 @@
+"""The agent daemon: wires watcher -> ingest -> state -> collector/HTTP, and saves checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
+
+from gradwatch import __version__
+from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
+from gradwatch.agent.collector import AgentCollector
+from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.server import HttpServer, build_app
+from gradwatch.agent.state import AgentState, RunStatus
+from gradwatch.agent.watcher import SpoolWatcher
+from gradwatch.errors import GradwatchError
+from gradwatch.spool.format import SpoolLayout
+from gradwatch.spool.writer import write_json_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("gradwatch.agent")
+_LOOP_TICK_SECONDS = 0.5
+
+
+class AgentAlreadyRunning(GradwatchError):
+    pass
+
+
+class Agent:
+    """One per spool (per machine). ``start()`` returns at once; ``stop()`` saves a checkpoint."""
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.layout = SpoolLayout(config.home)
+        self.state = AgentState(spike_window=config.spike_window_seconds)
+        self.ingestor = SpoolIngestor(self.layout, self.state, clock)
+        self.watcher = SpoolWatcher(self.layout.runs_dir)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive))
+        self.local_host = socket.gethostname()
+        self.stopped = threading.Event()
+        self._lock_file: IO[bytes] | None = None
+        self._server: HttpServer | None = None
+        self._thread: threading.Thread | None = None
+        self._idle_since: float | None = None
+        self._watcher_errors_seen = 0
+
+    @property
+    def url(self) -> str:
+        port = self._server.port if self._server else self.config.port
+        return f"http://{self.config.host}:{port}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.layout.agent_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            if load_checkpoint(self.layout.checkpoint_file, self.state):
+                log.info("resumed from checkpoint %s", self.layout.checkpoint_file)
+            app = build_app(self.registry, self._runs_summary, self._health)
+            self._server = HttpServer(self.config.host, self.config.port, app)
+            self._server.start()
+            write_json_atomic(self.layout.agent_info_file, {
+                "pid": os.getpid(), "url": self.url, "home": str(self.config.home), "version": __version__,
+                "started": time.time(),
+            })
+            self.watcher.start()
+            self.ingestor.scan_all()
+            self._thread = threading.Thread(target=self._loop, name="gradwatch-ingest", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._shutdown_parts()
+            raise
+        log.info("gradwatch agent %s serving %s/metrics for spool %s", __version__, self.url, self.config.home)
+
+    def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.watcher.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._shutdown_parts()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT (or idle exit), then save state and exit cleanly."""
+        self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopped.set())
+        try:
+            while not self.stopped.wait(1.0):
+                pass
+        finally:
+            self.stopped.clear()
+            self.stop()
+
+    def _shutdown_parts(self) -> None:
+        self.watcher.stop()
+        if self._server is not None:
+            self._server.stop()
+        try:
+            save_checkpoint(self.layout.checkpoint_file, self.state)
+        except OSError as exc:
+            log.error("could not save the checkpoint %s: %s", self.layout.checkpoint_file, exc)
+        try:
+            info = json.loads(self.layout.agent_info_file.read_text())
+            if info.get("pid") == os.getpid():
+                self.layout.agent_info_file.unlink()
+        except (OSError, ValueError):
+            pass
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def _acquire_lock(self) -> None:
+        if fcntl is None:
+            return
+        lock = open(self.layout.agent_lock_file, "a+b")  # noqa: SIM115 - held for the agent's lifetime
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise AgentAlreadyRunning(
+                f"another gradwatch agent already serves {self.config.home} ({self._describe_running()}); "
+                f"stop it first, or point this one at another spool with --home"
+            ) from None
+        self._lock_file = lock
+
+    def _describe_running(self) -> str:
+        try:
+            info = json.loads(self.layout.agent_info_file.read_text())
+            return f"pid {info.get('pid')}, {info.get('url')}"
+        except (OSError, ValueError):
+            return "starting up"
+
+    # -- the ingest loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        cfg = self.config
+        next_rescan = time.monotonic() + cfg.rescan_interval_seconds
+        next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
+        while not self.stopped.is_set():
+            try:
+                self.watcher.wake.clear()
+                if time.monotonic() >= next_rescan:
+                    self.ingestor.scan_all()
+                    next_rescan = time.monotonic() + cfg.rescan_interval_seconds
+                else:
+                    dirty = self.watcher.take_dirty()
+                    if dirty:
+                        self.ingestor.scan(self.layout.runs_dir / name for name in sorted(dirty))
+                self._refresh()
+                if time.monotonic() >= next_checkpoint:
+                    save_checkpoint(self.layout.checkpoint_file, self.state)
+                    next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
+                if self._idle_too_long():
+                    log.info("no running run for %.0f s; exiting", cfg.exit_when_idle_seconds)
+                    self.stopped.set()
+                    return
+            except Exception as exc:  # the loop must survive anything
+                with self.state.lock:
+                    self.state.counters.handler_errors += 1
+                log.exception("error in the ingest loop (continuing): %r", exc)
+            self.watcher.wake.wait(_LOOP_TICK_SECONDS)
+
+    def _refresh(self) -> None:
+        restarted = self.watcher.ensure_alive()
+        with self.state.lock:
+            counters = self.state.counters
+            counters.watcher_restarts += int(restarted)
+            counters.handler_errors += self.watcher.errors - self._watcher_errors_seen
+            self._watcher_errors_seen = self.watcher.errors
+            retired = self.state.refresh(self.clock(), self.config.stall_after_seconds, self.config.ended_ttl_seconds,
+                                         self.local_host)
+        for run in retired:
+            log.info("run %s ended more than %.0f s ago; its series are no longer exported", run,
+                     self.config.ended_ttl_seconds)
+
+    def _idle_too_long(self) -> bool:
+        limit = self.config.exit_when_idle_seconds
+        if limit is None:
+            return False
+        with self.state.lock:
+            active = any(not s.status.ended for ranks in self.state.runs.values() for s in ranks.values())
+        now = time.monotonic()
+        if active:
+            self._idle_since = None
+            return False
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since > limit
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    def _runs_summary(self) -> list[dict[str, Any]]:
+        with self.state.lock:
+            return self.state.summary(self.clock())
+
+    def _health(self) -> dict[str, Any]:
+        ingest_alive = self._thread is not None and self._thread.is_alive()
+        watcher_alive = self.watcher.alive()
+        with self.state.lock:
+            runs = {status.value: 0 for status in RunStatus}
+            for row in self.state.summary(self.clock()):
+                runs[row["status"]] = runs.get(row["status"], 0) + 1
+        return {"ok": ingest_alive, "ingest_loop": ingest_alive, "watcher": watcher_alive, "runs": runs,
+                "version": __version__, "home": str(self.config.home)}
+
+
+def read_agent_info(layout: SpoolLayout) -> dict[str, Any] | None:
+    """What a running agent wrote about itself (pid, url), or None."""
+    try:
+        info = json.loads(Path(layout.agent_info_file).read_text())
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,291 @@
+"""What the agent knows about every run: built from records, read at scrape time.
+
+Deciding a run's state (running, stalled, crashed, finished) is separate from ingesting
+records, and everything here can be saved and restored (``state_dict``/``load_state_dict``),
+so a restarted agent goes on exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradwatch.agent.detectors import RecentMax, SpikeDetector
+from gradwatch.spool.proc import process_alive
+
+MAX_METRIC_NAMES = 64  # per rank; bounds the cardinality of gradwatch_metric{name=...}
+SPIKE_METRICS = ("loss", "grad_norm")
+NONFINITE_QUANTITIES = ("loss", "grad_norm", "metric")
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    STALLED = "stalled"  # no record for stall_after seconds, process not known to be gone
+    CRASHED = "crashed"  # process gone without finishing, or closed with an exception
+    FINISHED = "finished"
+
+    @property
+    def ended(self) -> bool:
+        return self in (RunStatus.CRASHED, RunStatus.FINISHED)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass
+class RankState:
+    """One process (one rank) of a run."""
+
+    run: str
+    rank: int
+    meta: dict[str, Any]
+    spike_window: float
+    offset: int = 0  # bytes of the records file already applied
+    steps_total: int = 0
+    records: int = 0
+    last_step_time: float | None = None
+    last_record_time: float | None = None
+    loss: float | None = None
+    grad_norm: float | None = None
+    learning_rates: list[float] = field(default_factory=list)
+    step_duration: float | None = None
+    data_wait: float | None = None
+    samples_per_second: float | None = None
+    samples_total: float = 0.0
+    probe_dropped: int = 0
+    nonfinite: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NONFINITE_QUANTITIES, 0))
+    spikes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPIKE_METRICS, 0))
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_names_dropped: int = 0
+    end_status: str | None = None  # "finished" | "failed" from the end record
+    end_error: str | None = None
+    status: RunStatus = RunStatus.RUNNING
+    ended_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.detectors = {name: SpikeDetector() for name in SPIKE_METRICS}
+        self.recent_max = {name: RecentMax(self.spike_window) for name in SPIKE_METRICS}
+
+    # -- records ---------------------------------------------------------------------------------
+    def apply(self, record: dict[str, Any]) -> None:
+        t = float(record["t"])
+        self.records += 1
+        self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
+        dropped = record.get("dropped")
+        if isinstance(dropped, int):
+            self.probe_dropped = max(self.probe_dropped, dropped)
+        kind = record["kind"]
+        if kind == "step":
+            self._apply_step(record, t)
+        elif kind == "log":
+            self._apply_log(record, t)
+        elif kind == "end":
+            self.end_status = "finished" if record.get("status") == "finished" else "failed"
+            self.end_error = record.get("error")
+            self.steps_total = max(self.steps_total, record["step"])
+
+    def _apply_step(self, record: dict[str, Any], t: float) -> None:
+        # The probe numbers steps itself: the count stays exact even if some records were dropped.
+        self.steps_total = max(self.steps_total, record["step"])
+        self.last_step_time = t
+        norm = _number(record.get("grad_norm"))
+        if norm is not None:
+            self._observe("grad_norm", norm, t)
+            self.grad_norm = norm
+        lrs = record.get("lr")
+        if isinstance(lrs, list):
+            self.learning_rates = [v for v in (_number(lr) for lr in lrs) if v is not None]
+        self.step_duration = _number(record.get("dur"))
+        self.data_wait = _number(record.get("wait"))
+
+    def _apply_log(self, record: dict[str, Any], t: float) -> None:
+        values = record.get("values")
+        if not isinstance(values, dict):
+            return
+        for name, raw in values.items():
+            value = _number(raw)
+            if value is None:
+                continue
+            if name == "loss":
+                self._observe("loss", value, t)
+                self.loss = value
+            elif name == "batch_size":
+                self.samples_total += value
+                if self.step_duration:
+                    self.samples_per_second = value / self.step_duration
+            if name != "loss":
+                if not math.isfinite(value):
+                    self.nonfinite["metric"] += 1
+                if name in self.metrics or len(self.metrics) < MAX_METRIC_NAMES:
+                    self.metrics[name] = value
+                else:
+                    self.metric_names_dropped += 1
+
+    def _observe(self, quantity: str, value: float, t: float) -> None:
+        if not math.isfinite(value):
+            self.nonfinite[quantity] += 1
+        elif self.detectors[quantity].update(value):
+            self.spikes[quantity] += 1
+        self.recent_max[quantity].add(t, value)
+
+    # -- deciding the state ------------------------------------------------------------------
+    def refresh_status(self, now: float, stall_after: float, local_host: str) -> RunStatus:
+        if self.status.ended:
+            return self.status
+        if self.end_status is not None:
+            self._end(RunStatus.FINISHED if self.end_status == "finished" else RunStatus.CRASHED, now)
+        elif self.meta.get("host") == local_host and process_alive(
+            int(self.meta["pid"]), self.meta.get("proc_start_ticks")
+        ) is False:
+            self._end(RunStatus.CRASHED, now)
+        else:
+            last = self.last_record_time or float(self.meta.get("start_time", now))
+            self.status = RunStatus.STALLED if now - last > stall_after else RunStatus.RUNNING
+        return self.status
+
+    def _end(self, status: RunStatus, now: float) -> None:
+        self.status = status
+        self.ended_at = now
+
+    # -- persistence -----------------------------------------------------------------------------
+    _PLAIN_FIELDS = (
+        "offset", "steps_total", "records", "last_step_time", "last_record_time", "loss", "grad_norm",
+        "learning_rates", "step_duration", "data_wait", "samples_per_second", "samples_total", "probe_dropped",
+        "nonfinite", "spikes", "metrics", "metric_names_dropped", "end_status", "end_error", "ended_at",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self._PLAIN_FIELDS}
+        state["status"] = self.status.value
+        state["detectors"] = {k: d.state_dict() for k, d in self.detectors.items()}
+        state["recent_max"] = {k: m.state_dict() for k, m in self.recent_max.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self._PLAIN_FIELDS:
+            if name in state:
+                setattr(self, name, state[name])
+        self.status = RunStatus(state.get("status", RunStatus.RUNNING.value))
+        for key, detector in self.detectors.items():
+            detector.load_state_dict(state.get("detectors", {}).get(key, {}))
+        for key, recent in self.recent_max.items():
+            recent.load_state_dict(state.get("recent_max", {}).get(key, []))
+
+
+def run_status(ranks: list[RankState]) -> RunStatus:
+    """A run is crashed if any rank crashed, stalled if any stalled, finished when all finished."""
+    statuses = {r.status for r in ranks}
+    for status in (RunStatus.CRASHED, RunStatus.STALLED, RunStatus.RUNNING):
+        if status in statuses:
+            return status
+    return RunStatus.FINISHED
+
+
+@dataclass
+class AgentCounters:
+    """The agent's own health, exported as gradwatch_agent_*."""
+
+    records_ingested: int = 0
+    records_rejected: dict[str, int] = field(default_factory=dict)
+    rescans: int = 0
+    handler_errors: int = 0
+    watcher_restarts: int = 0
+    ingest_lag_seconds: float | None = None
+    last_scrape_duration_seconds: float | None = None
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.records_rejected[reason] = self.records_rejected.get(reason, 0) + n
+
+
+class AgentState:
+    """All runs, behind one lock shared by the ingest loop and the scrape."""
+
+    def __init__(self, spike_window: float) -> None:
+        self.lock = threading.RLock()
+        self.spike_window = spike_window
+        self.runs: dict[str, dict[int, RankState]] = {}
+        self.retired: set[str] = set()  # runs whose series were dropped after they ended
+        self.rejected_runs: dict[str, str] = {}  # run -> why its metadata was refused
+        self.counters = AgentCounters()
+
+    def rank(self, run: str, rank: int) -> RankState | None:
+        return self.runs.get(run, {}).get(rank)
+
+    def add_rank(self, run: str, rank: int, meta: dict[str, Any]) -> RankState:
+        state = RankState(run=run, rank=rank, meta=meta, spike_window=self.spike_window)
+        self.runs.setdefault(run, {})[rank] = state
+        self.rejected_runs.pop(run, None)
+        return state
+
+    def refresh(self, now: float, stall_after: float, ended_ttl: float, local_host: str) -> list[str]:
+        """Decide every rank's state; retire runs ended for longer than ``ended_ttl``. Returns retired runs."""
+        retired = []
+        for run, ranks in list(self.runs.items()):
+            for state in ranks.values():
+                state.refresh_status(now, stall_after, local_host)
+            if all(s.status.ended for s in ranks.values()):
+                ended_at = max(s.ended_at or now for s in ranks.values())
+                if now - ended_at > ended_ttl:
+                    del self.runs[run]
+                    self.retired.add(run)
+                    retired.append(run)
+        return retired
+
+    def forget_missing(self, present: set[str]) -> None:
+        """Runs whose directory was deleted: drop them and their tombstones."""
+        for run in list(self.runs):
+            if run not in present:
+                del self.runs[run]
+        self.retired &= present
+        for run in list(self.rejected_runs):
+            if run not in present:
+                del self.rejected_runs[run]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "runs": {run: {str(r): s.state_dict() | {"meta": s.meta} for r, s in ranks.items()}
+                     for run, ranks in self.runs.items()},
+            "retired": sorted(self.retired),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.runs.clear()
+        for run, ranks in state.get("runs", {}).items():
+            for rank, rank_state in ranks.items():
+                self.add_rank(run, int(rank), rank_state["meta"]).load_state_dict(rank_state)
+        self.retired = set(state.get("retired", []))
+
+    def summary(self, now: float) -> list[dict[str, Any]]:
+        """The JSON list of runs served at /api/runs and shown by ``gradwatch status``."""
+        out = []
+        for run, ranks in sorted(self.runs.items()):
+            states = [ranks[r] for r in sorted(ranks)]
+            first = states[0]
+            out.append({
+                "run": run,
+                "status": run_status(states).value,
+                "world_size": first.meta.get("world_size"),
+                "host": first.meta.get("host"),
+                "start_time": first.meta.get("start_time"),
+                "labels": first.meta.get("labels", {}),
+                "ranks": [{
+                    "rank": s.rank, "status": s.status.value, "pid": s.meta.get("pid"), "steps": s.steps_total,
+                    "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
+                    "step_duration_seconds": s.step_duration, "data_wait_seconds": s.data_wait,
+                    "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,
+                    "seconds_since_last_record": None if s.last_record_time is None else now - s.last_record_time,
+                    "nonfinite": s.nonfinite, "spikes": s.spikes, "metrics": s.metrics,
+                    "probe_dropped": s.probe_dropped, "error": s.end_error,
+                } for s in states],
+            })
+        for run, reason in sorted(self.rejected_runs.items()):
+            out.append({"run": run, "status": "rejected", "error": reason, "ranks": []})
+        return out

@@ -1,0 +1,89 @@
+"""Wake the ingest loop when spool files change (watchdog), defensively.
+
+A watchdog handler that raises kills its observer thread silently, so the handler only
+records which run changed and never raises; the daemon checks the observer is alive and
+restarts it, and a periodic full rescan catches whatever events were lost (inotify overflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger("gradwatch.agent")
+
+
+class _RunChangeHandler(FileSystemEventHandler):
+    def __init__(self, watcher: SpoolWatcher) -> None:
+        self._watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._watcher.note(event.src_path)
+            if getattr(event, "dest_path", ""):
+                self._watcher.note(event.dest_path)
+        except Exception:  # never let an exception reach watchdog's thread
+            self._watcher.errors += 1
+
+
+class SpoolWatcher:
+    """Collects the run directories that changed and wakes whoever waits on ``wake``."""
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.runs_dir = runs_dir
+        self.wake = threading.Event()
+        self.errors = 0
+        self.restarts = 0
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    def start(self) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        observer = Observer()
+        observer.schedule(_RunChangeHandler(self), str(self.runs_dir), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def ensure_alive(self) -> bool:
+        """Restart a dead observer; True when a restart happened."""
+        if self.alive():
+            return False
+        log.warning("file watcher was not running; restarting it (a rescan covers the gap)")
+        self.stop()
+        self.start()
+        self.restarts += 1
+        return True
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            try:
+                observer.stop()
+                observer.join(timeout=5)
+            except Exception as exc:
+                log.debug("stopping the file watcher: %r", exc)
+
+    def note(self, path: str | bytes) -> None:
+        path_str = path.decode() if isinstance(path, bytes) else path
+        try:
+            relative = Path(path_str).relative_to(self.runs_dir)
+        except ValueError:
+            return
+        if relative.parts:
+            with self._lock:
+                self._dirty.add(relative.parts[0])
+            self.wake.set()
+
+    def take_dirty(self) -> set[str]:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        return dirty

@@ -1,0 +1,126 @@
+"""The ``gradwatch`` command line: agent, status, demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gradwatch import __version__
+from gradwatch.errors import GradwatchError
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=_CONTEXT)
+@click.version_option(__version__, prog_name="gradwatch")
+def cli() -> None:
+    """Watch PyTorch training runs and export them to Prometheus.
+
+    \b
+    In the training script:   probe = gradwatch.attach(model, optimizer)
+    On each machine:          gradwatch agent    (started for you if none runs)
+    See what runs:            gradwatch status
+    Try it:                   gradwatch demo
+    """
+
+
+_home_option = click.option(
+    "--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Spool directory shared by probes and agent. [env: GRADWATCH_HOME; default: ~/.local/share/gradwatch]",
+)
+
+
+@cli.command(context_settings=_CONTEXT)
+@_home_option
+@click.option("--host", default=None, help="Address to listen on. [env: GRADWATCH_HOST; default: 127.0.0.1]")
+@click.option("--port", default=None, help="Port for /metrics. [env: GRADWATCH_PORT; default: 9478]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML file with agent settings. [env: GRADWATCH_CONFIG]")
+@click.option("--stall-after", "stall_after_seconds", default=None,
+              help="Seconds without a record before a run counts as stalled. [default: 120]")
+@click.option("--ended-ttl", "ended_ttl_seconds", default=None,
+              help="Seconds a finished or crashed run stays exported. [default: 900]")
+@click.option("--exit-when-idle", "exit_when_idle_seconds", default=None,
+              help="Exit after this many seconds with no running run. [default: never]")
+@click.option("--if-not-running", is_flag=True, help="Exit quietly (status 0) if an agent already serves the spool.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log_level: str, **settings: Any) -> None:
+    """Run the agent: ingest every run in the spool, serve /metrics, /healthz and /api/runs.
+
+    Settings come from defaults, then --config, then GRADWATCH_<SETTING> environment
+    variables, then these options.
+    """
+    from gradwatch.agent.config import load_agent_config
+    from gradwatch.agent.daemon import Agent, AgentAlreadyRunning
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_agent_config(cli={"home": home, **settings}, config_file=config_file)
+    try:
+        daemon = Agent(config)
+        daemon.serve_forever()
+    except AgentAlreadyRunning:
+        if if_not_running:
+            return
+        raise
+
+
+@cli.command(context_settings=_CONTEXT)
+@_home_option
+@click.option("--url", default=None, help="Agent URL. [default: the agent serving --home, else read the spool]")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+def status(home: Path | None, url: str | None, as_json: bool) -> None:
+    """Show a table of runs: state, steps, loss, gradient norm, learning rate, throughput."""
+    from gradwatch.status import fetch_runs, print_runs
+
+    runs, source = fetch_runs(home=home, url=url)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"source": source, "runs": runs}, indent=1, default=str))
+    else:
+        print_runs(runs, source)
+
+
+@cli.command(context_settings=_CONTEXT)
+@_home_option
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=10), help="Optimizer steps to run.")
+@click.option("--steps-per-second", default=20.0, show_default=True, type=click.FloatRange(min=0),
+              help="Pace of training so it can be watched (0: as fast as possible).")
+@click.option("--no-live", is_flag=True, help="Plain progress lines instead of a live table (for logs).")
+def demo(home: Path | None, steps: int, steps_per_second: float, no_live: bool) -> None:
+    """Train a small model on CPU through an unstable phase while gradwatch watches it.
+
+    About a minute with the defaults. The agent is started for you if none runs; its
+    metrics stay available afterwards at the printed URL.
+    """
+    from gradwatch.demo import run_demo
+
+    run_demo(home=home, steps=steps, steps_per_second=steps_per_second, live=not no_live)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors are one line on stderr, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="gradwatch", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GradwatchError as exc:
+        click.echo(f"gradwatch: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("GRADWATCH_DEBUG"):
+            raise
+        click.echo(f"gradwatch: internal error: {exc!r} (set GRADWATCH_DEBUG=1 to see the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints their message as one line, no traceback."""
+
+
+class GradwatchError(Exception):
+    """Base of errors with a message that says what is wrong and how to fix it."""
+
+
+class ConfigError(GradwatchError):
+    """A configuration value is invalid; the message names the field, the value and its source."""

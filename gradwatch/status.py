@@ -1,0 +1,118 @@
+"""``gradwatch status``: ask the agent for its runs (or read the spool when none runs) and show a table."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gradwatch.spool.format import SpoolLayout, default_home
+
+_STATUS_STYLE = {"running": "green", "stalled": "yellow", "crashed": "red", "finished": "blue", "rejected": "red"}
+
+
+def agent_url(layout: SpoolLayout) -> str | None:
+    try:
+        info = json.loads(layout.agent_info_file.read_text())
+        return str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def get_json(url: str, timeout: float = 3.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - local agent URL
+        return json.loads(response.read())
+
+
+def fetch_runs(home: Path | None = None, url: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Runs from the agent at ``url`` (or the one serving ``home``); else read the spool directly."""
+    layout = SpoolLayout(home or default_home())
+    target = url or agent_url(layout)
+    if target:
+        try:
+            return get_json(target.rstrip("/") + "/api/runs")["runs"], f"agent {target}"
+        except (OSError, ValueError, KeyError):
+            if url:
+                from gradwatch.errors import GradwatchError
+
+                raise GradwatchError(f"no gradwatch agent answers at {url}; check the URL or run `gradwatch agent`")
+    return read_spool_runs(layout), f"spool {layout.home} (no agent running)"
+
+
+def read_spool_runs(layout: SpoolLayout) -> list[dict[str, Any]]:
+    """Replay the spool in-process, read-only (no checkpoint is written)."""
+    import socket
+
+    from gradwatch.agent.ingest import SpoolIngestor
+    from gradwatch.agent.state import AgentState
+
+    state = AgentState(spike_window=60.0)
+    SpoolIngestor(layout, state, time.time).scan_all()
+    state.refresh(time.time(), stall_after=120.0, ended_ttl=float("inf"), local_host=socket.gethostname())
+    return state.summary(time.time())
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column, justify in (("run", "left"), ("rank", "right"), ("state", "left"), ("steps", "right"),
+                            ("loss", "right"), ("grad norm", "right"), ("lr", "right"), ("step time", "right"),
+                            ("samples/s", "right"), ("last record", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for run in runs:
+        if not run["ranks"]:
+            table.add_row(run["run"], "-", f"[red]{run['status']}[/]", "", "", "", "", "", "", run.get("error", ""))
+            continue
+        for i, r in enumerate(run["ranks"]):
+            style = _STATUS_STYLE.get(r["status"], "")
+            lrs = r.get("learning_rates") or []
+            table.add_row(
+                run["run"] if i == 0 else "",
+                str(r["rank"]),
+                f"[{style}]{r['status']}[/]" if style else r["status"],
+                str(r["steps"]),
+                _fmt(r["loss"]),
+                _fmt(r["grad_norm"]),
+                _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs else "-",
+                "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
+                _fmt(r["samples_per_second"], ".1f"),
+                _ago(r.get("seconds_since_last_record")),
+            )
+    return table
+
+
+def make_console() -> Console:
+    """A console that does not squeeze tables into 80 columns when output goes to a file or pipe."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    return console
+
+
+def print_runs(runs: list[dict[str, Any]], source: str) -> None:
+    console = make_console()
+    if not runs:
+        console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
+        return
+    console.print(runs_table(runs, f"gradwatch runs — from {source}"))

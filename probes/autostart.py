@@ -1,0 +1,62 @@
+"""Start an agent daemon when a probe finds none serving its spool (the embedded default).
+
+The agent runs as its own process, never as a thread of the training process: it cannot
+slow training down, and one agent serves every run and rank on the machine. Whoever starts
+it first wins the agent lock; agents started by racing ranks exit at once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from gradwatch.spool.format import SpoolLayout
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; autostart is skipped
+    fcntl = None  # type: ignore[assignment]
+
+AUTOSTART_ENV = "GRADWATCH_AUTOSTART"
+IDLE_EXIT_SECONDS = 600
+
+
+def autostart_enabled() -> bool:
+    return os.environ.get(AUTOSTART_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def agent_running(layout: SpoolLayout) -> bool:
+    """Whether some process holds the agent lock of this spool."""
+    if fcntl is None:
+        return True
+    layout.agent_dir.mkdir(parents=True, exist_ok=True)
+    with open(layout.agent_lock_file, "a+b") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def spawn_agent(layout: SpoolLayout) -> subprocess.Popen[bytes]:
+    """Start ``gradwatch agent`` detached, logging to ``<home>/agent/agent.log``."""
+    layout.agent_dir.mkdir(parents=True, exist_ok=True)
+    log = open(layout.agent_log_file, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gradwatch", "agent", "--home", str(layout.home),
+             "--exit-when-idle", str(IDLE_EXIT_SECONDS), "--if-not-running"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )
+    finally:
+        log.close()
+
+
+def ensure_agent(layout: SpoolLayout) -> bool:
+    """Spawn an agent unless one runs; True when this call started one."""
+    if not autostart_enabled() or agent_running(layout):
+        return False
+    spawn_agent(layout)
+    return True

@@ -1,0 +1,277 @@
+"""``gradwatch.attach()``: the in-process probe.
+
+Per optimizer step the training thread does only cheap things: a fused gradient-norm pass
+(on the device, nothing read back), a few clock reads and one append to a bounded queue.
+Reading values back, encoding and file I/O happen on the writer thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from gradwatch.probes import readback
+from gradwatch.probes.autostart import autostart_enabled, ensure_agent
+from gradwatch.probes.gradnorm import global_grad_norm, gradients
+from gradwatch.probes.identity import default_run_name, detect_identity
+from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
+from gradwatch.spool.format import SpoolLayout, default_home
+
+log = logging.getLogger("gradwatch")
+
+DEFAULT_MAX_QUEUE = 10_000
+DEFAULT_FLUSH_INTERVAL = 0.05
+
+_is_compiling = torch.compiler.is_compiling
+
+
+class Probe:
+    """Records one training process's steps into the run spool. Create it with :func:`attach`.
+
+    Use ``probe.log(loss=loss, batch_size=n, **other_scalars)`` once per step; gradient
+    norm, learning rates, step time and data-wait time are recorded by hooks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        run: str | None = None,
+        labels: dict[str, str] | None = None,
+        home: str | os.PathLike[str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        autostart_agent: bool | None = None,
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"gradwatch.attach: model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"gradwatch.attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"gradwatch.attach: max_queue must be a positive integer, got {max_queue!r}")
+        if not flush_interval > 0:
+            raise ValueError(f"gradwatch.attach: flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if labels is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise TypeError("gradwatch.attach: labels must map str to str, e.g. labels={'team': 'vision'}")
+
+        self.identity = detect_identity(rank, world_size)
+        self.layout = SpoolLayout(Path(home).expanduser() if home is not None else default_home())
+        self.requested_run = run if run is not None else default_run_name(self.identity)
+        self.step = 0  # optimizer steps completed since attach
+        self.internal_errors = 0
+        self._queue: deque[QueueItem] = deque()
+        self._max_queue = max_queue
+        self._queue_dropped = 0
+        self._warn = WarnOnce()
+        self._closed = False
+        self._pending_norm: Any = None
+        self._last_step_end: float | None = None
+        self._data_wait: float | None = None
+        self._awaiting_forward = False
+        self._hooks: list[Any] = []
+
+        start_agent = autostart_enabled() if autostart_agent is None else autostart_agent
+        self._writer = SpoolWriterThread(
+            queue=self._queue,
+            layout=self.layout,
+            run_name=self.requested_run,
+            identity=self.identity,
+            labels=dict(labels or {}),
+            queue_dropped=lambda: self._queue_dropped,
+            warn=self._warn,
+            flush_interval=flush_interval,
+            on_agent_needed=ensure_agent if start_agent else None,
+        )
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._on_step_pre))
+            self._hooks.append(optimizer.register_step_post_hook(self._on_step_post))
+        if model is not None:
+            self._hooks.append(model.register_forward_pre_hook(self._on_forward_pre))
+        self._writer.start()
+        _open_probes.add(self)
+        _install_exit_handlers()
+
+    # -- public API ---------------------------------------------------------------------------
+    def log(self, **scalars: Any) -> None:
+        """Record named scalars (floats, ints or one-element tensors) for the current step.
+
+        ``loss`` is exported as ``gradwatch_loss``; ``batch_size`` gives samples per second;
+        every other name as ``gradwatch_metric{name=...}``. Never blocks, never synchronises.
+        """
+        if self._closed or _is_compiling():
+            return
+        try:
+            captured = {}
+            for name, value in scalars.items():
+                try:
+                    captured[name] = readback.capture(value)
+                except readback.NotAScalar as exc:
+                    self._warn(f"log-{name}", "log(%s=...) ignored: %s", name, exc)
+            self._put(("log", self.step, time.time(), captured))
+        except Exception as exc:
+            self._internal_error("log", exc)
+
+    @property
+    def run(self) -> str:
+        """The run's name in the spool and in the ``run`` label (may gain a ``-2`` suffix if taken)."""
+        return self._writer.run_name or self.requested_run
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._writer.run_dir
+
+    @property
+    def dropped(self) -> int:
+        """Records lost so far: queue full, spool unwritable, or not encodable."""
+        return self._writer.dropped()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Block until the run directory exists (for tools and tests; training never needs it)."""
+        return self._writer.ready.wait(timeout)
+
+    def close(self, *, status: str = "finished", error: str | None = None, timeout: float = 10.0) -> None:
+        """Remove the hooks, write what is queued and mark the run finished. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        _open_probes.discard(self)
+        self._writer.stop(status=status, error=error, final_step=self.step, timeout=timeout)
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(status="failed", error=repr(exc))
+
+    # -- hooks (training thread: keep them cheap) ----------------------------------------------
+    def _on_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self._awaiting_forward and not _is_compiling():
+            self._awaiting_forward = False
+            if self._last_step_end is not None:
+                self._data_wait = time.perf_counter() - self._last_step_end
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        try:
+            self._pending_norm = global_grad_norm(gradients(optimizer))
+        except Exception as exc:
+            self._pending_norm = None
+            self._internal_error("grad_norm", exc)
+
+    def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _is_compiling():
+            return
+        try:
+            now = time.perf_counter()
+            self.step += 1
+            duration = None if self._last_step_end is None else now - self._last_step_end
+            self._last_step_end = now
+            norm = self._pending_norm
+            self._pending_norm = None
+            lrs = [readback.capture(group["lr"]) for group in optimizer.param_groups]
+            self._put(("step", self.step, time.time(), duration, self._data_wait,
+                       None if norm is None else readback.capture(norm), lrs))
+            self._data_wait = None
+            self._awaiting_forward = True
+        except Exception as exc:
+            self._internal_error("step", exc)
+
+    def _put(self, item: QueueItem) -> None:
+        if len(self._queue) >= self._max_queue:
+            self._queue_dropped += 1
+            self._warn("queue-full", "record queue full (%d); records are dropped and counted, training goes on",
+                       self._max_queue)
+            return
+        self._queue.append(item)
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        self.internal_errors += 1
+        self._warn(f"internal-{where}", "internal error in %s hook (%r); training goes on", where, exc)
+
+
+def attach(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    run: str | None = None,
+    labels: dict[str, str] | None = None,
+    home: str | os.PathLike[str] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    autostart_agent: bool | None = None,
+) -> Probe:
+    """Monitor a training loop: ``probe = gradwatch.attach(model, optimizer, run="lr-sweep-3e-4")``.
+
+    Args:
+        model: hooked to measure data-wait time (time from one optimizer step to the next forward).
+        optimizer: hooked to record the global gradient norm, learning rates and step time.
+        run: run name (default ``$GRADWATCH_RUN`` or ``<script>-<launch id>``); ranks of one launch share it.
+        labels: extra run metadata, shown in ``gradwatch_run_info``.
+        home: spool directory (default ``$GRADWATCH_HOME`` or ``~/.local/share/gradwatch``).
+        rank, world_size: default from torch.distributed, else the ``RANK``/``WORLD_SIZE`` env vars.
+        max_queue: records held in memory at most; beyond that records are dropped and counted.
+        flush_interval: seconds between writes of the background thread.
+        autostart_agent: start ``gradwatch agent`` if none serves the spool (default ``$GRADWATCH_AUTOSTART`` or on).
+
+    Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
+    and marks the run finished (or failed, on an exception).
+    """
+    return Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
+                 max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent)
+
+
+# -- process exit: close what is open, mark runs that died of an exception as failed --------------
+_open_probes: weakref.WeakSet[Probe] = weakref.WeakSet()
+_uncaught: list[BaseException] = []
+_exit_handlers_lock = threading.Lock()
+_exit_handlers_installed = False
+
+
+def _install_exit_handlers() -> None:
+    global _exit_handlers_installed
+    with _exit_handlers_lock:
+        if _exit_handlers_installed:
+            return
+        _exit_handlers_installed = True
+        previous = sys.excepthook
+
+        def excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+            _uncaught.append(exc)
+            previous(exc_type, exc, tb)
+
+        sys.excepthook = excepthook
+        atexit.register(_close_open_probes)
+
+
+def _close_open_probes() -> None:
+    pid = os.getpid()
+    for probe in list(_open_probes):
+        if probe.identity.pid != pid:
+            continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
+        if _uncaught:
+            probe.close(status="failed", error=repr(_uncaught[-1]), timeout=5.0)
+        else:
+            probe.close(timeout=5.0)

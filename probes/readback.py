@@ -1,0 +1,72 @@
+"""Move scalars from the training thread to the writer thread without a host-device sync.
+
+On the training thread, ``capture()`` turns a value into something the writer thread can
+finish later: a float for Python numbers and CPU tensors (reading a CPU tensor never
+synchronises), or a pending copy for CUDA tensors: an asynchronous copy into pinned host
+memory plus a CUDA event, which the writer thread polls with ``event.query()`` (not a sync).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NOT_READY = object()
+
+
+class PendingDeviceValue:
+    """A scalar being copied from the GPU; ``resolve()`` returns NOT_READY until the copy landed."""
+
+    __slots__ = ("host", "event")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        self.host.copy_(value.reshape(()), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def resolve(self) -> Any:
+        return float(self.host) if self.event.query() else NOT_READY
+
+
+class DeferredTensor:
+    """A scalar on another accelerator (MPS, XLA...): read on the writer thread, off the training thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def resolve(self) -> Any:
+        return float(self.value)
+
+
+class NotAScalar(ValueError):
+    pass
+
+
+def capture(value: Any) -> Any:
+    """Called on the training thread: cheap, never synchronises, never keeps an autograd graph alive."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise NotAScalar(f"expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.detach()
+        device = value.device.type
+        if device == "cpu":
+            return float(value)
+        if device == "cuda":
+            return PendingDeviceValue(value)
+        return DeferredTensor(value)
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value
+    raise NotAScalar(f"expected a number or a one-element tensor, got {type(value).__name__}")
+
+
+def resolve(value: Any) -> Any:
+    """Called on the writer thread: a float, or NOT_READY while a device copy is in flight."""
+    if isinstance(value, (PendingDeviceValue, DeferredTensor)):
+        return value.resolve()
+    return value

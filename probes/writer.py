@@ -1,0 +1,234 @@
+"""The probe's background thread: resolves captured values, encodes records, appends them to the spool.
+
+Everything slow or fallible happens here, never on the training thread. Failures are
+counted as dropped records and reported once; the thread never dies from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gradwatch.probes import readback
+from gradwatch.probes.identity import ProcessIdentity
+from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, RecordKind, SpoolLayout
+from gradwatch.spool.proc import process_start_ticks
+from gradwatch.spool.writer import RecordFileWriter, claim_run_dir, write_json_atomic
+
+log = logging.getLogger("gradwatch")
+
+#: Items the training thread puts on the queue; tuples are cheaper than objects to build.
+#: ("step", step, t, duration, data_wait, grad_norm, lrs) and ("log", step, t, {name: value})
+QueueItem = tuple[Any, ...]
+
+_RETRY_OPEN_SECONDS = 5.0
+_FINAL_DEVICE_WAIT_SECONDS = 5.0
+
+
+class WarnOnce:
+    """Log each distinct problem once per probe; later occurrences are only counted."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, key: str, message: str, *args: object) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            log.warning("gradwatch: " + message, *args)
+
+
+class SpoolWriterThread(threading.Thread):
+    def __init__(
+        self,
+        *,
+        queue: deque[QueueItem],
+        layout: SpoolLayout,
+        run_name: str,
+        identity: ProcessIdentity,
+        labels: dict[str, str],
+        queue_dropped: Callable[[], int],
+        warn: WarnOnce,
+        flush_interval: float,
+        on_agent_needed: Callable[[SpoolLayout], object] | None,
+    ) -> None:
+        super().__init__(name="gradwatch-writer", daemon=True)
+        self._queue = queue
+        self._layout = layout
+        self._requested_name = run_name
+        self._identity = identity
+        self._labels = labels
+        self._queue_dropped = queue_dropped
+        self._warn = warn
+        self._interval = flush_interval
+        self._on_agent_needed = on_agent_needed
+        self._stop_event = threading.Event()
+        self._end_status: tuple[str, str | None, int] = ("finished", None, 0)
+        self._file: RecordFileWriter | None = None
+        self._next_open_attempt = 0.0
+        self._seq = 0
+        self.run_name: str | None = None
+        self.run_dir: Path | None = None
+        self.ready = threading.Event()  # set once the run directory and metadata exist
+        self.write_dropped = 0  # records lost to I/O or encoding errors
+        self.written = 0
+
+    # -- control, called from the training thread -------------------------------------------
+    def stop(self, *, status: str, error: str | None, final_step: int, timeout: float) -> None:
+        self._end_status = (status, error, final_step)
+        self._stop_event.set()
+        self.join(timeout)
+
+    def dropped(self) -> int:
+        return self._queue_dropped() + self.write_dropped
+
+    # -- the thread ---------------------------------------------------------------------------
+    def run(self) -> None:
+        self._guarded(self._open_quietly)  # create the run directory (and start an agent) before the first record
+        while True:
+            stopping = self._stop_event.wait(self._interval)
+            self._guarded(self._drain, final=stopping)
+            if stopping:
+                break
+        self._guarded(self._write_end)
+        if self._file is not None:
+            self._file.close()
+
+    def _guarded(self, fn: Callable[..., None], **kwargs: Any) -> None:
+        try:
+            fn(**kwargs)
+        except Exception as exc:  # a bug of ours must not stop the thread
+            self._warn(f"writer-{type(exc).__name__}", "internal error in the spool writer (%r); records may be dropped", exc)
+
+    def _drain(self, final: bool = False) -> None:
+        lines: list[bytes] = []
+        deadline = time.monotonic() + _FINAL_DEVICE_WAIT_SECONDS
+        while self._queue:
+            item = self._queue[0]
+            try:
+                line = self._encode(item)
+            except Exception as exc:
+                self._warn("encode", "could not encode a record (%s); it was dropped", exc)
+                self.write_dropped += 1
+                self._queue.popleft()
+                continue
+            if line is None:  # a device value is still being copied
+                if final and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                    continue
+                if final:
+                    self.write_dropped += len(self._queue)
+                    self._queue.clear()
+                break
+            self._queue.popleft()
+            lines.append(line)
+        if lines:
+            self._write(lines)
+
+    def _encode(self, item: QueueItem) -> bytes | None:
+        kind = item[0]
+        if kind == "step":
+            _, step, t, duration, wait, norm, lrs = item
+            norm = readback.resolve(norm)
+            lrs = [readback.resolve(lr) for lr in lrs]
+            if norm is readback.NOT_READY or readback.NOT_READY in lrs:
+                return None
+            record: dict[str, Any] = {"kind": RecordKind.STEP.value, "step": step, "t": t, "grad_norm": norm,
+                                      "lr": lrs, "dur": duration, "wait": wait}
+        else:
+            _, step, t, values = item
+            resolved = {name: readback.resolve(v) for name, v in values.items()}
+            if readback.NOT_READY in resolved.values():
+                return None
+            record = {"kind": RecordKind.LOG.value, "step": step, "t": t, "values": resolved}
+        return self._line(record)
+
+    def _line(self, record: dict[str, Any]) -> bytes:
+        self._seq += 1
+        record["seq"] = self._seq
+        record["dropped"] = self.dropped()
+        # NaN/Infinity are written as the JSON extensions NaN/Infinity (docs/spool-format.md).
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+    def _write(self, lines: list[bytes]) -> None:
+        if not self._open():
+            self.write_dropped += len(lines)
+            return
+        assert self._file is not None
+        try:
+            self._file.append(b"".join(lines))
+            self.written += len(lines)
+        except OSError as exc:
+            self.write_dropped += len(lines)
+            self._warn("write", "cannot write to the spool %s (%s); training goes on, records are dropped and counted",
+                       self._file.path, exc)
+            self._file.close()
+            self._file = None
+            self._next_open_attempt = time.monotonic() + _RETRY_OPEN_SECONDS
+
+    def _open_quietly(self) -> None:
+        self._open()
+
+    def _open(self) -> bool:
+        if self._file is not None:
+            return True
+        if time.monotonic() < self._next_open_attempt:
+            return False
+        try:
+            if self.run_dir is None:
+                name, run_dir = claim_run_dir(self._layout, self._requested_name, self._identity.launch_key)
+                write_json_atomic(SpoolLayout.meta_file(run_dir, self._identity.rank), self._meta(name))
+                self.run_name, self.run_dir = name, run_dir
+                self.ready.set()
+                self._start_agent_if_needed()
+            self._file = RecordFileWriter(SpoolLayout.records_file(self.run_dir, self._identity.rank))
+            return True
+        except OSError as exc:
+            self._warn("open", "cannot create the run spool under %s (%s); training goes on, records are dropped and "
+                       "counted; set GRADWATCH_HOME to a writable directory", self._layout.runs_dir, exc)
+            self._next_open_attempt = time.monotonic() + _RETRY_OPEN_SECONDS
+            return False
+
+    def _start_agent_if_needed(self) -> None:
+        if self._on_agent_needed is None:
+            return
+        try:
+            self._on_agent_needed(self._layout)
+        except Exception as exc:
+            self._warn("autostart", "could not start a gradwatch agent (%s); run `gradwatch agent` yourself", exc)
+
+    def _meta(self, run_name: str) -> dict[str, Any]:
+        from gradwatch import __version__
+        import torch
+
+        ident = self._identity
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "run": run_name,
+            "requested_run": self._requested_name,
+            "labels": self._labels,
+            "host": ident.host,
+            "pid": ident.pid,
+            "proc_start_ticks": process_start_ticks(),
+            "rank": ident.rank,
+            "local_rank": ident.local_rank,
+            "world_size": ident.world_size,
+            "start_time": ident.start_time,
+            "launch_key": ident.launch_key,
+            "argv": list(sys.argv),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "gradwatch": __version__,
+        }
+
+    def _write_end(self) -> None:
+        status, error, final_step = self._end_status
+        self._write([self._line({"kind": RecordKind.END.value, "step": final_step, "t": time.time(),
+                                 "status": status, "error": error})])

@@ -1,0 +1,86 @@
+"""Writing side of the spool, used by the probe's background thread (never the training thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from gradwatch.spool.format import SpoolLayout, safe_run_name
+
+_MAX_NAME_ATTEMPTS = 1000
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it over ``path``: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, separators=(",", ":"), sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an agent of another user must read it
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+
+
+def claim_run_dir(layout: SpoolLayout, name: str, launch_key: str) -> tuple[str, Path]:
+    """Find the run directory for ``name``: the first of ``name``, ``name-2``, ... that is free or
+    already claimed by the same launch (the other ranks of this run).
+
+    The claim is a hard link of a fully written file, so it appears atomically and exactly one
+    launch wins a name even when processes race.
+    """
+    base = safe_run_name(name)
+    layout.runs_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".claim.", dir=layout.runs_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(launch_key)
+        for attempt in range(1, _MAX_NAME_ATTEMPTS + 1):
+            run = base if attempt == 1 else f"{base}-{attempt}"
+            run_dir = layout.run_dir(run)
+            run_dir.mkdir(exist_ok=True)
+            claim = SpoolLayout.claim_file(run_dir)
+            try:
+                os.link(tmp, claim)
+                return run, run_dir
+            except FileExistsError:
+                if claim.read_text(encoding="utf-8") == launch_key:
+                    return run, run_dir
+        raise RuntimeError(f"no free run directory for {base!r} after {_MAX_NAME_ATTEMPTS} attempts")
+    finally:
+        with _suppress_oserror():
+            os.unlink(tmp)
+
+
+class RecordFileWriter:
+    """Appends encoded record lines to ``rank-<r>.records.jsonl``. Not thread-safe: one writer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def append(self, data: bytes) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
+        self._file.write(data)
+        self._file.flush()  # the agent tails the file: hand each batch to the OS now
+
+    def close(self) -> None:
+        if self._file is not None:
+            with _suppress_oserror():
+                self._file.close()
+            self._file = None
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, OSError)
