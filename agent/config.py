@@ -67,6 +67,7 @@ def load_agent_config(
     cli: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
+    cli_flags: Mapping[str, str] | None = None,
 ) -> AgentConfig:
     """Merge the sources and validate; raise ConfigError listing every problem with its source."""
     env = os.environ if env is None else env
@@ -76,7 +77,9 @@ def load_agent_config(
     if config_file is not None:
         layered.update(_file_values(config_file))
     layered.update(_env_values(env))
-    layered.update({k: (v, f"option --{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None})
+    flags = cli_flags or {}
+    layered.update({k: (v, f"option {flags.get(k, '--' + k.replace('_', '-'))}")
+                    for k, v in (cli or {}).items() if v is not None})
     try:
         config = AgentConfig(**{k: v for k, (v, _) in layered.items()})
     except ValidationError as exc:
@@ -89,5 +92,6 @@ def load_agent_config(
                 problems.append(f"unknown setting {field!r} ({source}); known settings: {known}")
             else:
                 problems.append(f"{field} = {value!r} ({source}): {err['msg']}")
-        raise ConfigError("invalid agent configuration:\n  " + "\n  ".join(problems)) from None
+        separator = " " if len(problems) == 1 else "\n  "
+        raise ConfigError("invalid agent configuration:" + separator + separator.join(problems)) from None
     return config.model_copy(update={"home": config.home.expanduser().resolve()})

@@ -60,7 +60,8 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
     from gradwatch.agent.daemon import Agent, AgentAlreadyRunning
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_agent_config(cli={"home": home, **settings}, config_file=config_file)
+    flags = {p.name: p.opts[0] for p in click.get_current_context().command.params if p.name and p.opts}
+    config = load_agent_config(cli={"home": home, **settings}, config_file=config_file, cli_flags=flags)
     try:
         daemon = Agent(config)
         daemon.serve_forever()

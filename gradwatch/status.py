@@ -115,4 +115,5 @@ def print_runs(runs: list[dict[str, Any]], source: str) -> None:
     if not runs:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return
-    console.print(runs_table(runs, f"gradwatch runs — from {source}"))
+    console.print(runs_table(runs, "gradwatch runs"))
+    console.print(f"[dim]from {source}[/]", soft_wrap=True)

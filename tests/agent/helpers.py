@@ -1,0 +1,61 @@
+"""Write spool files by hand (as a probe would) to build agent scenarios without torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gradwatch.spool.format import FORMAT_NAME, SpoolLayout
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SpoolBuilder:
+    def __init__(self, home: Path) -> None:
+        self.layout = SpoolLayout(home)
+        self.seq: dict[tuple[str, int], int] = {}
+
+    def start(self, run: str, rank: int = 0, world_size: int = 1, t: float = 1_000_000.0,
+              **meta: Any) -> Path:
+        run_dir = self.layout.run_dir(run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        body = {"format": FORMAT_NAME, "format_version": "1.0", "run": run, "rank": rank, "world_size": world_size,
+                "host": "elsewhere", "pid": os.getpid(), "start_time": t, "labels": {}, **meta}
+        SpoolLayout.meta_file(run_dir, rank).write_text(json.dumps(body))
+        SpoolLayout.records_file(run_dir, rank).touch()
+        return run_dir
+
+    def append(self, run: str, rank: int, *records: dict[str, Any]) -> None:
+        path = SpoolLayout.records_file(self.layout.run_dir(run), rank)
+        with open(path, "a") as f:
+            for record in records:
+                key = (run, rank)
+                self.seq[key] = self.seq.get(key, 0) + 1
+                f.write(json.dumps({"seq": self.seq[key], "dropped": 0, **record}) + "\n")
+
+    def steps(self, run: str, rank: int, first: int, last: int, t0: float = 1_000_000.0, loss: float = 1.0,
+              batch_size: int = 8, nan_every: int = 0) -> None:
+        """Steps first..last, each a step record (norm, lr, 0.1 s) and a log record (loss, batch_size)."""
+        records = []
+        for step in range(first, last + 1):
+            t = t0 + step * 0.1
+            records.append({"kind": "step", "step": step, "t": t, "grad_norm": 2.0, "lr": [0.1, 0.01],
+                            "dur": 0.1, "wait": 0.02})
+            value = math.nan if nan_every and step % nan_every == 0 else loss
+            records.append({"kind": "log", "step": step, "t": t, "values": {"loss": value, "batch_size": batch_size}})
+        self.append(run, rank, *records)
+
+    def end(self, run: str, rank: int, step: int, status: str = "finished", t: float = 1_000_100.0) -> None:
+        self.append(run, rank, {"kind": "end", "step": step, "t": t, "status": status, "error": None})

@@ -1,0 +1,74 @@
+"""The exported metrics: Prometheus naming rules, labels, and promtool's linter on a real scrape."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gradwatch.agent import catalogue
+from gradwatch.agent.collector import AgentCollector
+from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.state import AgentState
+from tests.agent.helpers import FakeClock, SpoolBuilder
+
+NAME = re.compile(r"^gradwatch_[a-z][a-z0-9_]*[a-z0-9]$")
+
+
+def test_catalogue_follows_prometheus_naming() -> None:
+    names = [spec.name for spec in catalogue.ALL]
+    assert len(names) == len(set(names))
+    for spec in catalogue.ALL:
+        assert NAME.match(spec.name), spec.name
+        assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
+        assert spec.help.strip().endswith(".") and len(spec.help) > 15, spec.name
+        assert not re.search(r"_(ms|milliseconds|minutes|hours)(_|$)", spec.name), f"{spec.name}: use base units"
+        if spec.name.startswith("gradwatch_agent_"):
+            assert "run" not in spec.labels
+        else:
+            assert spec.labels[:2] == ("run", "rank"), f"{spec.name}: every per-run series carries run and rank"
+
+
+def test_required_metric_names_are_exported() -> None:
+    names = {spec.name for spec in catalogue.ALL}
+    assert {"gradwatch_loss", "gradwatch_grad_norm", "gradwatch_learning_rate", "gradwatch_steps_total",
+            "gradwatch_step_duration_seconds", "gradwatch_data_wait_seconds", "gradwatch_samples_per_second",
+            "gradwatch_nonfinite_total", "gradwatch_last_step_timestamp_seconds", "gradwatch_run_info",
+            "gradwatch_run_state", "gradwatch_metric"} <= names
+
+
+@pytest.fixture
+def scrape(tmp_path: Path) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    spool = SpoolBuilder(tmp_path)
+    spool.start("a", labels={"team": "vision", "odd key!": "x"})
+    spool.steps("a", 0, 1, 30, nan_every=10)
+    spool.append("a", 0, {"kind": "log", "step": 30, "t": 1_000_003.0, "values": {"val_loss": 0.3}})
+    spool.start("b", rank=1, world_size=2)
+    spool.steps("b", 1, 1, 5)
+    state = AgentState(spike_window=1e9)
+    clock = FakeClock()
+    SpoolIngestor(spool.layout, state, clock).scan_all()
+    state.refresh(clock(), stall_after=1e9, ended_ttl=1e9, local_host="x")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(state, clock))
+    return generate_latest(registry).decode()
+
+
+def test_every_catalogue_metric_appears_in_a_scrape(scrape: str) -> None:
+    for spec in catalogue.ALL:
+        assert f"# TYPE {spec.name} {spec.kind}\n" in scrape, spec.name
+    assert 'gradwatch_metric{name="val_loss",rank="0",run="a"} 0.3' in scrape
+    assert 'label_team="vision"' in scrape and 'label_odd_key_="x"' in scrape
+    assert 'gradwatch_run_state{rank="1",run="b",state="running"} 1.0' in scrape
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with the Debian package prometheus")
+def test_promtool_check_metrics_passes_without_warnings(scrape: str) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", \
+        result.stdout + result.stderr

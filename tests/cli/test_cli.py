@@ -1,0 +1,90 @@
+"""The command line: help that reads well, a status table, user errors as one line, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.agent.helpers import SpoolBuilder
+from tests.conftest import free_port, wait_until
+
+
+def gradwatch(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_the_commands_and_how_to_start() -> None:
+    result = gradwatch("--help")
+    assert result.returncode == 0
+    for text in ("gradwatch.attach(model, optimizer)", "agent", "status", "demo"):
+        assert text in result.stdout
+    agent_help = gradwatch("agent", "--help").stdout
+    assert "GRADWATCH_PORT" in agent_help and "9478" in agent_help and "GRADWATCH_HOME" in agent_help
+
+
+def test_status_shows_a_table_of_runs_from_the_spool_when_no_agent_runs(isolated_home: Path) -> None:
+    spool = SpoolBuilder(isolated_home)
+    spool.start("table-run")
+    spool.steps("table-run", 0, 1, 12, loss=0.123)
+    spool.end("table-run", 0, 12)
+    result = gradwatch("status")
+    assert result.returncode == 0, result.stderr
+    assert "no agent running" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if "table-run" in line)
+    assert "finished" in row and " 12 " in row and "0.123" in row and "100.0 ms" in row
+    as_json = json.loads(gradwatch("status", "--json").stdout)
+    assert as_json["runs"][0]["ranks"][0]["steps"] == 12
+
+
+def test_status_with_no_runs_says_how_to_add_one() -> None:
+    result = gradwatch("status")
+    assert result.returncode == 0 and "gradwatch.attach(model, optimizer)" in result.stdout
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["agent"], {"GRADWATCH_PORT": "nine"}, "port = 'nine' (environment variable GRADWATCH_PORT)"),
+    (["agent", "--stall-after", "-1"], {}, "stall_after_seconds = '-1' (option --stall-after)"),
+    (["status", "--url", "http://127.0.0.1:9"], {}, "no gradwatch agent answers at http://127.0.0.1:9"),
+    (["demo", "--steps", "3"], {}, "Invalid value for '--steps'"),
+])
+def test_user_errors_are_one_clear_line_without_traceback(args: list[str], env: dict[str, str], message: str) -> None:
+    result = gradwatch(*args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_second_agent_on_the_same_spool_is_refused_in_one_line(isolated_home: Path, agent_process) -> None:  # type: ignore[no-untyped-def]
+    first = agent_process()
+    result = gradwatch("agent", "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"another gradwatch agent already serves {isolated_home}" in result.stderr and first.url in result.stderr
+    quiet = gradwatch("agent", "--port", str(free_port()), "--if-not-running")
+    assert quiet.returncode == 0
+
+
+@pytest.mark.integration
+def test_demo_trains_through_an_unstable_phase_and_the_agent_exports_it(isolated_home: Path) -> None:
+    port = free_port()
+    result = gradwatch("demo", "--steps", "200", "--steps-per-second", "0", "--no-live",
+                       env={"GRADWATCH_AUTOSTART": "1", "GRADWATCH_PORT": str(port)}, timeout=300)
+    try:
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert f"http://127.0.0.1:{port}/metrics" in out
+        assert "what the agent exported" in out
+        row = next(line for line in out.splitlines() if line.startswith("│ demo") or " demo " in line and "finished" in line)
+        assert "finished" in row and "200" in row
+        spikes = next(line for line in out.splitlines() if line.startswith("Spikes detected"))
+        assert "loss 0," not in spikes  # the unstable phase was caught at step resolution
+    finally:
+        info = json.loads((isolated_home / "agent" / "agent.json").read_text())
+        os.kill(info["pid"], signal.SIGTERM)
+        wait_until(lambda: not (isolated_home / "agent" / "agent.json").exists(), timeout=30, what="agent exit")

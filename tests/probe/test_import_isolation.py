@@ -1,0 +1,31 @@
+"""``import gradwatch`` stays light: the probe side never loads the agent's libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+FORBIDDEN = ("prometheus_client", "watchdog", "grafana_client", "gradwatch.agent", "pydantic", "yaml", "rich", "click")
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    return set(out.stdout.split())
+
+
+def test_import_gradwatch_loads_neither_torch_nor_agent_libraries() -> None:
+    loaded = _modules_after("import gradwatch")
+    assert not {m for m in loaded if m.split(".")[0] in ("torch",) or m.startswith(FORBIDDEN)}
+
+
+def test_attaching_a_probe_loads_no_agent_library() -> None:
+    loaded = _modules_after(
+        "import os; os.environ['GRADWATCH_AUTOSTART'] = '0'\n"
+        "import torch, gradwatch\n"
+        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "with gradwatch.attach(m, o, run='isolation') as p:\n"
+        "    m(torch.randn(2, 2)).sum().backward(); o.step(); p.log(loss=1.0)\n"
+    )
+    assert "gradwatch.probes.probe" in loaded
+    assert not {m for m in loaded if m.startswith(FORBIDDEN)}

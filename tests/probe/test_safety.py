@@ -1,0 +1,159 @@
+"""The probe never takes training down: bounded memory, unwritable spool, our own bugs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch.probes import probe as probe_module
+from tests.probe.helpers import read_run, tiny_model, train_steps
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(isolated_home: Path) -> None:
+    model, opt = tiny_model()
+    # The writer only wakes every hour: nothing leaves the queue while we train.
+    probe = gradwatch.attach(model, opt, run="full", max_queue=10, flush_interval=3600)
+    train_steps(model, opt, probe, steps=20)  # 40 records into a queue of 10
+    assert len(probe._queue) == 10
+    assert probe.dropped == 30
+    probe.close()
+    _, records = read_run(isolated_home, "full")
+    assert len([r for r in records if r["kind"] != "end"]) == 10
+    assert records[-1]["dropped"] == 30  # the loss is reported to the agent
+
+
+def test_unwritable_spool_warns_once_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A path under a regular file can never be created, whoever runs the test (root included).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    _train_with_unusable_home(blocker / "home", caplog)
+
+
+def _train_with_unusable_home(home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="nowhere", home=home, flush_interval=0.01)
+    losses = train_steps(model, opt, probe, steps=30)
+    probe.close()
+    assert len(losses) == 30 and all(l == l for l in losses)  # noqa: E741 - training completed
+    assert probe.dropped == 61  # 30 steps + 30 logs + the end record
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
+    assert len(warnings) == 1 and "GRADWATCH_HOME" in warnings[0], warnings
+
+
+def test_disk_errors_while_writing_are_counted_and_retried(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from gradwatch.spool import writer
+
+    failures = {"left": 2}
+    real_append = writer.RecordFileWriter.append
+
+    def flaky_append(self: writer.RecordFileWriter, data: bytes) -> None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        real_append(self, data)
+
+    monkeypatch.setattr(writer.RecordFileWriter, "append", flaky_append)
+    monkeypatch.setattr("gradwatch.probes.writer._RETRY_OPEN_SECONDS", 0.0)
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="disk-full", flush_interval=3600)
+    train_steps(model, opt, probe, steps=3)
+    probe._writer._drain()  # fails: 6 records dropped
+    train_steps(model, opt, probe, steps=2)
+    probe._writer._drain()  # fails again: 4 more
+    train_steps(model, opt, probe, steps=1)
+    probe.close()  # writes
+    _, records = read_run(isolated_home, "disk-full")
+    assert [r["step"] for r in records if r["kind"] == "step"] == [6]
+    assert records[-1]["dropped"] == 10 and probe.dropped == 10
+    assert len([r for r in caplog.records if "No space left" in r.getMessage()]) == 1
+
+
+def test_a_bug_in_our_hook_is_caught_counted_and_reported_once(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def broken(grads: object) -> None:
+        raise RuntimeError("bug in gradwatch")
+
+    monkeypatch.setattr(probe_module, "global_grad_norm", broken)
+    model, opt = tiny_model()
+    with gradwatch.attach(model, opt, run="buggy") as probe:
+        losses = train_steps(model, opt, probe, steps=5)
+    assert len(losses) == 5 and probe.internal_errors == 5
+    assert len([r for r in caplog.records if "bug in gradwatch" in r.getMessage()]) == 1
+    _, records = read_run(isolated_home, "buggy")
+    assert [r["grad_norm"] for r in records if r["kind"] == "step"] == [None] * 5  # the rest still recorded
+
+
+def test_training_thread_does_no_file_io(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every open() and write of the spool happens on the writer thread."""
+    import builtins
+
+    training_thread = threading.get_ident()
+    opened_on_training_thread = []
+    real_open = builtins.open
+
+    def spying_open(file: object, *args: object, **kwargs: object) -> object:
+        if threading.get_ident() == training_thread and str(isolated_home) in str(file):
+            opened_on_training_thread.append(str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", spying_open)
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="io", flush_interval=0.01)
+    probe.wait_ready()
+    train_steps(model, opt, probe, steps=20)
+    probe.close()
+    assert opened_on_training_thread == []
+    _, records = read_run(isolated_home, "io")
+    assert len(records) == 41
+
+
+def test_uncaught_exception_marks_the_run_failed_at_exit(isolated_home: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "crashy.py"
+    script.write_text(
+        "import torch, gradwatch\n"
+        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "p = gradwatch.attach(m, o, run='crashy')\n"
+        "m(torch.randn(3, 2)).sum().backward(); o.step()\n"
+        "raise SystemError('the script failed')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "the script failed" in result.stderr
+    _, records = read_run(isolated_home, "crashy")
+    assert records[-1]["status"] == "failed" and "the script failed" in records[-1]["error"]
+
+
+def test_a_script_that_ends_without_close_is_marked_finished(isolated_home: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import torch, gradwatch\n"
+        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "p = gradwatch.attach(m, o, run='plain')\n"
+        "for _ in range(3):\n"
+        "    loss = m(torch.randn(3, 2)).sum(); o.zero_grad(); loss.backward(); o.step(); p.log(loss=loss)\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    _, records = read_run(isolated_home, "plain")
+    assert [r["kind"] for r in records] == ["step", "log"] * 3 + ["end"]
+    assert records[-1]["status"] == "finished"
+
+
+def test_close_is_idempotent_and_log_after_close_is_ignored(isolated_home: Path) -> None:
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="closed")
+    probe.close()
+    probe.close()
+    probe.log(loss=1.0)
+    train_steps(model, opt, None, steps=2)  # hooks removed: no records, no errors
+    _, records = read_run(isolated_home, "closed")
+    assert [r["kind"] for r in records] == ["end"]
