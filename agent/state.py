@@ -85,6 +85,8 @@ class RankState:
         kind = record["kind"]
         if kind == "step":
             self._apply_step(record, t)
+            if "values" in record:  # the scalars logged right after this step, merged by the probe
+                self._apply_log(record, t)
         elif kind == "log":
             self._apply_log(record, t)
         elif kind == "end":

@@ -191,7 +191,7 @@ class Probe:
             self._pending_norm = None
             lrs = [readback.capture(group["lr"]) for group in optimizer.param_groups]
             self._put(("step", self.step, time.time(), duration, self._data_wait,
-                       None if norm is None else readback.capture(norm), lrs))
+                       None if norm is None else readback.capture_owned(norm), lrs))
             self._data_wait = None
             self._awaiting_forward = True
         except Exception as exc:

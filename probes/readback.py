@@ -49,24 +49,31 @@ class NotAScalar(ValueError):
 def capture(value: Any) -> Any:
     """Called on the training thread: cheap, never synchronises, never keeps an autograd graph alive."""
     if isinstance(value, torch.Tensor):
+        if value.is_cpu:
+            try:
+                return value.item()  # one call; reading a CPU tensor never synchronises
+            except RuntimeError:
+                raise NotAScalar(f"expected a scalar, got a tensor of shape {tuple(value.shape)}") from None
         if value.numel() != 1:
             raise NotAScalar(f"expected a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.detach()
-        device = value.device.type
-        if device == "cpu":
-            return float(value)
-        if device == "cuda":
-            return PendingDeviceValue(value)
-        return DeferredTensor(value)
-    if isinstance(value, bool):
-        return float(value)
+        if value.is_cuda:
+            return PendingDeviceValue(value.detach())
+        return DeferredTensor(value.detach())
     if isinstance(value, (int, float)):
-        return value
+        return float(value) if isinstance(value, bool) else value
     raise NotAScalar(f"expected a number or a one-element tensor, got {type(value).__name__}")
+
+
+def capture_owned(value: torch.Tensor) -> Any:
+    """Like capture(), for a tensor gradwatch computed itself and nobody mutates: a CPU tensor is
+    handed over as it is and read on the writer thread, saving the training thread a call."""
+    return value if value.is_cpu else capture(value)
 
 
 def resolve(value: Any) -> Any:
     """Called on the writer thread: a float, or NOT_READY while a device copy is in flight."""
     if isinstance(value, (PendingDeviceValue, DeferredTensor)):
         return value.resolve()
+    if isinstance(value, torch.Tensor):
+        return value.item()
     return value

@@ -29,7 +29,15 @@ log = logging.getLogger("gradwatch")
 QueueItem = tuple[Any, ...]
 
 _RETRY_OPEN_SECONDS = 5.0
+# One encoder for every line: json.dumps() with non-default arguments builds a new one per call.
+# NaN/Infinity are written as the JSON extensions NaN/Infinity (docs/spool-format.md).
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 _FINAL_DEVICE_WAIT_SECONDS = 5.0
+
+
+def _resolve_values(values: dict[str, Any]) -> dict[str, Any] | None:
+    resolved = {name: readback.resolve(v) for name, v in values.items()}
+    return None if readback.NOT_READY in resolved.values() else resolved
 
 
 class WarnOnce:
@@ -107,54 +115,65 @@ class SpoolWriterThread(threading.Thread):
             self._warn(f"writer-{type(exc).__name__}", "internal error in the spool writer (%r); records may be dropped", exc)
 
     def _drain(self, final: bool = False) -> None:
-        lines: list[bytes] = []
+        records: list[dict[str, Any]] = []
         deadline = time.monotonic() + _FINAL_DEVICE_WAIT_SECONDS
-        while self._queue:
-            item = self._queue[0]
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            # The scalars logged right after a step go into that step's record: one line per step.
+            follower = queue[1] if len(queue) > 1 and item[0] == "step" else None
+            merge = follower is not None and follower[0] == "log" and follower[1] == item[1]
             try:
-                line = self._encode(item)
+                record = self._record(item, follower if merge else None)
             except Exception as exc:
                 self._warn("encode", "could not encode a record (%s); it was dropped", exc)
                 self.write_dropped += 1
-                self._queue.popleft()
+                queue.popleft()
                 continue
-            if line is None:  # a device value is still being copied
+            if record is None:  # a device value is still being copied
                 if final and time.monotonic() < deadline:
                     time.sleep(0.001)
                     continue
                 if final:
-                    self.write_dropped += len(self._queue)
-                    self._queue.clear()
+                    self.write_dropped += len(queue)
+                    queue.clear()
                 break
-            self._queue.popleft()
-            lines.append(line)
-        if lines:
-            self._write(lines)
+            queue.popleft()
+            if merge:
+                queue.popleft()
+            records.append(record)
+        if records:
+            self._write([self._line(record) for record in records])
 
-    def _encode(self, item: QueueItem) -> bytes | None:
-        kind = item[0]
-        if kind == "step":
+    @staticmethod
+    def _record(item: QueueItem, log_item: QueueItem | None = None) -> dict[str, Any] | None:
+        """The record for a queue item (plus the log item merged into it), or None while a device
+        value is still in flight."""
+        if item[0] == "step":
             _, step, t, duration, wait, norm, lrs = item
             norm = readback.resolve(norm)
             lrs = [readback.resolve(lr) for lr in lrs]
             if norm is readback.NOT_READY or readback.NOT_READY in lrs:
                 return None
-            record: dict[str, Any] = {"kind": RecordKind.STEP.value, "step": step, "t": t, "grad_norm": norm,
-                                      "lr": lrs, "dur": duration, "wait": wait}
-        else:
-            _, step, t, values = item
-            resolved = {name: readback.resolve(v) for name, v in values.items()}
-            if readback.NOT_READY in resolved.values():
-                return None
-            record = {"kind": RecordKind.LOG.value, "step": step, "t": t, "values": resolved}
-        return self._line(record)
+            record = {"kind": "step", "step": step, "t": t, "grad_norm": norm, "lr": lrs, "dur": duration,
+                      "wait": wait}
+            if log_item is not None:
+                values = _resolve_values(log_item[3])
+                if values is None:
+                    return None
+                record["values"] = values
+            return record
+        _, step, t, values = item
+        resolved = _resolve_values(values)
+        return None if resolved is None else {"kind": "log", "step": step, "t": t, "values": resolved}
 
     def _line(self, record: dict[str, Any]) -> bytes:
         self._seq += 1
         record["seq"] = self._seq
-        record["dropped"] = self.dropped()
-        # NaN/Infinity are written as the JSON extensions NaN/Infinity (docs/spool-format.md).
-        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        dropped = self.dropped()
+        if dropped:  # cumulative; absent means none so far
+            record["dropped"] = dropped
+        return (_encode_json(record) + "\n").encode()
 
     def _write(self, lines: list[bytes]) -> None:
         if not self._open():

@@ -37,3 +37,8 @@ def read_run(home: Path, run: str, rank: int = 0) -> tuple[dict[str, Any], list[
     meta = json.loads(SpoolLayout.meta_file(run_dir, rank).read_text())
     lines = SpoolLayout.records_file(run_dir, rank).read_text().splitlines()
     return meta, [json.loads(line) for line in lines]
+
+
+def logged(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(step, values) of every probe.log() call: merged into step records, or log records of their own."""
+    return [(r["step"], r["values"]) for r in records if "values" in r]

@@ -10,7 +10,7 @@ import torch
 
 import gradwatch
 from gradwatch.probes.gradnorm import global_grad_norm
-from tests.probe.helpers import read_run, tiny_model, train_steps
+from tests.probe.helpers import logged, read_run, tiny_model, train_steps
 
 
 def test_every_step_is_recorded_with_the_scalars_logged_after_it(isolated_home: Path) -> None:
@@ -19,11 +19,11 @@ def test_every_step_is_recorded_with_the_scalars_logged_after_it(isolated_home: 
         losses = train_steps(model, opt, probe, steps=25)
     meta, records = read_run(isolated_home, "basic")
     steps = [r for r in records if r["kind"] == "step"]
-    logs = [r for r in records if r["kind"] == "log"]
+    logs = logged(records)
     assert [r["step"] for r in steps] == list(range(1, 26))
-    assert [r["values"]["loss"] for r in logs] == pytest.approx(losses, rel=1e-6)
-    assert [r["step"] for r in logs] == list(range(1, 26))
-    assert all(r["values"]["batch_size"] == 4 for r in logs)
+    assert [values["loss"] for _, values in logs] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in logs] == list(range(1, 26))  # each log() belongs to the step before it
+    assert all(values["batch_size"] == 4 for _, values in logs)
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "finished" and records[-1]["step"] == 25
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert meta["run"] == "basic" and meta["rank"] == 0 and meta["world_size"] == 1
@@ -85,7 +85,7 @@ def test_tensor_and_python_scalars_any_name(isolated_home: Path) -> None:
     with gradwatch.attach(model, opt, run="scalars") as probe:
         probe.log(val_loss=torch.tensor(0.25), accuracy=0.9, tokens=1024, flag=True, nan=float("nan"))
     _, records = read_run(isolated_home, "scalars")
-    values = next(r for r in records if r["kind"] == "log")["values"]
+    values = logged(records)[0][1]
     assert values["val_loss"] == 0.25 and values["accuracy"] == 0.9 and values["tokens"] == 1024
     assert values["flag"] == 1.0 and math.isnan(values["nan"])
 
@@ -97,8 +97,7 @@ def test_non_scalar_is_ignored_with_one_warning_and_training_goes_on(isolated_ho
         for _ in range(3):
             probe.log(loss=1.0, weights=torch.ones(3), label="text")
     _, records = read_run(isolated_home, "bad-scalar")
-    logs = [r["values"] for r in records if r["kind"] == "log"]
-    assert logs == [{"loss": 1.0}] * 3
+    assert [values for _, values in logged(records)] == [{"loss": 1.0}] * 3
     warnings = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
     assert len([w for w in warnings if "weights" in w]) == 1 and len([w for w in warnings if "label" in w]) == 1
 

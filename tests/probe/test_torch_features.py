@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradwatch
-from tests.probe.helpers import read_run, tiny_model
+from tests.probe.helpers import logged, read_run, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device; none on this machine (no GPU was lent to this task)")
@@ -108,7 +108,7 @@ def test_no_host_device_sync_per_step_on_gpu(isolated_home: Path) -> None:
     _, records = read_run(isolated_home, "gpu")
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 53 and all(r["grad_norm"] > 0 for r in steps)
-    assert len([r for r in records if r["kind"] == "log"]) == 50
+    assert [values["batch_size"] for _, values in logged(records)] == [32] * 50
 
 
 @needs_cuda
