@@ -91,3 +91,16 @@ AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch 
                               ("version",))
 
 ALL: tuple[MetricSpec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, MetricSpec))
+
+
+def markdown_table() -> str:
+    """The catalogue as the Markdown table in docs/metrics.md (``python -m gradwatch.agent.catalogue``)."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for spec in ALL:
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "–"
+        rows.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv with gradwatch installed (and torch, only if the interpreter has none).
+#   scripts/setup.sh          the package
+#   scripts/setup.sh test     the package and its test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  # gradwatch never installs torch itself (your training environment has its own build);
+  # this virtual environment needs one to run the demo and the tests.
+  echo "==> installing torch 2.13.0 into .venv"
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+extras=""
+[ "${1:-}" = "test" ] && extras="[test]"
+echo "==> installing gradwatch${extras} into .venv"
+.venv/bin/python -m pip install --quiet --editable ".${extras}"

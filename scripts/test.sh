@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite: Debian's Prometheus (real server for the integration
+# tests), a virtual environment with torch and gradwatch, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # also brings promtool
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+bash scripts/setup.sh test
+echo "==> running the tests"
+exec .venv/bin/python -m pytest "$@"
