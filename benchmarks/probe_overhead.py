@@ -92,7 +92,7 @@ def _cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 WORKLOADS = {
-    "mlp": Workload("mlp", _mlp, _cross_entropy, steps_per_block=200, default_rounds=30),
+    "mlp": Workload("mlp", _mlp, _cross_entropy, steps_per_block=100, default_rounds=80),
     "transformer": Workload("transformer", _transformer, _cross_entropy, steps_per_block=5, default_rounds=16),
 }
 
@@ -102,20 +102,23 @@ class Samples:
     plain: list[float] = field(default_factory=list)
     probed: list[float] = field(default_factory=list)
     with_norm: list[float] = field(default_factory=list)  # plain step plus one bare fused norm pass
+    bare_in_step: list[float] = field(default_factory=list)  # that pass, timed where it runs
     bare_norm: list[float] = field(default_factory=list)  # the pass alone, in a hot loop
     hook_per_step: list[float] = field(default_factory=list)
 
 
 def _block(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[Any], loss_fn: Callable[..., torch.Tensor],
-           steps: int, probe: Probe | None, out: list[float], bare_norm: bool = False) -> None:
+           steps: int, probe: Probe | None, out: list[float], bare_norm: list[float] | None = None) -> None:
     for i in range(steps):
         x, y = data[i % len(data)]
         start = time.perf_counter()
         loss = loss_fn(model, x, y)
         opt.zero_grad()
         loss.backward()
-        if bare_norm:  # what one fused norm pass costs inside a real step (as clip_grad_norm_ would run it)
+        if bare_norm is not None:  # one fused norm pass inside a real step, as clip_grad_norm_ would run it
+            norm_start = time.perf_counter()
             global_grad_norm(gradients(opt))
+            bare_norm.append(time.perf_counter() - norm_start)
         opt.step()
         if probe is not None:
             probe.log(loss=loss, batch_size=len(x))
@@ -142,7 +145,7 @@ def run_workload(workload: Workload, rounds: int, home: Path) -> dict[str, Any]:
                 _block(plain_model, plain_opt, data, workload.loss, workload.steps_per_block, None, samples.plain)
             elif kind == "with_norm":
                 _block(norm_model, norm_opt, data, workload.loss, workload.steps_per_block, None, samples.with_norm,
-                       bare_norm=True)
+                       bare_norm=samples.bare_in_step)
             else:
                 before = probe.hook_seconds
                 _block(probed_model, probed_opt, data, workload.loss, workload.steps_per_block, probe, samples.probed)
@@ -158,13 +161,15 @@ def run_workload(workload: Workload, rounds: int, home: Path) -> dict[str, Any]:
     plain = statistics.median(samples.plain)
     probed = statistics.median(samples.probed)
     with_norm = statistics.median(samples.with_norm)
-    bare_in_step = with_norm - plain
     bare = statistics.median(samples.bare_norm)
     hook = statistics.median(samples.hook_per_step)
-    # spread of the A/B difference across rounds, to judge what the medians can resolve
-    per_round = [statistics.median(samples.probed[i:i + workload.steps_per_block])
-                 - statistics.median(samples.plain[i:i + workload.steps_per_block])
-                 for i in range(0, len(samples.plain), workload.steps_per_block)]
+    # Paired per-round differences: each round's variants ran back to back, so slow drifts of
+    # the machine cancel; the median over rounds is the estimate, the IQR its spread.
+    overhead_rounds = _round_diffs(samples.probed, samples.plain, workload.steps_per_block)
+    bare_rounds = _round_diffs(samples.with_norm, samples.plain, workload.steps_per_block)
+    overhead = statistics.median(overhead_rounds)
+    bare_in_step = statistics.median(bare_rounds)
+    bare_direct = statistics.median(samples.bare_in_step)
     return {
         "workload": workload.name,
         "rounds": rounds,
@@ -172,18 +177,25 @@ def run_workload(workload: Workload, rounds: int, home: Path) -> dict[str, Any]:
         "params": sum(p.numel() for p in plain_model.parameters()),
         "step_plain_s": plain,
         "step_probed_s": probed,
-        "ab_overhead_s": probed - plain,
-        "ab_overhead_pct": 100 * (probed - plain) / plain,
-        "ab_round_iqr_s": _iqr(per_round),
+        "ab_overhead_s": overhead,
+        "ab_overhead_pct": 100 * overhead / plain,
+        "ab_round_iqr_s": _iqr(overhead_rounds),
+        "bare_round_iqr_s": _iqr(bare_rounds),
         "hook_time_per_step_s": hook,
         "hook_time_pct": 100 * hook / plain,
         "step_with_bare_norm_s": with_norm,
         "bare_norm_in_step_s": bare_in_step,
         "bare_norm_hot_loop_s": bare,
-        "ab_overhead_over_bare_norm": (probed - plain) / bare_in_step,
-        "hook_time_over_bare_norm": hook / bare_in_step,
+        "ab_overhead_over_bare_norm": overhead / bare_in_step,
+        "bare_norm_in_step_direct_s": bare_direct,
+        "hook_time_over_bare_norm": hook / bare_direct,
+        "hook_time_beyond_bare_norm_pct": 100 * (hook - bare_direct) / plain,
         "dropped": probe.dropped,
     }
+
+
+def _round_diffs(a: list[float], b: list[float], block: int) -> list[float]:
+    return [statistics.median(a[i:i + block]) - statistics.median(b[i:i + block]) for i in range(0, len(a), block)]
 
 
 def _iqr(values: list[float]) -> float:
@@ -197,17 +209,22 @@ def _fmt_us(seconds: float) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| workload | params | step, no probe | step, probe | probe overhead (A/B of medians) | ±IQR/2 over rounds "
-        "| hooks on training thread | bare norm pass in a step (hot loop) | overhead ÷ bare | hooks ÷ bare |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | params | step, no probe | step, probe | probe overhead (paired, ±IQR/2) "
+        "| hooks, timed inside (% of step) | bare norm pass: A/B ±IQR/2, timed inside, hot loop "
+        "| overhead ÷ bare (A/B) | hooks ÷ bare (timed inside) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        # A/B of medians cannot resolve an effect smaller than its spread across rounds: say so.
+        resolved = abs(r["bare_norm_in_step_s"]) > r["bare_round_iqr_s"] / 2
+        ratio = f"{r['ab_overhead_over_bare_norm']:.2f}" if resolved else "not resolved by A/B"
         lines.append(
             f"| {r['workload']} | {r['params']:,} | {_fmt_us(r['step_plain_s'])} | {_fmt_us(r['step_probed_s'])} | "
-            f"{_fmt_us(r['ab_overhead_s'])} = {r['ab_overhead_pct']:.2f} % | {_fmt_us(r['ab_round_iqr_s'] / 2)} | "
+            f"{_fmt_us(r['ab_overhead_s'])} = {r['ab_overhead_pct']:.2f} % (±{_fmt_us(r['ab_round_iqr_s'] / 2)}) | "
             f"{_fmt_us(r['hook_time_per_step_s'])} = {r['hook_time_pct']:.3f} % | "
-            f"{_fmt_us(r['bare_norm_in_step_s'])} ({_fmt_us(r['bare_norm_hot_loop_s'])}) | "
-            f"{r['ab_overhead_over_bare_norm']:.2f} | {r['hook_time_over_bare_norm']:.2f} |"
+            f"{_fmt_us(r['bare_norm_in_step_s'])} ±{_fmt_us(r['bare_round_iqr_s'] / 2)}, "
+            f"{_fmt_us(r['bare_norm_in_step_direct_s'])}, {_fmt_us(r['bare_norm_hot_loop_s'])} | "
+            f"{ratio} | {r['hook_time_over_bare_norm']:.2f} |"
         )
     return "\n".join(lines)
 

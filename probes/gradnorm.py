@@ -12,21 +12,56 @@ def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-def global_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """L2 norm over all gradients together, as a 0-dim float32 tensor on the first gradient's device.
+def _fusable(grads: list[torch.Tensor]) -> bool:
+    first = grads[0].device
+    return all(g.device == first and not g.is_sparse for g in grads)
 
-    One ``_foreach_norm`` kernel per device, then the norm of the per-tensor norms: no host
-    synchronisation, nothing read back. None when there are no gradients.
-    """
-    grads = list(grads)
-    if not grads:
-        return None
-    first_device = grads[0].device
-    if all(g.device == first_device and not g.is_sparse for g in grads):
-        norms = list(torch._foreach_norm(grads, 2.0))
-    else:
-        norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0).to(first_device) for g in grads]
+
+def _norm_of_norms(norms: list[torch.Tensor]) -> torch.Tensor:
     stacked = torch.stack(norms)
     if stacked.dtype not in (torch.float32, torch.float64):
         stacked = stacked.float()  # half-precision norms lose too much when squared and summed
     return torch.linalg.vector_norm(stacked, 2.0)
+
+
+def global_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """L2 norm over all gradients together, as a 0-dim tensor on the first gradient's device.
+
+    One ``_foreach_norm`` kernel for all gradients on one device, then the norm of the
+    per-tensor norms: no host synchronisation, nothing read back. None when there are none.
+    """
+    grads = list(grads)
+    if not grads:
+        return None
+    if _fusable(grads):
+        return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)))
+    first = grads[0].device
+    return _norm_of_norms([torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0).to(first)
+                           for g in grads])
+
+
+class GradNormMeter:
+    """``global_grad_norm`` for one optimizer, with the per-step Python work cut to the minimum:
+    the flat parameter list and the fusability check are cached until the parameters change."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._params: list[torch.Tensor] = []
+        self._shape: tuple[int, ...] = ()
+        self._fused_for = -1  # number of gradients the fusability check was made for
+
+    def __call__(self) -> torch.Tensor | None:
+        groups = self._optimizer.param_groups
+        shape = tuple(len(group["params"]) for group in groups)
+        if shape != self._shape:  # a param group was added or changed
+            self._params = [p for group in groups for p in group["params"]]
+            self._shape = shape
+            self._fused_for = -1
+        grads = [g for p in self._params if (g := p.grad) is not None]
+        if not grads:
+            return None
+        if self._fused_for != len(grads):
+            if not _fusable(grads):
+                return global_grad_norm(grads)
+            self._fused_for = len(grads)
+        return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)))

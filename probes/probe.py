@@ -23,7 +23,7 @@ import torch
 
 from gradwatch.probes import readback
 from gradwatch.probes.autostart import autostart_enabled, ensure_agent
-from gradwatch.probes.gradnorm import global_grad_norm, gradients
+from gradwatch.probes.gradnorm import GradNormMeter
 from gradwatch.probes.identity import default_run_name, detect_identity
 from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
 from gradwatch.spool.format import SpoolLayout, default_home
@@ -96,6 +96,9 @@ class Probe:
             flush_interval=flush_interval,
             on_agent_needed=ensure_agent if start_agent else None,
         )
+        self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
+        # Wall time = offset + monotonic clock: one clock read per step instead of two.
+        self._wall_offset = time.time() - time.perf_counter()
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._on_step_pre))
             self._hooks.append(optimizer.register_step_post_hook(self._on_step_post))
@@ -117,11 +120,18 @@ class Probe:
         try:
             captured = {}
             for name, value in scalars.items():
+                if value.__class__ is float or value.__class__ is int:
+                    captured[name] = value  # the common case, without a function call
+                    continue
                 try:
                     captured[name] = readback.capture(value)
                 except readback.NotAScalar as exc:
                     self._warn(f"log-{name}", "log(%s=...) ignored: %s", name, exc)
-            self._put(("log", self.step, time.time(), captured))
+            item = ("log", self.step, self._wall_offset + time.perf_counter(), captured)
+            if len(self._queue) < self._max_queue:
+                self._queue.append(item)
+            else:
+                self._dropped_full()
         except Exception as exc:
             self._internal_error("log", exc)
 
@@ -174,7 +184,7 @@ class Probe:
         if _is_compiling():
             return
         try:
-            self._pending_norm = global_grad_norm(gradients(optimizer))
+            self._pending_norm = self._grad_norm() if self._grad_norm is not None else None
         except Exception as exc:
             self._pending_norm = None
             self._internal_error("grad_norm", exc)
@@ -189,21 +199,23 @@ class Probe:
             self._last_step_end = now
             norm = self._pending_norm
             self._pending_norm = None
-            lrs = [readback.capture(group["lr"]) for group in optimizer.param_groups]
-            self._put(("step", self.step, time.time(), duration, self._data_wait,
-                       None if norm is None else readback.capture_owned(norm), lrs))
+            lrs = [lr if lr.__class__ is float else readback.capture(lr)
+                   for lr in [group["lr"] for group in optimizer.param_groups]]
+            item = ("step", self.step, self._wall_offset + now, duration, self._data_wait,
+                    None if norm is None else readback.capture_owned(norm), lrs)
+            if len(self._queue) < self._max_queue:
+                self._queue.append(item)
+            else:
+                self._dropped_full()
             self._data_wait = None
             self._awaiting_forward = True
         except Exception as exc:
             self._internal_error("step", exc)
 
-    def _put(self, item: QueueItem) -> None:
-        if len(self._queue) >= self._max_queue:
-            self._queue_dropped += 1
-            self._warn("queue-full", "record queue full (%d); records are dropped and counted, training goes on",
-                       self._max_queue)
-            return
-        self._queue.append(item)
+    def _dropped_full(self) -> None:
+        self._queue_dropped += 1
+        self._warn("queue-full", "record queue full (%d); records are dropped and counted, training goes on",
+                   self._max_queue)
 
     def _internal_error(self, where: str, exc: Exception) -> None:
         self.internal_errors += 1

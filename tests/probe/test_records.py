@@ -162,3 +162,33 @@ def test_attach_rejects_wrong_arguments_with_a_clear_message() -> None:
         gradwatch.attach(model, model)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_queue must be a positive integer"):
         gradwatch.attach(model, opt, max_queue=0)
+
+
+def test_norm_follows_param_groups_added_during_training(isolated_home: Path) -> None:
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(first.parameters(), lr=0.1)
+    expected = []
+    opt.register_step_pre_hook(lambda o, a, k: expected.append(
+        torch.sqrt(sum((p.grad.double() ** 2).sum() for g in o.param_groups for p in g["params"])).item()))
+    with gradwatch.attach(first, opt, run="groups"):
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": second.parameters(), "lr": 0.01})
+            second(first(torch.randn(3, 4))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    _, records = read_run(isolated_home, "groups")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["grad_norm"] for r in steps] == pytest.approx(expected, rel=1e-5)
+    assert [len(r["lr"]) for r in steps] == [1, 1, 2, 2]
+
+
+def test_sparse_gradients_fall_back_to_a_per_tensor_norm(isolated_home: Path) -> None:
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = torch.optim.SGD(embedding.parameters(), lr=0.1)
+    with gradwatch.attach(embedding, opt, run="sparse"):
+        embedding(torch.tensor([1, 2, 2])).sum().backward()
+        expected = embedding.weight.grad.coalesce().values().norm().item()
+        opt.step()
+    _, records = read_run(isolated_home, "sparse")
+    assert records[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)

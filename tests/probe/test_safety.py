@@ -76,10 +76,10 @@ def test_disk_errors_while_writing_are_counted_and_retried(isolated_home: Path, 
 
 def test_a_bug_in_our_hook_is_caught_counted_and_reported_once(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    def broken(grads: object) -> None:
+    def broken(self: object) -> None:
         raise RuntimeError("bug in gradwatch")
 
-    monkeypatch.setattr(probe_module, "global_grad_norm", broken)
+    monkeypatch.setattr(probe_module.GradNormMeter, "__call__", broken)
     model, opt = tiny_model()
     with gradwatch.attach(model, opt, run="buggy") as probe:
         losses = train_steps(model, opt, probe, steps=5)
