@@ -90,7 +90,8 @@ def status(home: Path | None, url: str | None, as_json: bool) -> None:
 
 @cli.command(context_settings=_CONTEXT)
 @_home_option
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=10), help="Optimizer steps to run.")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=200),
+              help="Optimizer steps to run (at least 200, so the model is trained before the unstable phase).")
 @click.option("--steps-per-second", default=20.0, show_default=True, type=click.FloatRange(min=0),
               help="Pace of training so it can be watched (0: as fast as possible).")
 @click.option("--no-live", is_flag=True, help="Plain progress lines instead of a live table (for logs).")

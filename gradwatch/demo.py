@@ -150,14 +150,14 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
             probe.log(loss=loss, batch_size=len(xb))
             snap.step = step + 1
             progress.update(task, completed=snap.step)
-            if time.monotonic() >= next_agent_poll:
+            if live and time.monotonic() >= next_agent_poll:
                 snap.loss = float(loss.detach())  # the demo's own display; the probe never reads values here
                 snap.agent = _agent_view(url, probe.run)
                 next_agent_poll = time.monotonic() + 0.5
-                if live:
-                    display.update(_panel(snap, progress, url))
-                elif step % 100 == 0:
-                    console.print(f"step {snap.step:5d}  loss {snap.loss:8.4f}  lr {snap.lr:.3g}")
+                display.update(_panel(snap, progress, url))
+            elif not live and snap.step % max(1, steps // 10) == 0:
+                console.print(f"step {snap.step:5d}/{steps}  loss {float(loss.detach()):8.4f}  lr {snap.lr:.3g}  "
+                              f"{_strip_markup(snap.phase)}")
             if steps_per_second > 0:
                 time.sleep(max(0.0, started + snap.step / steps_per_second - time.monotonic()))
     probe.close()
@@ -182,6 +182,12 @@ def _finish(console: Console, url: str | None, run: str, steps: int, layout: Spo
         console.print(f"  curl -s {url}/metrics | grep gradwatch_loss")
     console.print("  gradwatch status")
     console.print(f"  the spool of this run: {layout.run_dir(run)}")
+
+
+def _strip_markup(text: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(text).plain
 
 
 class _NoLive:

@@ -195,6 +195,8 @@ class Probe:
         try:
             now = time.perf_counter()
             self.step += 1
+            if not self.step % 4096:  # follow wall-clock corrections (NTP) on long runs
+                self._wall_offset = time.time() - time.perf_counter()
             duration = None if self._last_step_end is None else now - self._last_step_end
             self._last_step_end = now
             norm = self._pending_norm

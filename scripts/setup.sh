@@ -13,8 +13,8 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   # gradwatch never installs torch itself (your training environment has its own build);
   # this virtual environment needs one to run the demo and the tests.
-  echo "==> installing torch 2.13.0 into .venv"
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  echo "==> installing torch 2.13.0 (and numpy, which torch looks for) into .venv"
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" numpy
 fi
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
