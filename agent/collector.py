@@ -72,7 +72,7 @@ class AgentCollector(Collector):
         labels = dict(zip(c.RUN_INFO.labels, [
             s.run, str(s.rank), str(meta.get("host", "")), str(meta.get("pid", "")), str(meta.get("local_rank", "")),
             str(meta.get("world_size", "")), str(meta.get("torch", "")), str(meta.get("gradwatch", "")),
-        ]))
+        ], strict=True))
         for key, value in sorted((meta.get("labels") or {}).items())[:16]:
             labels["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key))] = str(value)
         family.add_sample(c.RUN_INFO.name, labels, 1.0)

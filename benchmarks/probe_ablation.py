@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from probe_overhead import WORKLOADS, _block  # noqa: I001 - run from the repository root
 
 from gradwatch.probes.gradnorm import global_grad_norm, gradients
 from gradwatch.probes.probe import Probe
-
-from probe_overhead import WORKLOADS, _block  # noqa: I001 - run from the repository root
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -72,7 +71,7 @@ def main() -> None:
     print("| variant | added to the step (median of paired rounds) | IQR |")
     print("|---|---|---|")
     for name in names[1:]:
-        diffs = [a - b for a, b in zip(medians[name], medians["plain"])]
+        diffs = [a - b for a, b in zip(medians[name], medians["plain"], strict=True)]
         q = statistics.quantiles(diffs, n=4)
         print(f"| {name} | {statistics.median(diffs) * 1e6:,.0f} µs | {q[0] * 1e6:,.0f} … {q[2] * 1e6:,.0f} µs |")
     for _, _, probe in variants.values():

@@ -41,7 +41,7 @@ def fetch_runs(home: Path | None = None, url: str | None = None) -> tuple[list[d
             if url:
                 from gradwatch.errors import GradwatchError
 
-                raise GradwatchError(f"no gradwatch agent answers at {url}; check the URL or run `gradwatch agent`")
+                raise GradwatchError(f"no gradwatch agent answers at {url}; check the URL or run `gradwatch agent`") from None
     return read_spool_runs(layout), f"spool {layout.home} (no agent running)"
 
 

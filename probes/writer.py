@@ -19,7 +19,7 @@ from typing import Any
 from gradwatch.probes import readback
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, RecordKind, SpoolLayout
-from gradwatch.spool.proc import process_start_ticks
+from gradwatch.spool.proc import process_alive, process_start_ticks
 from gradwatch.spool.writer import RecordFileWriter, claim_run_dir, write_json_atomic
 
 log = logging.getLogger("gradwatch")
@@ -202,7 +202,9 @@ class SpoolWriterThread(threading.Thread):
         try:
             if self.run_dir is None:
                 name, run_dir = claim_run_dir(self._layout, self._requested_name, self._identity.launch_key)
-                write_json_atomic(SpoolLayout.meta_file(run_dir, self._identity.rank), self._meta(name))
+                meta_file = SpoolLayout.meta_file(run_dir, self._identity.rank)
+                self._check_rank_unclaimed(meta_file)
+                write_json_atomic(meta_file, self._meta(name))
                 self.run_name, self.run_dir = name, run_dir
                 self.ready.set()
                 self._start_agent_if_needed()
@@ -214,6 +216,19 @@ class SpoolWriterThread(threading.Thread):
             self._next_open_attempt = time.monotonic() + _RETRY_OPEN_SECONDS
             return False
 
+    def _check_rank_unclaimed(self, meta_file: Path) -> None:
+        """Two live processes of one launch with the same rank: attach ran before the rank was known."""
+        try:
+            other = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            return
+        pid = other.get("pid") if isinstance(other, dict) else None
+        if isinstance(pid, int) and pid != self._identity.pid and other.get("host") == self._identity.host \
+                and process_alive(pid) is not False:
+            self._warn("rank-clash", "process %d also claims rank %d of run %s; their records will be mixed. Call "
+                       "gradwatch.attach() after torch.distributed.init_process_group(), or pass rank= and "
+                       "world_size=", pid, self._identity.rank, meta_file.parent.name)
+
     def _start_agent_if_needed(self) -> None:
         if self._on_agent_needed is None:
             return
@@ -223,8 +238,9 @@ class SpoolWriterThread(threading.Thread):
             self._warn("autostart", "could not start a gradwatch agent (%s); run `gradwatch agent` yourself", exc)
 
     def _meta(self, run_name: str) -> dict[str, Any]:
-        from gradwatch import __version__
         import torch
+
+        from gradwatch import __version__
 
         ident = self._identity
         return {

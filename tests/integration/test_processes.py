@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, http_json, metric, parse_metrics, http_get, run_training, wait_until
+from tests.conftest import free_port, http_get, http_json, metric, parse_metrics, run_training, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 import gradwatch
 from gradwatch.probes import probe as probe_module
@@ -158,3 +157,34 @@ def test_close_is_idempotent_and_log_after_close_is_ignored(isolated_home: Path)
     train_steps(model, opt, None, steps=2)  # hooks removed: no records, no errors
     _, records = read_run(isolated_home, "closed")
     assert [r["kind"] for r in records] == ["end"]
+
+
+def test_two_processes_claiming_one_rank_are_warned_about(isolated_home: Path, tmp_path: Path) -> None:
+    """As when mp.spawn workers attach before init_process_group: both think they are rank 0."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "rank_clash.py"
+    script.write_text(
+        "import os, time, torch, gradwatch\n"
+        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "p = gradwatch.attach(m, o, run='clash', world_size=2)\n"
+        "p.wait_ready(); time.sleep(float(os.environ['HOLD']))\n"
+        "p.close()\n"
+    )
+    env = {**os.environ, "GRADWATCH_RUN_ID": "same-launch"}
+    first = subprocess.Popen([sys.executable, str(script)], env={**env, "HOLD": "60"})
+    try:
+        meta = isolated_home / "runs" / "clash" / "rank-0.meta.json"
+        deadline = time.monotonic() + 60
+        while not meta.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, str(script)], env={**env, "HOLD": "0"}, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert f"process {first.pid} also claims rank 0 of run clash" in second.stderr
+    assert "after torch.distributed.init_process_group()" in second.stderr

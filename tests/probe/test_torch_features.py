@@ -76,7 +76,7 @@ def test_compiled_optimizer_step_is_left_alone(isolated_home: Path) -> None:
         for _ in range(3):
             model(torch.randn(4, 8)).pow(2).mean().backward()
             compiled_step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # training really stepped
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))  # training really stepped
     assert probe.internal_errors == 0
     _, records = read_run(isolated_home, "compiled-opt")
     assert [r["kind"] for r in records] == ["end"]  # the hooks were traced, so they recorded nothing
