@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
+
+from gradwatch.probes.readback import Deferred
 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -40,28 +42,48 @@ def global_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
                            for g in grads])
 
 
+class NormOfNorms(Deferred):
+    """Per-tensor norms of CPU gradients; the writer thread combines them into the global norm,
+    which saves the training thread two calls into torch."""
+
+    __slots__ = ("norms",)
+
+    def __init__(self, norms: Sequence[torch.Tensor]) -> None:
+        self.norms = norms
+
+    def resolve(self) -> float:
+        return _norm_of_norms(list(self.norms)).item()
+
+
 class GradNormMeter:
     """``global_grad_norm`` for one optimizer, with the per-step Python work cut to the minimum:
-    the flat parameter list and the fusability check are cached until the parameters change."""
+    the flat parameter list and the fusability check are cached until the parameters change.
+
+    Returns a 0-dim tensor on the gradients' device, or, for CPU gradients, a NormOfNorms that
+    the writer thread finishes.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
         self._params: list[torch.Tensor] = []
         self._shape: tuple[int, ...] = ()
-        self._fused_for = -1  # number of gradients the fusability check was made for
+        self._checked_for = -1  # number of gradients the fusability check was made for
+        self._on_cpu = False
 
-    def __call__(self) -> torch.Tensor | None:
+    def __call__(self) -> torch.Tensor | NormOfNorms | None:
         groups = self._optimizer.param_groups
         shape = tuple(len(group["params"]) for group in groups)
         if shape != self._shape:  # a param group was added or changed
             self._params = [p for group in groups for p in group["params"]]
             self._shape = shape
-            self._fused_for = -1
+            self._checked_for = -1
         grads = [g for p in self._params if (g := p.grad) is not None]
         if not grads:
             return None
-        if self._fused_for != len(grads):
+        if self._checked_for != len(grads):
             if not _fusable(grads):
                 return global_grad_norm(grads)
-            self._fused_for = len(grads)
-        return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)))
+            self._checked_for = len(grads)
+            self._on_cpu = grads[0].is_cpu
+        norms = torch._foreach_norm(grads, 2.0)
+        return NormOfNorms(norms) if self._on_cpu else _norm_of_norms(list(norms))

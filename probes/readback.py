@@ -15,7 +15,16 @@ import torch
 NOT_READY = object()
 
 
-class PendingDeviceValue:
+class Deferred:
+    """A value the writer thread finishes: ``resolve()`` gives a float, or NOT_READY to try again later."""
+
+    __slots__ = ()
+
+    def resolve(self) -> Any:
+        raise NotImplementedError
+
+
+class PendingDeviceValue(Deferred):
     """A scalar being copied from the GPU; ``resolve()`` returns NOT_READY until the copy landed."""
 
     __slots__ = ("host", "event")
@@ -30,7 +39,7 @@ class PendingDeviceValue:
         return float(self.host) if self.event.query() else NOT_READY
 
 
-class DeferredTensor:
+class DeferredTensor(Deferred):
     """A scalar on another accelerator (MPS, XLA...): read on the writer thread, off the training thread."""
 
     __slots__ = ("value",)
@@ -64,15 +73,16 @@ def capture(value: Any) -> Any:
     raise NotAScalar(f"expected a number or a one-element tensor, got {type(value).__name__}")
 
 
-def capture_owned(value: torch.Tensor) -> Any:
-    """Like capture(), for a tensor gradwatch computed itself and nobody mutates: a CPU tensor is
-    handed over as it is and read on the writer thread, saving the training thread a call."""
-    return value if value.is_cpu else capture(value)
+def capture_owned(value: torch.Tensor | Deferred) -> Any:
+    """Like capture(), for a value gradwatch computed itself and nobody mutates: a CPU tensor (or
+    a Deferred) is handed over as it is and finished on the writer thread, saving the training
+    thread a call."""
+    return value if isinstance(value, Deferred) or value.is_cpu else capture(value)
 
 
 def resolve(value: Any) -> Any:
     """Called on the writer thread: a float, or NOT_READY while a device copy is in flight."""
-    if isinstance(value, (PendingDeviceValue, DeferredTensor)):
+    if isinstance(value, Deferred):
         return value.resolve()
     if isinstance(value, torch.Tensor):
         return value.item()
