@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,37 +116,38 @@ def test_training_thread_does_no_file_io(isolated_home: Path, monkeypatch: pytes
     assert len([r for r in records if r["kind"] == "step"]) == 20 and len(logged(records)) == 20
 
 
-def test_uncaught_exception_marks_the_run_failed_at_exit(isolated_home: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+_SCRIPT_HEAD = (
+    "import os, time, torch, gradwatch\n"
+    "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+)
 
-    script = tmp_path / "crashy.py"
-    script.write_text(
-        "import torch, gradwatch\n"
-        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-        "p = gradwatch.attach(m, o, run='crashy')\n"
-        "m(torch.randn(3, 2)).sum().backward(); o.step()\n"
-        "raise SystemError('the script failed')\n"
-    )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+
+def _run_script(tmp_path: Path, body: str, env: dict[str, str] | None = None,
+                wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[bytes]:
+    """Run a small training script that starts with a Linear model `m` and its optimizer `o`."""
+    script = tmp_path / f"script_{len(list(tmp_path.glob('script_*.py')))}.py"
+    script.write_text(_SCRIPT_HEAD + body)
+    full_env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen([sys.executable, str(script)], env=full_env)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=full_env)
+
+
+def test_uncaught_exception_marks_the_run_failed_at_exit(isolated_home: Path, tmp_path: Path) -> None:
+    result = _run_script(tmp_path, "p = gradwatch.attach(m, o, run='crashy')\n"
+                                   "m(torch.randn(3, 2)).sum().backward(); o.step()\n"
+                                   "raise SystemError('the script failed')\n")
     assert result.returncode == 1 and "the script failed" in result.stderr
     _, records = read_run(isolated_home, "crashy")
     assert records[-1]["status"] == "failed" and "the script failed" in records[-1]["error"]
 
 
 def test_a_script_that_ends_without_close_is_marked_finished(isolated_home: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    script = tmp_path / "plain.py"
-    script.write_text(
-        "import torch, gradwatch\n"
-        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-        "p = gradwatch.attach(m, o, run='plain')\n"
-        "for _ in range(3):\n"
-        "    loss = m(torch.randn(3, 2)).sum(); o.zero_grad(); loss.backward(); o.step(); p.log(loss=loss)\n"
-    )
-    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    result = _run_script(tmp_path, "p = gradwatch.attach(m, o, run='plain')\n"
+                                   "for _ in range(3):\n"
+                                   "    loss = m(torch.randn(3, 2)).sum(); o.zero_grad(); loss.backward(); o.step()\n"
+                                   "    p.log(loss=loss)\n")
+    assert result.returncode == 0, result.stderr
     _, records = read_run(isolated_home, "plain")
     assert [r["kind"] for r in records] == ["step"] * 3 + ["end"] and len(logged(records)) == 3
     assert records[-1]["status"] == "finished"
@@ -161,28 +166,17 @@ def test_close_is_idempotent_and_log_after_close_is_ignored(isolated_home: Path)
 
 def test_two_processes_claiming_one_rank_are_warned_about(isolated_home: Path, tmp_path: Path) -> None:
     """As when mp.spawn workers attach before init_process_group: both think they are rank 0."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    script = tmp_path / "rank_clash.py"
-    script.write_text(
-        "import os, time, torch, gradwatch\n"
-        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-        "p = gradwatch.attach(m, o, run='clash', world_size=2)\n"
-        "p.wait_ready(); time.sleep(float(os.environ['HOLD']))\n"
-        "p.close()\n"
-    )
-    env = {**os.environ, "GRADWATCH_RUN_ID": "same-launch"}
-    first = subprocess.Popen([sys.executable, str(script)], env={**env, "HOLD": "60"})
+    body = ("p = gradwatch.attach(m, o, run='clash', world_size=2)\n"
+            "p.wait_ready(); time.sleep(float(os.environ['HOLD']))\n"
+            "p.close()\n")
+    env = {"GRADWATCH_RUN_ID": "same-launch"}
+    first = _run_script(tmp_path, body, env={**env, "HOLD": "60"}, wait=False)
     try:
         meta = isolated_home / "runs" / "clash" / "rank-0.meta.json"
         deadline = time.monotonic() + 60
         while not meta.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        second = subprocess.run([sys.executable, str(script)], env={**env, "HOLD": "0"}, capture_output=True,
-                                text=True, timeout=120)
+        second = _run_script(tmp_path, body, env={**env, "HOLD": "0"})
     finally:
         first.kill()
         first.wait()
