@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -219,12 +218,3 @@ class Agent:
                 runs[row["status"]] = runs.get(row["status"], 0) + 1
         return {"ok": ingest_alive, "ingest_loop": ingest_alive, "watcher": watcher_alive, "runs": runs,
                 "version": __version__, "home": str(self.config.home)}
-
-
-def read_agent_info(layout: SpoolLayout) -> dict[str, Any] | None:
-    """What a running agent wrote about itself (pid, url), or None."""
-    try:
-        info = json.loads(Path(layout.agent_info_file).read_text())
-        return info if isinstance(info, dict) else None
-    except (OSError, ValueError):
-        return None

@@ -32,10 +32,6 @@ class RunStatus(str, enum.Enum):
         return self in (RunStatus.CRASHED, RunStatus.FINISHED)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
