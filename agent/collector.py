@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from gradwatch import __version__
 from gradwatch.agent import catalogue as c
-from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus, run_status
+from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 
 
 class AgentCollector(Collector):
@@ -27,7 +27,6 @@ class AgentCollector(Collector):
         yield from families
         duration = c.AGENT_SCRAPE_DURATION.family()
         duration.add_metric([], time.perf_counter() - started)
-        self.state.counters.last_scrape_duration_seconds = time.perf_counter() - started
         yield duration
 
     def _run_families(self) -> list[Metric]:
@@ -98,10 +97,7 @@ class AgentCollector(Collector):
         single(c.AGENT_WATCHER_UP, 1.0 if self.watcher_alive() else 0.0)
         single(c.AGENT_WATCHER_RESTARTS, counters.watcher_restarts)
         runs = c.AGENT_RUNS.family()
-        by_state = dict.fromkeys(RunStatus, 0)
-        for ranks in self.state.runs.values():
-            by_state[run_status(list(ranks.values()))] += 1
-        for state, n in by_state.items():
+        for state, n in self.state.runs_by_status().items():
             runs.add_metric([state.value], n)
         out.append(runs)
         single(c.AGENT_RUNS_REJECTED, len(self.state.rejected_runs))

@@ -20,7 +20,7 @@ from gradwatch.agent.collector import AgentCollector
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.server import HttpServer, build_app
-from gradwatch.agent.state import AgentState, RunStatus
+from gradwatch.agent.state import AgentState
 from gradwatch.agent.watcher import SpoolWatcher
 from gradwatch.errors import GradwatchError
 from gradwatch.spool.format import SpoolLayout
@@ -213,8 +213,7 @@ class Agent:
         ingest_alive = self._thread is not None and self._thread.is_alive()
         watcher_alive = self.watcher.alive()
         with self.state.lock:
-            runs = {status.value: 0 for status in RunStatus}
-            for row in self.state.summary(self.clock()):
-                runs[row["status"]] = runs.get(row["status"], 0) + 1
+            runs = {status.value: n for status, n in self.state.runs_by_status().items()}
+            runs["rejected"] = len(self.state.rejected_runs)
         return {"ok": ingest_alive, "ingest_loop": ingest_alive, "watcher": watcher_alive, "runs": runs,
                 "version": __version__, "home": str(self.config.home)}

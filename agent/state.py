@@ -197,7 +197,6 @@ class AgentCounters:
     handler_errors: int = 0
     watcher_restarts: int = 0
     ingest_lag_seconds: float | None = None
-    last_scrape_duration_seconds: float | None = None
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.records_rejected[reason] = self.records_rejected.get(reason, 0) + n
@@ -260,6 +259,13 @@ class AgentState:
             for rank, rank_state in ranks.items():
                 self.add_rank(run, int(rank), rank_state["meta"]).load_state_dict(rank_state)
         self.retired = set(state.get("retired", []))
+
+    def runs_by_status(self) -> dict[RunStatus, int]:
+        """How many runs are in each state (a run's state is that of its worst rank)."""
+        counts = dict.fromkeys(RunStatus, 0)
+        for ranks in self.runs.values():
+            counts[run_status(list(ranks.values()))] += 1
+        return counts
 
     def summary(self, now: float) -> list[dict[str, Any]]:
         """The JSON list of runs served at /api/runs and shown by ``gradwatch status``."""

@@ -35,11 +35,13 @@ def global_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
     grads = list(grads)
     if not grads:
         return None
-    if _fusable(grads):
-        return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)))
+    return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)) if _fusable(grads) else _per_tensor_norms(grads))
+
+
+def _per_tensor_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For gradients one fused kernel cannot take: sparse ones, or spread over devices."""
     first = grads[0].device
-    return _norm_of_norms([torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0).to(first)
-                           for g in grads])
+    return [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0).to(first) for g in grads]
 
 
 class NormOfNorms(Deferred):
@@ -67,7 +69,8 @@ class GradNormMeter:
         self._optimizer = optimizer
         self._params: list[torch.Tensor] = []
         self._shape: tuple[int, ...] = ()
-        self._checked_for = -1  # number of gradients the fusability check was made for
+        self._checked_for = -1  # number of gradients the checks below were made for
+        self._fusable = True
         self._on_cpu = False
 
     def __call__(self) -> torch.Tensor | NormOfNorms | None:
@@ -81,9 +84,10 @@ class GradNormMeter:
         if not grads:
             return None
         if self._checked_for != len(grads):
-            if not _fusable(grads):
-                return global_grad_norm(grads)
             self._checked_for = len(grads)
+            self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
+        if not self._fusable:
+            return _norm_of_norms(_per_tensor_norms(grads))
         norms = torch._foreach_norm(grads, 2.0)
         return NormOfNorms(norms) if self._on_cpu else _norm_of_norms(list(norms))

@@ -85,7 +85,6 @@ class SpoolWriterThread(threading.Thread):
         self.run_dir: Path | None = None
         self.ready = threading.Event()  # set once the run directory and metadata exist
         self.write_dropped = 0  # records lost to I/O or encoding errors
-        self.written = 0
 
     # -- control, called from the training thread -------------------------------------------
     def stop(self, *, status: str, error: str | None, final_step: int, timeout: float) -> None:
@@ -98,7 +97,7 @@ class SpoolWriterThread(threading.Thread):
 
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
-        self._guarded(self._open_quietly)  # create the run directory (and start an agent) before the first record
+        self._guarded(self._open)  # create the run directory (and start an agent) before the first record
         while True:
             stopping = self._stop_event.wait(self._interval)
             self._guarded(self._drain, final=stopping)
@@ -108,7 +107,7 @@ class SpoolWriterThread(threading.Thread):
         if self._file is not None:
             self._file.close()
 
-    def _guarded(self, fn: Callable[..., None], **kwargs: Any) -> None:
+    def _guarded(self, fn: Callable[..., object], **kwargs: Any) -> None:
         try:
             fn(**kwargs)
         except Exception as exc:  # a bug of ours must not stop the thread
@@ -182,7 +181,6 @@ class SpoolWriterThread(threading.Thread):
         assert self._file is not None
         try:
             self._file.append(b"".join(lines))
-            self.written += len(lines)
         except OSError as exc:
             self.write_dropped += len(lines)
             self._warn("write", "cannot write to the spool %s (%s); training goes on, records are dropped and counted",
@@ -190,9 +188,6 @@ class SpoolWriterThread(threading.Thread):
             self._file.close()
             self._file = None
             self._next_open_attempt = time.monotonic() + _RETRY_OPEN_SECONDS
-
-    def _open_quietly(self) -> None:
-        self._open()
 
     def _open(self) -> bool:
         if self._file is not None:
