@@ -65,6 +65,21 @@ RUN_INFO = MetricSpec(
 RUN_STATE = _run("gradwatch_run_state", "gauge",
                  "1 for the current state of the process (running, stalled, crashed, finished), else 0.", "state")
 METRIC = _run("gradwatch_metric", "gauge", "Last value of every other scalar logged with probe.log(name=value).", "name")
+ACTIONS = _run("gradwatch_actions_total", "counter",
+               "Corrective actions carried out in the process, by action (stop, reduce_lr, scale_clip, rewind, "
+               "skip_step) and reason (the detector that fired, e.g. spike, plateau, nonfinite).", "action", "reason")
+COMMANDS_LATE = _run("gradwatch_commands_late_total", "counter",
+                     "Agent commands this process received after the step they were meant for (applied at once).")
+CLIP_THRESHOLD = _run("gradwatch_clip_threshold", "gauge",
+                      "Gradient-clipping threshold in force at the last step (guards.clip: fixed, autoclip or zclip).")
+CLIPPED_STEPS = _run("gradwatch_clipped_steps_total", "counter", "Steps whose gradients the clipping guard scaled down.")
+CLIPPED_FRACTION = _run("gradwatch_clipped_fraction", "gauge",
+                        "Fraction of the steps with a clipping threshold whose gradients were clipped.")
+RULE_DECISIONS = _run(
+    "gradwatch_rule_decisions_total", "counter",
+    "Times a rule fired, by rule, action and mode (act: sent to the probes; observe or dry_run: recorded only). "
+    "Agent rules read rank 0; rule guards.skip counts the skips an observing guard would have made.",
+    "rule", "action", "mode")
 PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
                      "Records the probe dropped (queue full, spool unwritable): training went on without them.")
 
@@ -87,6 +102,9 @@ AGENT_WATCHER_RESTARTS = MetricSpec("gradwatch_agent_watcher_restarts_total", "c
 AGENT_RUNS = MetricSpec("gradwatch_agent_runs", "gauge", "Runs the agent exports, by state.", ("state",))
 AGENT_RUNS_REJECTED = MetricSpec("gradwatch_agent_runs_rejected", "gauge",
                                  "Runs whose metadata the agent refused (e.g. newer spool format); see the agent log.", ())
+AGENT_RULES_RELOADS = MetricSpec("gradwatch_agent_rules_reloads_total", "counter",
+                                 "Reloads of the rules file, by result (ok, rejected: the previous rules stay).",
+                                 ("result",))
 AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
                               ("version",))
 

@@ -31,7 +31,7 @@ class AgentCollector(Collector):
 
     def _run_families(self) -> list[Metric]:
         now = self.clock()
-        f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS}
+        f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS and spec != c.RULE_DECISIONS}
 
         def put(spec: c.MetricSpec, labels: list[str], value: float | None) -> None:
             if value is not None:
@@ -62,8 +62,24 @@ class AgentCollector(Collector):
                 for name, value in sorted(s.metrics.items()):
                     put(c.METRIC, key + [name], value)
                 put(c.PROBE_DROPPED, key, s.probe_dropped)
+                for action_reason, n in sorted(s.actions.items()):
+                    put(c.ACTIONS, key + action_reason.split(":", 1), n)
+                put(c.COMMANDS_LATE, key, s.commands_late)
+                put(c.CLIP_THRESHOLD, key, s.clip_threshold)
+                if s.guarded_steps:
+                    put(c.CLIPPED_STEPS, key, s.clipped_steps)
+                    put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
                 self._add_info(f[c.RUN_INFO.name], s)
-        return list(f.values())
+        decisions = c.RULE_DECISIONS.family()
+        for run, rules in sorted(self.state.rules.runs.items()):
+            if run not in self.state.runs:
+                continue
+            for (rule, action, mode), n in sorted(rules.decisions.items()):
+                decisions.add_metric([run, "0", rule, action, mode], n)
+            for rank, s in sorted(self.state.runs[run].items()):
+                if s.would_skip:
+                    decisions.add_metric([run, str(rank), "guards.skip", "skip_step", "observe"], s.would_skip)
+        return list(f.values()) + [decisions]
 
     @staticmethod
     def _add_info(family: Metric, s: RankState) -> None:
@@ -101,5 +117,9 @@ class AgentCollector(Collector):
             runs.add_metric([state.value], n)
         out.append(runs)
         single(c.AGENT_RUNS_REJECTED, len(self.state.rejected_runs))
+        reloads = c.AGENT_RULES_RELOADS.family()
+        for result, n in sorted(self.state.rules.reloads.items()):
+            reloads.add_metric([result], n)
+        out.append(reloads)
         single(c.AGENT_BUILD_INFO, 1.0, [__version__])
         return out

@@ -35,6 +35,10 @@ class AgentConfig(BaseModel):
     checkpoint_interval_seconds: float = Field(5.0, gt=0, description="how often offsets and state are saved")
     spike_window_seconds: float = Field(60.0, gt=0, description="window of the *_recent_max gauges")
     exit_when_idle_seconds: float | None = Field(None, gt=0, description="exit after this long with no running run")
+    rules_file: Path | None = Field(None, description="YAML rules file, reloaded when it changes (default: packaged)")
+    command_lead_seconds: float = Field(
+        0.15, ge=0, description="multi-rank runs: a command is applied this far ahead, so every rank gets it in time")
+    command_min_lead_steps: int = Field(2, ge=1, description="multi-rank runs: and at least this many steps ahead")
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -94,4 +98,7 @@ def load_agent_config(
                 problems.append(f"{field} = {value!r} ({source}): {err['msg']}")
         separator = " " if len(problems) == 1 else "\n  "
         raise ConfigError("invalid agent configuration:" + separator + separator.join(problems)) from None
-    return config.model_copy(update={"home": config.home.expanduser().resolve()})
+    update: dict[str, Any] = {"home": config.home.expanduser().resolve()}
+    if config.rules_file is not None:
+        update["rules_file"] = config.rules_file.expanduser().resolve()
+    return config.model_copy(update=update)

@@ -15,10 +15,12 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from gradwatch import __version__
+from gradwatch.agent.actions import ActionDispatcher
 from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
 from gradwatch.agent.collector import AgentCollector
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.rules import AgentRules, RulesFileWatcher
 from gradwatch.agent.server import HttpServer, build_app
 from gradwatch.agent.state import AgentState
 from gradwatch.agent.watcher import SpoolWatcher
@@ -46,9 +48,13 @@ class Agent:
         self.config = config
         self.clock = clock
         self.layout = SpoolLayout(config.home)
-        self.state = AgentState(spike_window=config.spike_window_seconds)
+        self.rules = AgentRules.from_file(config.rules_file)  # a bad rules file stops the start: ConfigError
+        self.state = AgentState(spike_window=config.spike_window_seconds, rules=self.rules)
         self.ingestor = SpoolIngestor(self.layout, self.state, clock)
+        self.dispatcher = ActionDispatcher(self.layout, self.state, config.command_lead_seconds,
+                                           config.command_min_lead_steps, clock)
         self.watcher = SpoolWatcher(self.layout.runs_dir)
+        self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self.state, clock, self.watcher.alive))
         self.local_host = socket.gethostname()
@@ -80,6 +86,8 @@ class Agent:
                 "started": time.time(),
             })
             self.watcher.start()
+            if self.rules_watcher is not None:
+                self.rules_watcher.start()
             self.ingestor.scan_all()
             self._thread = threading.Thread(target=self._loop, name="gradwatch-ingest", daemon=True)
             self._thread.start()
@@ -111,6 +119,8 @@ class Agent:
 
     def _shutdown_parts(self) -> None:
         self.watcher.stop()
+        if self.rules_watcher is not None:
+            self.rules_watcher.stop()
         if self._server is not None:
             self._server.stop()
         try:
@@ -156,6 +166,9 @@ class Agent:
         while not self.stopped.is_set():
             try:
                 self.watcher.wake.clear()
+                if self.rules_watcher is not None and self.rules_watcher.take_change():
+                    with self.state.lock:
+                        self.rules.reload()
                 if time.monotonic() >= next_rescan:
                     self.ingestor.scan_all()
                     next_rescan = time.monotonic() + cfg.rescan_interval_seconds
@@ -163,6 +176,8 @@ class Agent:
                     dirty = self.watcher.take_dirty()
                     if dirty:
                         self.ingestor.scan(self.layout.runs_dir / name for name in sorted(dirty))
+                self.dispatcher.dispatch(self.ingestor.take_outbox())
+                self.dispatcher.prepare_runs()
                 self._refresh()
                 if time.monotonic() >= next_checkpoint:
                     save_checkpoint(self.layout.checkpoint_file, self.state)

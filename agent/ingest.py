@@ -6,8 +6,10 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from gradwatch.agent.state import AgentState, RankState
+from gradwatch.rules.engine import Decision
 from gradwatch.spool.format import SpoolLayout, parse_rank_file
 from gradwatch.spool.reader import SpoolFormatError, read_meta, read_records
 
@@ -20,6 +22,12 @@ class SpoolIngestor:
         self.state = state
         self.clock = clock
         self._reported: set[str] = set()
+        # what the dispatcher turns into events and commands: decisions of rules, acks, skipped steps
+        self.outbox: list[tuple[str, Any]] = []
+
+    def take_outbox(self) -> list[tuple[str, Any]]:
+        out, self.outbox = self.outbox, []
+        return out
 
     def run_dirs(self) -> list[Path]:
         try:
@@ -88,8 +96,10 @@ class SpoolIngestor:
                 return applied  # only a partial line so far
             now = self.clock()
             with self.state.lock:
+                rules = self.state.rules.for_run(state.run, state.meta) if state.rank == 0 else None
                 for record in result.records:
                     state.apply(record)
+                    self._route(state, record, rules.observe(record) if rules is not None else [])
                 state.offset = result.offset
                 counters = self.state.counters
                 counters.records_ingested += len(result.records)
@@ -101,6 +111,12 @@ class SpoolIngestor:
                 self._report_once(f"rejected:{path}", "%s: %d invalid record line(s) skipped", path,
                                   len(result.rejected))
             applied += len(result.records)
+
+    def _route(self, state: RankState, record: dict[str, Any], decisions: list[Decision]) -> None:
+        self.outbox.extend(("decision", d) for d in decisions)
+        kind = record["kind"]
+        if kind == "ack" or (kind == "step" and isinstance(record.get("skip"), str)):
+            self.outbox.append((kind, (state.run, state.rank, record)))
 
     def _report_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._reported:

@@ -13,7 +13,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradwatch.agent.detectors import RecentMax, SpikeDetector
+from gradwatch.agent.detectors import RecentMax
+from gradwatch.agent.rules import AgentRules
+from gradwatch.rules.config import default_rules
+from gradwatch.rules.detectors import EmaZScore
 from gradwatch.spool.proc import process_alive
 
 MAX_METRIC_NAMES = 64  # per rank; bounds the cardinality of gradwatch_metric{name=...}
@@ -53,6 +56,7 @@ class RankState:
     grad_norm: float | None = None
     learning_rates: list[float] = field(default_factory=list)
     step_duration: float | None = None
+    step_duration_ema: float | None = None  # smoothed, for the pace of the run (command lead)
     data_wait: float | None = None
     samples_per_second: float | None = None
     samples_total: float = 0.0
@@ -61,13 +65,20 @@ class RankState:
     spikes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPIKE_METRICS, 0))
     metrics: dict[str, float] = field(default_factory=dict)
     metric_names_dropped: int = 0
-    end_status: str | None = None  # "finished" | "failed" from the end record
+    actions: dict[str, int] = field(default_factory=dict)  # "action:reason" -> times carried out by this rank
+    commands_late: int = 0
+    clip_threshold: float | None = None
+    clipped_steps: int = 0
+    guarded_steps: int = 0  # steps with a clipping threshold in force
+    would_skip: int = 0  # steps a skip guard in observe mode would have skipped
+    recent_actions: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10
+    end_status: str | None = None  # "finished" | "stopped" | "failed" from the end record
     end_error: str | None = None
     status: RunStatus = RunStatus.RUNNING
     ended_at: float | None = None
 
     def __post_init__(self) -> None:
-        self.detectors = {name: SpikeDetector() for name in SPIKE_METRICS}
+        self.detectors = {name: EmaZScore() for name in SPIKE_METRICS}
         self.recent_max = {name: RecentMax(self.spike_window) for name in SPIKE_METRICS}
 
     # -- records ---------------------------------------------------------------------------------
@@ -86,9 +97,30 @@ class RankState:
         elif kind == "log":
             self._apply_log(record, t)
         elif kind == "end":
-            self.end_status = "finished" if record.get("status") == "finished" else "failed"
+            status = record.get("status")
+            self.end_status = status if status in ("finished", "stopped") else "failed"
             self.end_error = record.get("error")
             self.steps_total = max(self.steps_total, record["step"])
+        elif kind == "ack":
+            self._apply_ack(record)
+
+    def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
+        key = f"{action}:{reason}"
+        self.actions[key] = self.actions.get(key, 0) + 1
+        self.recent_actions = (self.recent_actions + [{"step": step, "action": action, "reason": reason,
+                                                       "detail": detail}])[-10:]
+
+    def _apply_ack(self, record: dict[str, Any]) -> None:
+        status = record.get("status")
+        if status == "late":
+            self.commands_late += 1
+        if status in ("applied", "late"):
+            self._count_action(str(record.get("action")), str(record.get("reason") or "command"), record["step"],
+                               str(record.get("detail") or ""))
+        else:
+            self.recent_actions = (self.recent_actions + [{
+                "step": record["step"], "action": str(record.get("action")), "reason": "rejected",
+                "detail": str(record.get("detail") or "")}])[-10:]
 
     def _apply_step(self, record: dict[str, Any], t: float) -> None:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.
@@ -102,7 +134,19 @@ class RankState:
         if isinstance(lrs, list):
             self.learning_rates = [v for v in (_number(lr) for lr in lrs) if v is not None]
         self.step_duration = _number(record.get("dur"))
+        if self.step_duration and self.step_duration > 0:
+            ema = self.step_duration_ema
+            self.step_duration_ema = self.step_duration if ema is None else ema + 0.1 * (self.step_duration - ema)
         self.data_wait = _number(record.get("wait"))
+        threshold = _number(record.get("clip"))
+        if threshold is not None:
+            self.clip_threshold = threshold
+            self.guarded_steps += 1
+            self.clipped_steps += bool(record.get("clipped"))
+        skip = record.get("skip")
+        if isinstance(skip, str):
+            self._count_action("skip_step", skip, record["step"], "update skipped")
+        self.would_skip += isinstance(record.get("would_skip"), str)
 
     def _apply_log(self, record: dict[str, Any], t: float) -> None:
         values = record.get("values")
@@ -134,12 +178,16 @@ class RankState:
             self.spikes[quantity] += 1
         self.recent_max[quantity].add(t, value)
 
+    @property
+    def clipped_fraction(self) -> float | None:
+        return self.clipped_steps / self.guarded_steps if self.guarded_steps else None
+
     # -- deciding the state ------------------------------------------------------------------
     def refresh_status(self, now: float, stall_after: float, local_host: str) -> RunStatus:
         if self.status.ended:
             return self.status
         if self.end_status is not None:
-            self._end(RunStatus.FINISHED if self.end_status == "finished" else RunStatus.CRASHED, now)
+            self._end(RunStatus.CRASHED if self.end_status == "failed" else RunStatus.FINISHED, now)
         elif self.meta.get("host") == local_host and process_alive(
             int(self.meta["pid"]), self.meta.get("proc_start_ticks")
         ) is False:
@@ -156,8 +204,10 @@ class RankState:
     # -- persistence -----------------------------------------------------------------------------
     _PLAIN_FIELDS = (
         "offset", "steps_total", "records", "last_step_time", "last_record_time", "loss", "grad_norm",
-        "learning_rates", "step_duration", "data_wait", "samples_per_second", "samples_total", "probe_dropped",
+        "learning_rates", "step_duration", "step_duration_ema", "data_wait", "samples_per_second", "samples_total", "probe_dropped",
         "nonfinite", "spikes", "metrics", "metric_names_dropped", "end_status", "end_error", "ended_at",
+        "actions", "commands_late", "clip_threshold", "clipped_steps", "guarded_steps", "would_skip",
+        "recent_actions",
     )
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,8 +255,9 @@ class AgentCounters:
 class AgentState:
     """All runs, behind one lock shared by the ingest loop and the scrape."""
 
-    def __init__(self, spike_window: float) -> None:
+    def __init__(self, spike_window: float, rules: AgentRules | None = None) -> None:
         self.lock = threading.RLock()
+        self.rules = rules if rules is not None else AgentRules(default_rules(), None)
         self.spike_window = spike_window
         self.runs: dict[str, dict[int, RankState]] = {}
         self.retired: set[str] = set()  # runs whose series were dropped after they ended
@@ -232,6 +283,7 @@ class AgentState:
                 ended_at = max(s.ended_at or now for s in ranks.values())
                 if now - ended_at > ended_ttl:
                     del self.runs[run]
+                    self.rules.forget(run)
                     self.retired.add(run)
                     retired.append(run)
         return retired
@@ -241,6 +293,7 @@ class AgentState:
         for run in list(self.runs):
             if run not in present:
                 del self.runs[run]
+                self.rules.forget(run)
         self.retired &= present
         for run in list(self.rejected_runs):
             if run not in present:
@@ -251,6 +304,7 @@ class AgentState:
             "runs": {run: {str(r): s.state_dict() | {"meta": s.meta} for r, s in ranks.items()}
                      for run, ranks in self.runs.items()},
             "retired": sorted(self.retired),
+            "rules": self.rules.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +313,7 @@ class AgentState:
             for rank, rank_state in ranks.items():
                 self.add_rank(run, int(rank), rank_state["meta"]).load_state_dict(rank_state)
         self.retired = set(state.get("retired", []))
+        self.rules.load_state_dict(state.get("rules", {}))
 
     def runs_by_status(self) -> dict[RunStatus, int]:
         """How many runs are in each state (a run's state is that of its worst rank)."""
@@ -273,6 +328,7 @@ class AgentState:
         for run, ranks in sorted(self.runs.items()):
             states = [ranks[r] for r in sorted(ranks)]
             first = states[0]
+            rules = self.rules.runs.get(run)
             out.append({
                 "run": run,
                 "status": run_status(states).value,
@@ -280,6 +336,11 @@ class AgentState:
                 "host": first.meta.get("host"),
                 "start_time": first.meta.get("start_time"),
                 "labels": first.meta.get("labels", {}),
+                "rules": None if rules is None else {
+                    "source": rules.source, "dry_run": rules.config.dry_run,
+                    "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
+                    "recent_decisions": list(rules.recent),
+                },
                 "ranks": [{
                     "rank": s.rank, "status": s.status.value, "pid": s.meta.get("pid"), "steps": s.steps_total,
                     "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
@@ -287,7 +348,9 @@ class AgentState:
                     "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,
                     "seconds_since_last_record": None if s.last_record_time is None else now - s.last_record_time,
                     "nonfinite": s.nonfinite, "spikes": s.spikes, "metrics": s.metrics,
-                    "probe_dropped": s.probe_dropped, "error": s.end_error,
+                    "probe_dropped": s.probe_dropped, "error": s.end_error, "end_status": s.end_status,
+                    "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
+                    "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
                 } for s in states],
             })
         for run, reason in sorted(self.rejected_runs.items()):

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Probe", "attach", "__version__"]
+__all__ = ["Probe", "RulesConfig", "StopTraining", "attach", "__version__"]
 
 if TYPE_CHECKING:
+    from gradwatch.errors import StopTraining
     from gradwatch.probes import Probe, attach
+    from gradwatch.rules import RulesConfig
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +22,12 @@ def __getattr__(name: str) -> Any:
         from gradwatch import probes
 
         return getattr(probes, name)
+    if name == "StopTraining":
+        from gradwatch.errors import StopTraining
+
+        return StopTraining
+    if name == "RulesConfig":
+        from gradwatch.rules import RulesConfig
+
+        return RulesConfig
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

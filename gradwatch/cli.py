@@ -25,6 +25,7 @@ def cli() -> None:
     In the training script:   probe = gradwatch.attach(model, optimizer)
     On each machine:          gradwatch agent    (started for you if none runs)
     See what runs:            gradwatch status
+    Check a rules file:       gradwatch rules check rules.yaml
     Try it:                   gradwatch demo
     """
 
@@ -41,6 +42,8 @@ _home_option = click.option(
 @click.option("--port", default=None, help="Port for /metrics. [env: GRADWATCH_PORT; default: 9478]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML file with agent settings. [env: GRADWATCH_CONFIG]")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML rules file, reloaded when it changes. [env: GRADWATCH_RULES_FILE; default: packaged rules]")
 @click.option("--stall-after", "stall_after_seconds", default=None,
               help="Seconds without a record before a run counts as stalled. [default: 120]")
 @click.option("--ended-ttl", "ended_ttl_seconds", default=None,
@@ -104,6 +107,47 @@ def demo(home: Path | None, steps: int, steps_per_second: float, no_live: bool) 
     from gradwatch.demo import run_demo
 
     run_demo(home=home, steps=steps, steps_per_second=steps_per_second, live=not no_live)
+
+
+@cli.group(context_settings=_CONTEXT)
+def rules() -> None:
+    """Check rules files and show the defaults (docs/rules.md explains every field)."""
+
+
+@rules.command("check", context_settings=_CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def rules_check(file: Path) -> None:
+    """Validate a rules file and list what it does; exit status 2 with the error when it is invalid."""
+    from rich.table import Table
+
+    from gradwatch.rules import load_rules
+    from gradwatch.status import make_console
+
+    config = load_rules(file)
+    console = make_console()
+    table = Table(title=f"{file}: {len(config.rules)} rule(s)" + (" [bold yellow](dry run)[/]" if config.dry_run else ""),
+                  title_justify="left", header_style="bold")
+    for column in ("rule", "metric", "detector", "action", "mode", "bounds"):
+        table.add_column(column)
+    for rule in config.rules:
+        bounds = ", ".join(b for b in (f"max {rule.max_actions}" if rule.max_actions else "",
+                                       f"cooldown {rule.cooldown_steps} steps" if rule.cooldown_steps else "") if b)
+        mode = "act" if config.acting(rule) else ("dry run" if rule.mode == "act" else "observe")
+        table.add_row(rule.name, rule.metric, rule.detect.type, rule.action.type, mode, bounds or "-")
+    console.print(table)
+    g = config.guards
+    console.print(f"guards: skip on non-finite {g.skip.on_nonfinite}, on spike {g.skip.on_spike}; "
+                  f"clip {g.clip.scheme}" + (f" ({g.clip.mode})" if g.clip.scheme != "none" else "")
+                  + (f"; snapshots every {g.snapshots.every} steps, keep {g.snapshots.keep}"
+                     if config.snapshots_enabled else ""))
+
+
+@rules.command("defaults", context_settings=_CONTEXT)
+def rules_defaults() -> None:
+    """Print the packaged default rules file (a starting point for your own)."""
+    from importlib import resources
+
+    click.echo(resources.files("gradwatch.rules").joinpath("default_rules.yaml").read_text(encoding="utf-8"), nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:

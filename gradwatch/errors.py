@@ -7,3 +7,8 @@ class GradwatchError(Exception):
 
 class ConfigError(GradwatchError):
     """A configuration value is invalid; the message names the field, the value and its source."""
+
+
+class StopTraining(Exception):  # noqa: N818 - named for what it asks, like StopIteration
+    """Raised from ``optimizer.step()`` when a rule stops the run and the probe was attached with
+    ``on_stop="raise"`` (the zero-code launcher's default). Catch it to save a checkpoint."""

@@ -78,11 +78,11 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for column, justify in (("run", "left"), ("rank", "right"), ("state", "left"), ("steps", "right"),
                             ("loss", "right"), ("grad norm", "right"), ("lr", "right"), ("step time", "right"),
-                            ("samples/s", "right"), ("last record", "right")):
+                            ("samples/s", "right"), ("actions", "left"), ("last record", "right")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for run in runs:
         if not run["ranks"]:
-            table.add_row(run["run"], "-", f"[red]{run['status']}[/]", "", "", "", "", "", "", run.get("error", ""))
+            table.add_row(run["run"], "-", f"[red]{run['status']}[/]", "", "", "", "", "", "", "", run.get("error", ""))
             continue
         for i, r in enumerate(run["ranks"]):
             style = _STATUS_STYLE.get(r["status"], "")
@@ -97,9 +97,27 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
                 _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs else "-",
                 "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
                 _fmt(r["samples_per_second"], ".1f"),
+                actions_text(r),
                 _ago(r.get("seconds_since_last_record")),
             )
     return table
+
+
+_ACTION_SHORT = {"stop": "stopped", "reduce_lr": "lr cut", "scale_clip": "clip scaled", "rewind": "rewound",
+                 "skip_step": "skipped"}
+
+
+def actions_text(rank: dict[str, Any]) -> str:
+    """What was done to one rank, e.g. ``lr cut x2, skipped x1, clip 1.2 (8% clipped)``."""
+    counts: dict[str, int] = {}
+    for key, n in (rank.get("actions") or {}).items():
+        action = key.split(":", 1)[0]
+        counts[action] = counts.get(action, 0) + n
+    parts = [_ACTION_SHORT.get(a, a) + ("" if a == "stop" else f" x{n}") for a, n in sorted(counts.items())]
+    if rank.get("clip_threshold") is not None:
+        fraction = rank.get("clipped_fraction")
+        parts.append(f"clip {rank['clip_threshold']:.3g}" + (f" ({fraction:.0%} clipped)" if fraction else ""))
+    return ", ".join(parts) or "-"
 
 
 def make_console() -> Console:

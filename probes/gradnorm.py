@@ -73,6 +73,15 @@ class GradNormMeter:
         self._fusable = True
         self._on_cpu = False
 
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters, as of the last call."""
+        return self._params
+
+    @property
+    def fusable(self) -> bool:
+        return self._fusable
+
     def __call__(self) -> torch.Tensor | NormOfNorms | None:
         groups = self._optimizer.param_groups
         shape = tuple(len(group["params"]) for group in groups)

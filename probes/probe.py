@@ -21,17 +21,25 @@ from typing import Any
 
 import torch
 
+from gradwatch.errors import ConfigError, StopTraining
 from gradwatch.probes import readback
+from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import autostart_enabled, ensure_agent
+from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter
+from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.identity import default_run_name, detect_identity
+from gradwatch.probes.snapshots import Snapshots
 from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
+from gradwatch.rules.config import RulesConfig, default_rules, rules_from
 from gradwatch.spool.format import SpoolLayout, default_home
 
 log = logging.getLogger("gradwatch")
 
 DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_FLUSH_INTERVAL = 0.05
+ON_STOP_CHOICES = ("flag", "raise")
+RULES_ENV = "GRADWATCH_RULES_FILE"
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -40,7 +48,8 @@ class Probe:
     """Records one training process's steps into the run spool. Create it with :func:`attach`.
 
     Use ``probe.log(loss=loss, batch_size=n, **other_scalars)`` once per step; gradient
-    norm, learning rates, step time and data-wait time are recorded by hooks.
+    norm, learning rates, step time and data-wait time are recorded by hooks. When a rule
+    stops the run, ``probe.should_stop`` turns True after the same step on every rank.
     """
 
     def __init__(
@@ -56,6 +65,8 @@ class Probe:
         max_queue: int = DEFAULT_MAX_QUEUE,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         autostart_agent: bool | None = None,
+        rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
+        on_stop: str | None = None,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradwatch.attach: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -68,6 +79,11 @@ class Probe:
         if labels is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError("gradwatch.attach: labels must map str to str, e.g. labels={'team': 'vision'}")
 
+        on_stop = on_stop or os.environ.get("GRADWATCH_ON_STOP") or "flag"
+        if on_stop not in ON_STOP_CHOICES:
+            raise ValueError(f"gradwatch.attach: on_stop must be one of {ON_STOP_CHOICES}, got {on_stop!r}")
+        self.rules, explicit_rules = _resolve_rules(rules)
+
         self.identity = detect_identity(rank, world_size)
         self.layout = SpoolLayout(Path(home).expanduser() if home is not None else default_home())
         self.requested_run = run if run is not None else default_run_name(self.identity)
@@ -79,10 +95,16 @@ class Probe:
         self._warn = WarnOnce()
         self._closed = False
         self._pending_norm: Any = None
+        self._pending_guard: Any = None
         self._last_step_end: float | None = None
         self._data_wait: float | None = None
         self._awaiting_forward = False
         self._hooks: list[Any] = []
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self._on_stop = on_stop
+        self._inbox: deque[Command] = deque()
+        self._actuator: Actuator | None = None
 
         start_agent = autostart_enabled() if autostart_agent is None else autostart_agent
         self._writer = SpoolWriterThread(
@@ -95,8 +117,20 @@ class Probe:
             warn=self._warn,
             flush_interval=flush_interval,
             on_agent_needed=ensure_agent if start_agent else None,
+            inbox=self._inbox,
+            extra_meta={"rules": self.rules.model_dump(mode="json") if explicit_rules else None,
+                        "guards": self.rules.guards.model_dump(mode="json"), "dry_run": self.rules.dry_run,
+                        "on_stop": on_stop},
         )
         self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
+        if optimizer is not None and self._grad_norm is not None:
+            guards = GradientGuards(self.rules.guards, self.rules.dry_run)
+            snap = self.rules.guards.snapshots
+            snapshots = Snapshots(model, optimizer, snap.every, snap.keep) if self.rules.snapshots_enabled else None
+            self._actuator = Actuator(optimizer, self._grad_norm, guards, snapshots)
+            if guards.needs_host_norm and any(p.is_cuda for g in optimizer.param_groups for p in g["params"]):
+                self._warn("guards-sync", "guards %s read the gradient norm on the host: one CUDA synchronisation "
+                           "per step (see docs/rules.md)", _host_guards(guards))
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
         self._wall_offset = time.time() - time.perf_counter()
         if optimizer is not None:
@@ -170,6 +204,8 @@ class Probe:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc is None:
             self.close()
+        elif isinstance(exc, StopTraining):
+            self.close(status="stopped", error=str(exc))
         else:
             self.close(status="failed", error=repr(exc))
 
@@ -184,7 +220,11 @@ class Probe:
         if _is_compiling():
             return
         try:
-            self._pending_norm = self._grad_norm() if self._grad_norm is not None else None
+            norm = self._grad_norm() if self._grad_norm is not None else None
+            actuator = self._actuator
+            if actuator is not None and norm is not None and actuator.guards.active:
+                norm, self._pending_guard = actuator.guard(norm)
+            self._pending_norm = norm
         except Exception as exc:
             self._pending_norm = None
             self._internal_error("grad_norm", exc)
@@ -199,20 +239,61 @@ class Probe:
                 self._wall_offset = time.time() - time.perf_counter()
             duration = None if self._last_step_end is None else now - self._last_step_end
             self._last_step_end = now
-            norm = self._pending_norm
-            self._pending_norm = None
+            norm, guard = self._pending_norm, self._pending_guard
+            self._pending_norm = self._pending_guard = None
             lrs = [lr if lr.__class__ is float else readback.capture(lr)
                    for lr in [group["lr"] for group in optimizer.param_groups]]
             item = ("step", self.step, self._wall_offset + now, duration, self._data_wait,
-                    None if norm is None else readback.capture_owned(norm), lrs)
+                    norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs, guard)
             if len(self._queue) < self._max_queue:
                 self._queue.append(item)
             else:
                 self._dropped_full()
             self._data_wait = None
             self._awaiting_forward = True
+            if self._actuator is not None:
+                self._actuator.after_step(self.step)
+            if self._inbox:
+                self._apply_commands()
+        except StopTraining:
+            raise
         except Exception as exc:
             self._internal_error("step", exc)
+
+    # -- commands of the agent (training thread, between two steps) -------------------------------
+    def _apply_commands(self) -> None:
+        raise_stop = None
+        for command in list(self._inbox):
+            due = command.apply_at_step
+            if due is not None and due > self.step:
+                continue  # other ranks are not there yet either
+            self._inbox.remove(command)
+            status = "late" if due is not None and self.step > due else "applied"
+            try:
+                if command.type == "stop":
+                    self.should_stop = True
+                    self.stop_reason = f"rule {command.rule}: {command.reason} (step {command.trigger_step})"
+                    detail = "should_stop set" + (", StopTraining raised" if self._on_stop == "raise" else "")
+                    if self._on_stop == "raise":
+                        raise_stop = StopTraining(f"gradwatch stopped the run: {self.stop_reason}")
+                elif self._actuator is None:
+                    raise ValueError("the probe has no optimizer to act on; pass it to gradwatch.attach()")
+                else:
+                    detail = self._actuator.execute(command)
+            except ValueError as exc:
+                status, detail = "rejected", str(exc)
+            if status == "late":
+                self._warn("late-command", "command %s arrived after its step %s (now %d); applied now, ranks may "
+                           "disagree", command.id, due, self.step)
+            self._enqueue(("ack", self.step, time.time(), command, status, detail))
+        if raise_stop is not None:
+            raise raise_stop
+
+    def _enqueue(self, item: QueueItem) -> None:
+        if len(self._queue) < self._max_queue:
+            self._queue.append(item)
+        else:
+            self._dropped_full()
 
     def _dropped_full(self) -> None:
         self._queue_dropped += 1
@@ -236,6 +317,8 @@ def attach(
     max_queue: int = DEFAULT_MAX_QUEUE,
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     autostart_agent: bool | None = None,
+    rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
+    on_stop: str | None = None,
 ) -> Probe:
     """Monitor a training loop: ``probe = gradwatch.attach(model, optimizer, run="lr-sweep-3e-4")``.
 
@@ -249,12 +332,38 @@ def attach(
         max_queue: records held in memory at most; beyond that records are dropped and counted.
         flush_interval: seconds between writes of the background thread.
         autostart_agent: start ``gradwatch agent`` if none serves the spool (default ``$GRADWATCH_AUTOSTART`` or on).
+        rules: a RulesConfig, a dict shaped like a rules file, or a path to one (default
+            ``$GRADWATCH_RULES_FILE``, else the agent's rules and the packaged guards; docs/rules.md).
+            The guards act in this process; the rules travel to the agent with the run's metadata.
+        on_stop: what a stop decision does: ``"flag"`` sets ``probe.should_stop`` (default,
+            ``$GRADWATCH_ON_STOP``); ``"raise"`` also raises :class:`gradwatch.StopTraining` from
+            ``optimizer.step()``, for scripts that do not check the flag.
 
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
     """
     return Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
-                 max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent)
+                 max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
+                 on_stop=on_stop)
+
+
+def _resolve_rules(rules: Any) -> tuple[RulesConfig, bool]:
+    """(the rules, whether they were given explicitly). A bad ``rules=`` argument raises ConfigError; a
+    bad ``$GRADWATCH_RULES_FILE`` is logged and the defaults are used (the script did not ask in code)."""
+    if rules is not None:
+        return rules_from(rules if not isinstance(rules, os.PathLike) else Path(rules)), True
+    path = os.environ.get(RULES_ENV)
+    if path:
+        try:
+            return rules_from(Path(path)), True
+        except ConfigError as exc:
+            log.error("gradwatch: %s (from %s); using the default rules", exc, RULES_ENV)
+    return default_rules(), False
+
+
+def _host_guards(guards: GradientGuards) -> str:
+    names = [f"clip.scheme={guards.scheme}"] if guards.scheme in ("autoclip", "zclip") else []
+    return ", ".join(names + (["skip.on_spike"] if guards.skip_spike != "off" else []))
 
 
 # -- process exit: close what is open, mark runs that died of an exception as failed --------------
@@ -285,7 +394,9 @@ def _close_open_probes() -> None:
     for probe in list(_open_probes):
         if probe.identity.pid != pid:
             continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
-        if _uncaught:
+        if _uncaught and isinstance(_uncaught[-1], StopTraining):
+            probe.close(status="stopped", error=str(_uncaught[-1]), timeout=5.0)
+        elif _uncaught:
             probe.close(status="failed", error=repr(_uncaught[-1]), timeout=5.0)
         else:
             probe.close(timeout=5.0)

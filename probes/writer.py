@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.probes import readback
+from gradwatch.probes.control import Command, CommandReader, acked_ids
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, RecordKind, SpoolLayout
 from gradwatch.spool.proc import process_alive, process_start_ticks
@@ -25,8 +26,13 @@ from gradwatch.spool.writer import RecordFileWriter, claim_run_dir, write_json_a
 log = logging.getLogger("gradwatch")
 
 #: Items the training thread puts on the queue; tuples are cheaper than objects to build.
-#: ("step", step, t, duration, data_wait, grad_norm, lrs) and ("log", step, t, {name: value})
+#: ("step", step, t, duration, data_wait, grad_norm, lrs, guard), ("log", step, t, {name: value})
+#: and ("ack", step, t, command, status, detail)
 QueueItem = tuple[Any, ...]
+# Once the run has a control directory (the agent acts on it), latency matters more than wake-ups: poll
+# for commands every 10 ms and flush records every 20 ms (benchmarks/rule_latency.py).
+_CONTROL_POLL_SECONDS = 0.01
+_ACTING_FLUSH_SECONDS = 0.02
 
 _RETRY_OPEN_SECONDS = 5.0
 # One encoder for every line: json.dumps() with non-default arguments builds a new one per call.
@@ -38,6 +44,26 @@ _FINAL_DEVICE_WAIT_SECONDS = 5.0
 def _resolve_values(values: dict[str, Any]) -> dict[str, Any] | None:
     resolved = {name: readback.resolve(v) for name, v in values.items()}
     return None if readback.NOT_READY in resolved.values() else resolved
+
+
+def _guard_fields(guard: tuple[Any, Any, Any, Any]) -> dict[str, Any] | None:
+    """The step record's guard fields, or None while a device value is in flight."""
+    threshold, clipped, skip, observed = (readback.resolve(v) for v in guard)
+    if readback.NOT_READY in (threshold, clipped, skip, observed):
+        return None
+    fields: dict[str, Any] = {}
+    if threshold is not None:
+        fields["clip"] = threshold
+        fields["clipped"] = bool(clipped)
+    if isinstance(skip, float):  # the device path hands over found_inf as 0.0/1.0
+        skip = "nonfinite" if skip else None
+    if isinstance(observed, float):
+        observed = "nonfinite" if observed else None
+    if skip:
+        fields["skip"] = skip
+    if observed:
+        fields["would_skip"] = observed
+    return fields
 
 
 class WarnOnce:
@@ -65,6 +91,8 @@ class SpoolWriterThread(threading.Thread):
         warn: WarnOnce,
         flush_interval: float,
         on_agent_needed: Callable[[SpoolLayout], object] | None,
+        inbox: deque[Command] | None = None,
+        extra_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(name="gradwatch-writer", daemon=True)
         self._queue = queue
@@ -76,6 +104,9 @@ class SpoolWriterThread(threading.Thread):
         self._warn = warn
         self._interval = flush_interval
         self._on_agent_needed = on_agent_needed
+        self._inbox = inbox
+        self._extra_meta = extra_meta or {}
+        self._commands: CommandReader | None = None
         self._stop_event = threading.Event()
         self._end_status: tuple[str, str | None, int] = ("finished", None, 0)
         self._file: RecordFileWriter | None = None
@@ -98,9 +129,15 @@ class SpoolWriterThread(threading.Thread):
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
         self._guarded(self._open)  # create the run directory (and start an agent) before the first record
+        next_flush = time.monotonic() + self._interval
         while True:
-            stopping = self._stop_event.wait(self._interval)
-            self._guarded(self._drain, final=stopping)
+            fast = self._commands is not None and self._commands.path.parent.is_dir()
+            stopping = self._stop_event.wait(min(self._interval, _CONTROL_POLL_SECONDS) if fast else self._interval)
+            if self._commands is not None and self._inbox is not None and not stopping:
+                self._guarded(self._poll_commands)
+            if stopping or time.monotonic() >= next_flush or not fast:
+                self._guarded(self._drain, final=stopping)
+                next_flush = time.monotonic() + (min(self._interval, _ACTING_FLUSH_SECONDS) if fast else self._interval)
             if stopping:
                 break
         self._guarded(self._write_end)
@@ -112,6 +149,10 @@ class SpoolWriterThread(threading.Thread):
             fn(**kwargs)
         except Exception as exc:  # a bug of ours must not stop the thread
             self._warn(f"writer-{type(exc).__name__}", "internal error in the spool writer (%r); records may be dropped", exc)
+
+    def _poll_commands(self) -> None:
+        assert self._commands is not None and self._inbox is not None
+        self._inbox.extend(self._commands.poll())
 
     def _drain(self, final: bool = False) -> None:
         records: list[dict[str, Any]] = []
@@ -149,19 +190,29 @@ class SpoolWriterThread(threading.Thread):
         """The record for a queue item (plus the log item merged into it), or None while a device
         value is still in flight."""
         if item[0] == "step":
-            _, step, t, duration, wait, norm, lrs = item
+            _, step, t, duration, wait, norm, lrs, guard = item
             norm = readback.resolve(norm)
             lrs = [readback.resolve(lr) for lr in lrs]
             if norm is readback.NOT_READY or readback.NOT_READY in lrs:
                 return None
             record = {"kind": "step", "step": step, "t": t, "grad_norm": norm, "lr": lrs, "dur": duration,
                       "wait": wait}
+            if guard is not None:
+                fields = _guard_fields(guard)
+                if fields is None:
+                    return None
+                record.update(fields)
             if log_item is not None:
                 values = _resolve_values(log_item[3])
                 if values is None:
                     return None
                 record["values"] = values
             return record
+        if item[0] == "ack":
+            _, step, t, command, status, detail = item
+            return {"kind": "ack", "step": step, "t": t, "id": command.id, "action": command.type,
+                    "rule": command.rule, "reason": command.reason, "apply_at_step": command.apply_at_step,
+                    "status": status, "detail": detail}
         _, step, t, values = item
         resolved = _resolve_values(values)
         return None if resolved is None else {"kind": "log", "step": step, "t": t, "values": resolved}
@@ -201,6 +252,9 @@ class SpoolWriterThread(threading.Thread):
                 self._check_rank_unclaimed(meta_file)
                 write_json_atomic(meta_file, self._meta(name))
                 self.run_name, self.run_dir = name, run_dir
+                if self._inbox is not None:
+                    records_file = SpoolLayout.records_file(run_dir, self._identity.rank)
+                    self._commands = CommandReader(run_dir, acked_ids(records_file))
                 self.ready.set()
                 self._start_agent_if_needed()
             self._file = RecordFileWriter(SpoolLayout.records_file(self.run_dir, self._identity.rank))
@@ -256,6 +310,7 @@ class SpoolWriterThread(threading.Thread):
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "gradwatch": __version__,
+            **self._extra_meta,
         }
 
     def _write_end(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 FORMAT_NAME = "gradwatch-spool"
 #: major.minor. A reader refuses a newer *major*; a newer minor only adds fields.
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(meta\.json|records\.jsonl)$")
@@ -21,7 +21,8 @@ class RecordKind(str, enum.Enum):
 
     STEP = "step"  # one optimizer step: grad norm, learning rates, timings
     LOG = "log"  # scalars passed to Probe.log()
-    END = "end"  # the process closed its probe: status finished | failed
+    END = "end"  # the process closed its probe: status finished | stopped | failed
+    ACK = "ack"  # the probe applied (or refused) a command of the agent (since 1.1)
 
 
 def default_home() -> Path:
@@ -60,7 +61,8 @@ class SpoolLayout:
         <home>/runs/<run>/.claim               launch key of the run that owns the directory
         <home>/runs/<run>/rank-<r>.meta.json   metadata of the process with rank r
         <home>/runs/<run>/rank-<r>.records.jsonl  append-only records of rank r
-        <home>/runs/<run>/control/  events.jsonl   reserved for rules (commands and events)
+        <home>/runs/<run>/control/commands.jsonl  commands of the agent to the run's probes
+        <home>/runs/<run>/events.jsonl         the agent's decisions and what became of them
         <home>/agent/state.json                agent checkpoint (offsets + per-run state)
         <home>/agent/agent.json                the running agent: pid and URL
         <home>/agent/agent.lock                held by the running agent
@@ -106,3 +108,11 @@ class SpoolLayout:
     @staticmethod
     def records_file(run_dir: Path, rank: int) -> Path:
         return run_dir / f"rank-{rank}.records.jsonl"
+
+    @staticmethod
+    def commands_file(run_dir: Path) -> Path:
+        return run_dir / "control" / "commands.jsonl"
+
+    @staticmethod
+    def events_file(run_dir: Path) -> Path:
+        return run_dir / "events.jsonl"

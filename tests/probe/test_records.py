@@ -10,6 +10,7 @@ import torch
 
 import gradwatch
 from gradwatch.probes.gradnorm import global_grad_norm
+from gradwatch.spool.format import FORMAT_VERSION
 from tests.probe.helpers import logged, read_run, tiny_model, train_steps
 
 
@@ -27,7 +28,7 @@ def test_every_step_is_recorded_with_the_scalars_logged_after_it(isolated_home: 
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "finished" and records[-1]["step"] == 25
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert meta["run"] == "basic" and meta["rank"] == 0 and meta["world_size"] == 1
-    assert meta["format_version"] == "1.0" and meta["torch"] == torch.__version__
+    assert meta["format_version"] == FORMAT_VERSION and meta["torch"] == torch.__version__
 
 
 def test_grad_norm_is_the_global_l2_norm_before_the_update(isolated_home: Path) -> None:

@@ -1,0 +1,178 @@
+"""Acting on decisions: every decision becomes an event in the run's ``events.jsonl``; a decision
+of an acting rule also becomes a command in ``control/commands.jsonl`` for the run's probes.
+
+Exactly once: ids are deterministic (``<rule>@<step>``), and before writing the dispatcher
+checks the ids already in the files, so an agent that restarts and re-reads records (after
+SIGKILL, before its checkpoint) does not issue a command twice. The probes skip ids they
+already applied.
+
+Consistent across ranks: a command for a multi-rank run carries ``apply_at_step``, far enough
+ahead (``command_lead_seconds`` at the run's step rate, at least ``command_min_lead_steps``) that
+every rank reads it before it gets there; every rank applies it after that same step. The agent
+acts only on runs whose ranks it all sees (a multi-node run needs one spool on a shared
+filesystem); otherwise the decision is recorded with a note and not sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gradwatch.agent.state import AgentState
+from gradwatch.rules.engine import Decision
+from gradwatch.spool.format import SpoolLayout
+
+log = logging.getLogger("gradwatch.agent")
+MAX_SKIP_EVENTS_PER_RUN = 1000  # a run that skips every step must not fill the disk with events
+_UNKNOWN_RATE_LEAD_STEPS = 10
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _read_ids(path: Path) -> set[str]:
+    ids: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    ids.add(json.loads(line)["id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return ids
+
+
+class _AppendOnce:
+    """An append-only JSONL file whose lines have unique ids (ids read back once per agent process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ids = _read_ids(path)
+
+    def append(self, obj: dict[str, Any]) -> bool:
+        if obj["id"] in self.ids:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write((_encode(obj) + "\n").encode())
+        self.ids.add(obj["id"])
+        return True
+
+
+class ActionDispatcher:
+    def __init__(self, layout: SpoolLayout, state: AgentState, lead_seconds: float, min_lead_steps: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.layout = layout
+        self.state = state
+        self.lead_seconds = lead_seconds
+        self.min_lead_steps = min_lead_steps
+        self.clock = clock
+        self._events: dict[str, _AppendOnce] = {}
+        self._commands: dict[str, _AppendOnce] = {}
+        self._skip_events: dict[str, int] = {}
+        self._prepared: set[str] = set()
+        self.errors = 0
+
+    def _file(self, cache: dict[str, _AppendOnce], run: str, path: Path) -> _AppendOnce:
+        if run not in cache:
+            cache[run] = _AppendOnce(path)
+        return cache[run]
+
+    def prepare_runs(self) -> None:
+        """Create ``control/`` for runs with acting rules: their probes then poll for commands often."""
+        with self.state.lock:
+            runs = [run for run, rules in self.state.rules.runs.items()
+                    if run not in self._prepared and any(rules.config.acting(r) for r in rules.config.rules)]
+        for run in runs:
+            try:
+                SpoolLayout.commands_file(self.layout.run_dir(run)).parent.mkdir(parents=True, exist_ok=True)
+                self._prepared.add(run)
+            except OSError as exc:
+                self._error(run, exc)
+
+    def dispatch(self, outbox: list[tuple[str, Any]]) -> None:
+        for kind, item in outbox:
+            run = item.run if kind == "decision" else item[0]
+            try:
+                if kind == "decision":
+                    self._decision(item)
+                elif kind == "ack":
+                    self._ack(*item)
+                elif kind == "step":
+                    self._skip(*item)
+            except OSError as exc:
+                self._error(run, exc)
+
+    def _error(self, run: str, exc: OSError) -> None:
+        self.errors += 1
+        log.error("run %s: cannot write its events or commands (%s); the decision is kept in the agent's log", run,
+                  exc)
+
+    # -- the three kinds of events -------------------------------------------------------------------
+    def _decision(self, d: Decision) -> None:
+        run_dir = self.layout.run_dir(d.run)
+        event: dict[str, Any] = {"id": d.id, "event": "decision", "t_decided": self.clock(), **d.to_json()}
+        if d.acts:
+            apply_at, problem = self._apply_at(d.run)
+            if problem:
+                event["sent"] = False
+                event["note"] = problem
+                log.warning("run %s: rule %s decided %s at step %d, not sent: %s", d.run, d.rule,
+                            d.action["type"], d.step, problem)
+            else:
+                command = {"id": d.id, "t": self.clock(), "rule": d.rule, "reason": d.reason, "trigger_step": d.step,
+                           "action": d.action, "apply_at_step": apply_at}
+                new = self._file(self._commands, d.run, SpoolLayout.commands_file(run_dir)).append(command)
+                event["sent"] = True
+                event["apply_at_step"] = apply_at
+                if new:  # not a decision re-made after a restart
+                        log.info("run %s: rule %s (%s at step %d) -> %s%s", d.run, d.rule, d.reason, d.step,
+                             d.action["type"], "" if apply_at is None else f" at step {apply_at}")
+        self._file(self._events, d.run, SpoolLayout.events_file(run_dir)).append(event)
+
+    def _ack(self, run: str, rank: int, record: dict[str, Any]) -> None:
+        event = {"id": f"{record.get('id')}/rank-{rank}", "event": "ack", "command": record.get("id"), "rank": rank,
+                 "status": record.get("status"), "step": record["step"], "t": record["t"],
+                 "action": record.get("action"), "rule": record.get("rule"), "detail": record.get("detail"),
+                 "apply_at_step": record.get("apply_at_step")}
+        if record.get("status") == "rejected":
+            log.warning("run %s rank %d refused command %s: %s", run, rank, record.get("id"), record.get("detail"))
+        self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+
+    def _skip(self, run: str, rank: int, record: dict[str, Any]) -> None:
+        count = self._skip_events.get(run, 0)
+        if count >= MAX_SKIP_EVENTS_PER_RUN:
+            return  # still counted in gradwatch_actions_total
+        self._skip_events[run] = count + 1
+        event = {"id": f"skip@{record['step']}/rank-{rank}", "event": "skip_step", "rank": rank,
+                 "reason": record["skip"], "step": record["step"], "t": record["t"],
+                 "grad_norm": record.get("grad_norm")}
+        self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+
+    def _apply_at(self, run: str) -> tuple[int | None, str | None]:
+        """(the step after which every rank applies the command, or None: at once; a problem, or None)."""
+        with self.state.lock:
+            ranks = self.state.runs.get(run, {})
+            if not ranks:
+                return None, "the run is gone"
+            world = max(int(s.meta.get("world_size", 1)) for s in ranks.values())
+            if world <= 1:
+                return None, None
+            if len(ranks) < world:
+                return None, (f"this agent sees {len(ranks)} of {world} ranks; to act on a multi-node run, put "
+                              f"GRADWATCH_HOME on a filesystem all nodes share")
+            paces = [s.step_duration_ema for s in ranks.values() if s.step_duration_ema]
+            if not paces:
+                return max(s.steps_total for s in ranks.values()) + _UNKNOWN_RATE_LEAD_STEPS, None
+            pace = max(paces)  # ranks of a data-parallel run go at the pace of the slowest
+            now = self.clock()
+            # where the ranks are now (records reach the agent a little late), then far enough ahead
+            current = max(s.steps_total + int(max(0.0, now - (s.last_step_time or now)) / pace)
+                          for s in ranks.values())
+        return current + max(self.min_lead_steps, math.ceil(self.lead_seconds / pace)), None

@@ -1,0 +1,135 @@
+"""Carrying out what guards and commands decide, on the training thread: clip, skip, change the
+learning rate, rewind. Deciding happens elsewhere (probes/guards.py, the agent's rules).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gradwatch.probes import readback
+from gradwatch.probes.control import Command
+from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
+from gradwatch.probes.guards import GradientGuards
+from gradwatch.probes.snapshots import Snapshots
+from gradwatch.rules.lr import min_lr_for, reduced_lr
+
+#: What the guards did at one step, as it goes into the step record (values may be deferred):
+#: (clip threshold or None, clipped: bool, skip reason or None, observed skip reason or None)
+GuardInfo = tuple[Any, Any, Any, Any]
+
+
+class Actuator:
+    def __init__(self, optimizer: torch.optim.Optimizer, meter: GradNormMeter, guards: GradientGuards,
+                 snapshots: Snapshots | None) -> None:
+        self.optimizer = optimizer
+        self.meter = meter
+        self.guards = guards
+        self.snapshots = snapshots
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._found_inf_set = False
+
+    # -- guards, in the pre-step hook -----------------------------------------------------------
+    def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo]:
+        """Apply the guards to this step's gradients; returns the norm to record and what was done."""
+        if isinstance(norm, NormOfNorms):
+            value: float | None = norm.resolve()  # CPU: reading it costs no synchronisation
+        elif norm.is_cpu or self.guards.needs_host_norm:
+            value = float(norm)  # on CUDA: the one synchronisation attach() warned about
+        else:
+            return norm, self._guard_on_device(norm)
+        decision = self.guards.decide(value)
+        if decision.skip is not None:
+            self._hide_gradients()
+        elif decision.clipped:
+            self._scale_gradients(decision.coef)
+        return value, (decision.threshold, decision.clipped, decision.skip, decision.observed_skip)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [g for p in self.meter.params if (g := p.grad) is not None]
+
+    def _scale_gradients(self, coef: float | torch.Tensor) -> None:
+        grads = self._grads()
+        if self.meter.fusable:
+            torch._foreach_mul_(grads, coef)
+        else:
+            for g in grads:
+                g.mul_(coef.to(g.device) if isinstance(coef, torch.Tensor) else coef)
+
+    def _hide_gradients(self) -> None:
+        """Skip the update: torch's optimizers leave parameters without a gradient untouched (no
+        moment update, no weight decay, no step count). The gradients come back after the step."""
+        self._hidden = [(p, g) for p in self.meter.params if (g := p.grad) is not None]
+        for p, _ in self._hidden:
+            p.grad = None
+
+    def _guard_on_device(self, norm: torch.Tensor) -> GuardInfo:
+        """CUDA without a synchronisation: the fixed threshold as a clamp, the non-finite skip through
+        the fused optimizers' ``found_inf`` (as GradScaler does); otherwise the skip only observes."""
+        g = self.guards
+        threshold, clipped, skip, observed = None, False, None, None
+        if g.scheme == "fixed" and g.fixed_threshold is not None:
+            threshold = g.fixed_threshold
+            if g.clip_mode == "act":
+                self._scale_gradients(torch.clamp(threshold / (norm + 1e-6), max=1.0))
+            clipped = readback.capture(norm > threshold)
+        if g.skip_nonfinite != "off":
+            found = (~torch.isfinite(norm)).float()
+            if g.skip_nonfinite == "act" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
+                existing = getattr(self.optimizer, "found_inf", None)
+                self.optimizer.found_inf = found if existing is None else torch.maximum(existing, found)
+                self._found_inf_set = existing is None
+                skip = readback.capture(found)
+            else:
+                observed = readback.capture(found)
+        return threshold, clipped, skip, observed
+
+    # -- after the step ---------------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        if self._hidden:
+            for p, g in self._hidden:
+                p.grad = g
+            self._hidden = []
+        if self._found_inf_set:
+            del self.optimizer.found_inf
+            self._found_inf_set = False
+        if self.snapshots is not None:
+            self.snapshots.maybe_take(step)
+
+    # -- commands of the agent -------------------------------------------------------------------
+    def execute(self, command: Command) -> str:
+        """Carry out one command; returns a short description. ValueError: refused (nothing changed)."""
+        action = command.action
+        kind = command.type
+        if kind == "reduce_lr":
+            return self._reduce_lr(float(action.get("factor", 0.1)), action.get("min_lr", 0.0),
+                                   float(action.get("eps", 1e-8)))
+        if kind == "scale_clip":
+            new = self.guards.scale_fixed_threshold(float(action["factor"]), float(action.get("min_max_norm", 1e-3)),
+                                                    float(action.get("max_max_norm", 1e3)))
+            return f"clip threshold now {new:.6g}"
+        if kind == "rewind":
+            if self.snapshots is None:
+                raise ValueError("rewind needs snapshots: give a rewind rule mode 'act' in the rules the probe "
+                                 "was attached with, or set guards.snapshots.enabled: true")
+            back = int(action.get("min_back_steps", 50))
+            restored = self.snapshots.restore(before_step=command.trigger_step - back + 1)
+            skip = int(action.get("skip_steps", 0))
+            self.guards.skip_next += skip
+            return f"restored the snapshot of step {restored}; skipping the next {skip} updates"
+        raise ValueError(f"unknown action {kind!r}")
+
+    def _reduce_lr(self, factor: float, min_lr: Any, eps: float) -> str:
+        changes = []
+        for i, group in enumerate(self.optimizer.param_groups):
+            old = group["lr"]
+            old_value = float(old)
+            new = reduced_lr(old_value, factor, min_lr_for(min_lr, i), eps)
+            if new != old_value:
+                if isinstance(old, torch.Tensor):
+                    old.fill_(new)
+                else:
+                    group["lr"] = new
+            changes.append(f"{old_value:.6g}->{new:.6g}")
+        return "lr " + ", ".join(changes)

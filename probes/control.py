@@ -1,0 +1,107 @@
+"""Commands from the agent to the probe: read on the writer thread, applied on the training thread.
+
+The agent appends commands to ``runs/<run>/control/commands.jsonl``; every rank reads the
+same file. The writer thread polls it (a ``stat`` per tick) and hands complete, valid lines
+to the training thread through a deque. The training thread applies a command after the
+optimizer step ``apply_at_step`` (or the next step when it has none) and acknowledges it
+with an ``ack`` record. Ids already acknowledged by this rank (a probe restarted in the
+same run directory) are skipped: each command is applied once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradwatch.spool.format import SpoolLayout
+
+log = logging.getLogger("gradwatch")
+
+KNOWN_ACTIONS = ("stop", "reduce_lr", "scale_clip", "rewind")
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    action: dict[str, Any]
+    apply_at_step: int | None
+    trigger_step: int
+    rule: str
+    reason: str
+
+    @property
+    def type(self) -> str:
+        return str(self.action.get("type"))
+
+
+def parse_command(obj: Any) -> Command:
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    action = obj.get("action")
+    if not isinstance(obj.get("id"), str) or not isinstance(action, dict) or action.get("type") not in KNOWN_ACTIONS:
+        raise ValueError(f"missing id, or unknown action {action!r}")
+    apply_at = obj.get("apply_at_step")
+    if apply_at is not None and not isinstance(apply_at, int):
+        raise ValueError("apply_at_step must be an integer or null")
+    return Command(id=obj["id"], action=action, apply_at_step=apply_at, trigger_step=int(obj.get("trigger_step", 0)),
+                   rule=str(obj.get("rule", "")), reason=str(obj.get("reason", "")))
+
+
+def acked_ids(records_file: Path) -> set[str]:
+    """Command ids this rank already acknowledged (only non-empty when a probe restarts in a run)."""
+    ids: set[str] = set()
+    try:
+        with open(records_file, "rb") as f:
+            for line in f:
+                if b'"kind":"ack"' in line:
+                    try:
+                        ids.add(json.loads(line)["id"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    except FileNotFoundError:
+        pass
+    return ids
+
+
+class CommandReader:
+    """Tails the run's command file (writer thread only)."""
+
+    def __init__(self, run_dir: Path, already_applied: set[str]) -> None:
+        self.path = SpoolLayout.commands_file(run_dir)
+        self.offset = 0
+        self.seen = set(already_applied)
+        self.rejected = 0
+
+    def poll(self) -> list[Command]:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return []
+        if size <= self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read(size - self.offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        commands = []
+        for line in chunk[:end].split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                command = parse_command(json.loads(line))
+            except ValueError as exc:
+                self.rejected += 1
+                log.warning("gradwatch: ignored an invalid command in %s (%s)", self.path, exc)
+                continue
+            if command.id not in self.seen:
+                self.seen.add(command.id)
+                commands.append(command)
+        return commands
+

@@ -1,0 +1,158 @@
+"""Deciding: feed a run's records to its rules and get decisions back. No I/O and no torch here;
+the agent's dispatcher turns decisions into events and commands (agent/actions.py).
+
+A decision's id is ``<rule>@<step>``: the same records always give the same decisions with
+the same ids, so a restarted agent that re-reads records cannot issue a command twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gradwatch.rules.config import Rule, RulesConfig
+from gradwatch.rules.detectors import Detector, make_detector
+
+
+@dataclass(frozen=True)
+class Decision:
+    id: str
+    run: str
+    rule: str
+    metric: str
+    action: dict[str, Any]  # the rule's action, e.g. {"type": "reduce_lr", "factor": 0.5, ...}
+    mode: str  # "act", "observe" or "dry_run" (a rule set to act while the global dry_run is on)
+    reason: str  # bounded: the detector's reason (spike, plateau, patience_exhausted, ...)
+    step: int  # the step of the record that triggered it
+    t: float  # that record's time
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def acts(self) -> bool:
+        return self.mode == "act"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def metric_values(record: dict[str, Any]) -> dict[str, float]:
+    """The observations one record holds, by metric name (what a rule's ``metric`` refers to)."""
+    out: dict[str, float] = {}
+    if record.get("kind") == "step":
+        _put(out, "grad_norm", record.get("grad_norm"))
+        lrs = record.get("lr")
+        if isinstance(lrs, list) and lrs:
+            _put(out, "lr", lrs[0])
+        duration = record.get("dur")
+        _put(out, "step_duration_seconds", duration)
+        _put(out, "data_wait_seconds", record.get("wait"))
+        if _is_number(duration) and duration > 0:
+            out["steps_per_second"] = 1.0 / duration
+            batch = (record.get("values") or {}).get("batch_size")
+            if _is_number(batch):
+                out["samples_per_second"] = batch / duration
+    values = record.get("values")
+    if isinstance(values, dict):
+        for name, value in values.items():
+            _put(out, name, value)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _put(out: dict[str, float], name: str, value: Any) -> None:
+    if _is_number(value):
+        out[name] = float(value)
+
+
+class RuleState:
+    """One rule on one run: its detector, how often it fired, and when last."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.detector: Detector = make_detector(rule.detect)
+        self.fired = 0
+        self.last_fired_step: int | None = None
+
+    def quiet(self, step: int) -> bool:
+        rule = self.rule
+        if rule.max_actions is not None and self.fired >= rule.max_actions:
+            return True
+        return self.last_fired_step is not None and step - self.last_fired_step < rule.cooldown_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spec": self.rule.model_dump(mode="json"), "detector": self.detector.state_dict(),
+                "fired": self.fired, "last_fired_step": self.last_fired_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore unless the rule changed since (then it starts afresh); True when restored."""
+        if state.get("spec") != self.rule.model_dump(mode="json"):
+            return False
+        self.detector.load_state_dict(state.get("detector", {}))
+        self.fired = int(state.get("fired", 0))
+        self.last_fired_step = state.get("last_fired_step")
+        return True
+
+
+class RunRules:
+    """The rules of one run, fed with the records of its rank 0."""
+
+    def __init__(self, run: str, config: RulesConfig, source: str) -> None:
+        self.run = run
+        self.source = source  # "run" (given to attach) or "agent" (the agent's rules file)
+        self.config = config
+        self.states = {rule.name: RuleState(rule) for rule in config.rules}
+        self.decisions: dict[tuple[str, str, str], int] = {}  # (rule, action, mode) -> count
+        self.recent: list[dict[str, Any]] = []  # the newest decisions, for `gradwatch status`
+
+    def reconfigure(self, config: RulesConfig) -> None:
+        """New rules (a reloaded file): unchanged rules keep their state, changed ones restart."""
+        old = {name: s.state_dict() for name, s in self.states.items()}
+        self.config = config
+        self.states = {rule.name: RuleState(rule) for rule in config.rules}
+        for name, state in self.states.items():
+            if name in old:
+                state.load_state_dict(old[name])
+
+    def observe(self, record: dict[str, Any]) -> list[Decision]:
+        values = metric_values(record)
+        if not values:
+            return []
+        step, t = int(record["step"]), float(record["t"])
+        out = []
+        for name, state in self.states.items():
+            rule = state.rule
+            if rule.metric not in values:
+                continue
+            trigger = state.detector.update(values[rule.metric])
+            if trigger is None or state.quiet(step):
+                continue
+            state.fired += 1
+            state.last_fired_step = step
+            if self.config.acting(rule):
+                mode = "act"
+            else:
+                mode = "dry_run" if rule.mode == "act" else "observe"
+            action = rule.action.model_dump(mode="json")
+            key = (name, action["type"], mode)
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+            details = dict(trigger.details)
+            decision = Decision(id=f"{name}@{step}", run=self.run, rule=name, metric=rule.metric, action=action,
+                                mode=mode, reason=trigger.reason, step=step, t=t, details=details)
+            self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
+                                           "reason": trigger.reason, "step": step}])[-10:]
+            out.append(decision)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "rules": {name: s.state_dict() for name, s in self.states.items()},
+                "decisions": [[*key, n] for key, n in sorted(self.decisions.items())], "recent": self.recent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, rule_state in state.get("rules", {}).items():
+            if name in self.states:
+                self.states[name].load_state_dict(rule_state)
+        self.decisions = {(r, a, m): int(n) for r, a, m, n in state.get("decisions", [])}
+        self.recent = list(state.get("recent", []))
