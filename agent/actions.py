@@ -26,6 +26,7 @@ from typing import Any
 from gradwatch.agent.state import AgentState
 from gradwatch.rules.engine import Decision
 from gradwatch.spool.format import SpoolLayout
+from gradwatch.spool.reader import read_ids
 
 log = logging.getLogger("gradwatch.agent")
 MAX_SKIP_EVENTS_PER_RUN = 1000  # a run that skips every step must not fill the disk with events
@@ -34,26 +35,12 @@ _UNKNOWN_RATE_LEAD_STEPS = 10
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _read_ids(path: Path) -> set[str]:
-    ids: set[str] = set()
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    ids.add(json.loads(line)["id"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except FileNotFoundError:
-        pass
-    return ids
-
-
 class _AppendOnce:
     """An append-only JSONL file whose lines have unique ids (ids read back once per agent process)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.ids = _read_ids(path)
+        self.ids = read_ids(path)
 
     def append(self, obj: dict[str, Any]) -> bool:
         if obj["id"] in self.ids:

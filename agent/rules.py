@@ -32,7 +32,7 @@ class AgentRules:
         self.reloads = {"ok": 0, "rejected": 0}
         self.last_error: str | None = None
         self._saved: dict[str, dict[str, Any]] = {}  # checkpointed state of runs not seen yet since start
-        self._run_rule_errors: dict[str, str] = {}
+        self.run_rule_errors: dict[str, str] = {}  # run -> why the rules it was attached with were refused
         self._last_text: str | None = _read_text(path) if path is not None else None
 
     @classmethod
@@ -48,7 +48,7 @@ class AgentRules:
                 try:
                     config, source = rules_from(meta["rules"]), "run"
                 except ConfigError as exc:
-                    self._run_rule_errors[run] = str(exc)
+                    self.run_rule_errors[run] = str(exc)
                     log.error("run %s: its rules are invalid (%s); it follows the agent's rules", run, exc)
             rules = RunRules(run, config, source)
             if run in self._saved:
@@ -58,6 +58,7 @@ class AgentRules:
 
     def forget(self, run: str) -> None:
         self.runs.pop(run, None)
+        self.run_rule_errors.pop(run, None)
         self._saved.pop(run, None)
 
     def reload(self) -> bool:

@@ -107,8 +107,12 @@ class RankState:
     def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
         key = f"{action}:{reason}"
         self.actions[key] = self.actions.get(key, 0) + 1
-        self.recent_actions = (self.recent_actions + [{"step": step, "action": action, "reason": reason,
-                                                       "detail": detail}])[-10:]
+        last = self.recent_actions[-1] if self.recent_actions else None
+        if last and (last["action"], last["reason"]) == (action, reason) and step == last.get("to_step", -2) + 1:
+            last["to_step"], last["count"] = step, last["count"] + 1  # a run of skipped steps: one entry
+            return
+        self.recent_actions = (self.recent_actions + [{"step": step, "to_step": step, "count": 1, "action": action,
+                                                       "reason": reason, "detail": detail}])[-10:]
 
     def _apply_ack(self, record: dict[str, Any]) -> None:
         status = record.get("status")
@@ -340,6 +344,7 @@ class AgentState:
                     "source": rules.source, "dry_run": rules.config.dry_run,
                     "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
                     "recent_decisions": list(rules.recent),
+                    "error": self.rules.run_rule_errors.get(run),
                 },
                 "ranks": [{
                     "rank": s.rank, "status": s.status.value, "pid": s.meta.get("pid"), "steps": s.steps_total,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Probe", "RulesConfig", "StopTraining", "attach", "__version__"]
+__all__ = ["Probe", "RulesConfig", "StopTraining", "__version__", "attach"]
 
 if TYPE_CHECKING:
     from gradwatch.errors import StopTraining

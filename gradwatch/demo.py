@@ -1,9 +1,11 @@
-"""``gradwatch demo``: a small real training on CPU, with an unstable phase, watched live.
+"""``gradwatch demo``: a small real training on CPU that diverges and is rescued by gradwatch's rules.
 
-The model learns a noisy teacher network (data generated here, nothing downloaded).
-Between 45 % and 52 % of the steps the learning rate jumps 80x: loss and gradient norm
-spike, then training recovers. The probe records every step; the agent (started for you
-if none runs) exports it at /metrics.
+The model learns a noisy teacher network (data generated here, nothing downloaded). At 45 %
+of the steps the learning rate jumps 80x (a bad restart of a schedule, say). The loss
+spikes; the agent (started for you if none runs) detects it and sends the probe a rewind
+to a snapshot from before the spike plus a learning-rate cut; the probe applies both at the
+same step and training recovers. ZClip clips gradients all along and a NaN batch is skipped.
+When the validation loss stops improving, early stopping ends the run.
 """
 
 from __future__ import annotations
@@ -20,12 +22,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gradwatch.spool.format import SpoolLayout, default_home
-from gradwatch.status import agent_url, get_json, make_console, runs_table
+from gradwatch.status import actions_text, agent_url, get_json, make_console, runs_table
 
 BASE_LR = 0.01
 SPIKE_FACTOR = 80.0
-SPIKE_PHASE = (0.45, 0.52)
+SPIKE_AT = 0.45
+NAN_AT = 0.25
+VAL_EVERY = 25
 RUN_NAME = "demo"
+
+# The demo's rules (docs/rules.md): they act, unlike the shipped defaults, which only observe.
+DEMO_RULES: dict[str, Any] = {
+    "guards": {
+        "skip": {"on_nonfinite": "act"},
+        "clip": {"scheme": "zclip", "max_norm": None},
+        "snapshots": {"every": 50, "keep": 3},
+    },
+    "rules": [
+        {"name": "rewind-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
+         "action": {"type": "rewind", "skip_steps": 20, "min_back_steps": 25}, "mode": "act", "max_actions": 1},
+        {"name": "cut-lr-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
+         "action": {"type": "reduce_lr", "factor": 0.5}, "mode": "act", "max_actions": 2, "cooldown_steps": 100},
+        {"name": "early-stop", "metric": "val_loss",
+         "detect": {"type": "early_stopping", "patience": 4, "min_delta": 0.0005},
+         "action": {"type": "stop"}, "mode": "act", "start_step": 600},
+    ],
+}
 
 
 @dataclass
@@ -38,16 +60,7 @@ class _Snapshot:
     agent: dict[str, Any] | None = None
 
 
-def _learning_rate(step: int, steps: int) -> tuple[float, str]:
-    fraction = step / steps
-    if fraction < SPIKE_PHASE[0]:
-        return BASE_LR, "training"
-    if fraction < SPIKE_PHASE[1]:
-        return BASE_LR * SPIKE_FACTOR, f"[bold red]unstable: learning rate x{SPIKE_FACTOR:g}[/]"
-    return BASE_LR, "recovering"
-
-
-def _build_problem() -> tuple[Any, Any, Any]:
+def _build_problem() -> tuple[Any, Any, Any, Any]:
     import torch
 
     torch.manual_seed(0)
@@ -56,12 +69,14 @@ def _build_problem() -> tuple[Any, Any, Any]:
     with torch.no_grad():
         x = torch.randn(16384, inputs)
         y = teacher(x) + 0.1 * torch.randn(16384, 1)
+        x_val = torch.randn(1024, inputs)
+        y_val = teacher(x_val) + 0.1 * torch.randn(1024, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
                                          drop_last=True)
     model = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
                                 torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=0.9)
-    return model, optimizer, loader
+    return model, optimizer, loader, (x_val, y_val)
 
 
 def _wait_for_agent(layout: SpoolLayout, timeout: float) -> str | None:
@@ -102,6 +117,10 @@ def _panel(snap: _Snapshot, progress: Progress, url: str | None) -> Panel:
         table.add_row("agent sees", f"{agent['status']}, {rank['steps']} steps, grad norm {rank['grad_norm'] or 0:.3g}, "
                                     f"{rank['samples_per_second'] or 0:.0f} samples/s")
         table.add_row("spikes detected", f"loss {spikes['loss']}, grad norm {spikes['grad_norm']}")
+        table.add_row("guards", actions_text({"clip_threshold": rank.get("clip_threshold"),
+                                              "clipped_fraction": rank.get("clipped_fraction")}))
+        for action in rank.get("recent_actions", [])[-4:]:
+            table.add_row(_steps(action), f"[bold]{action['action']}[/] ({action['reason']}): {action['detail']}")
     else:
         table.add_row("agent sees", "[dim]waiting for the agent...[/]" if url else "[yellow]no agent[/]")
     return Panel(Group(progress, table), title="gradwatch demo", subtitle=f"{url}/metrics" if url else None)
@@ -114,10 +133,12 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
 
     console = make_console()
     layout = SpoolLayout(home or default_home())
-    console.print(f"[bold]gradwatch demo[/]: {steps} steps of a small MLP on CPU, with an unstable phase "
-                  f"at {SPIKE_PHASE[0]:.0%}-{SPIKE_PHASE[1]:.0%} of training.")
-    model, optimizer, loader = _build_problem()
-    probe = gradwatch.attach(model, optimizer, run=RUN_NAME, home=layout.home, labels={"example": "demo"})
+    console.print(f"[bold]gradwatch demo[/]: up to {steps} steps of a small MLP on CPU. At {SPIKE_AT:.0%} the "
+                  f"learning rate jumps {SPIKE_FACTOR:g}x; gradwatch's rules rewind, cut the learning rate, then stop "
+                  f"early.")
+    model, optimizer, loader, (x_val, y_val) = _build_problem()
+    probe = gradwatch.attach(model, optimizer, run=RUN_NAME, home=layout.home, labels={"example": "demo"},
+                             rules=DEMO_RULES)
     probe.wait_ready()
     url = _wait_for_agent(layout, timeout=20.0)
     if url:
@@ -126,7 +147,7 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
         console.print(f"[yellow]No agent answered[/] (see {layout.agent_log_file}); the run is still recorded in "
                       f"{layout.runs_dir} and `gradwatch status` reads it.")
 
-    snap = _Snapshot()
+    snap = _Snapshot(phase="training")
     progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
     task = progress.add_task("train", total=steps)
     batches = iter(loader)
@@ -140,28 +161,41 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
             except StopIteration:
                 batches = iter(loader)
                 xb, yb = next(batches)
-            snap.lr, snap.phase = _learning_rate(step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = snap.lr
+            if step == int(SPIKE_AT * steps):
+                for group in optimizer.param_groups:
+                    group["lr"] *= SPIKE_FACTOR
+                snap.phase = f"[bold red]learning rate x{SPIKE_FACTOR:g}[/]"
             loss = torch.nn.functional.mse_loss(model(xb), yb)
+            if step == int(NAN_AT * steps):
+                loss = loss * float("nan")  # one bad batch: the skip-step guard keeps it out of the weights
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            probe.log(loss=loss, batch_size=len(xb))
+            values = {"loss": loss, "batch_size": len(xb)}
+            if (step + 1) % VAL_EVERY == 0:
+                with torch.no_grad():
+                    values["val_loss"] = torch.nn.functional.mse_loss(model(x_val), y_val)
+            probe.log(**values)
             snap.step = step + 1
+            snap.lr = optimizer.param_groups[0]["lr"]
+            if snap.lr < BASE_LR * SPIKE_FACTOR and step > SPIKE_AT * steps:
+                snap.phase = "recovering"
+            if probe.should_stop:
+                console.print(f"[bold green]stopped early[/] after step {snap.step}: {probe.stop_reason}")
+                break
             progress.update(task, completed=snap.step)
             if live and time.monotonic() >= next_agent_poll:
                 snap.loss = float(loss.detach())  # the demo's own display; the probe never reads values here
                 snap.agent = _agent_view(url, probe.run)
                 next_agent_poll = time.monotonic() + 0.5
                 display.update(_panel(snap, progress, url))
-            elif not live and snap.step % max(1, steps // 10) == 0:
-                console.print(f"step {snap.step:5d}/{steps}  loss {float(loss.detach()):8.4f}  lr {snap.lr:.3g}  "
+            elif not live and snap.step % max(1, steps // 20) == 0:
+                console.print(f"step {snap.step:5d}/{steps}  loss {float(loss.detach()):10.4g}  lr {snap.lr:.3g}  "
                               f"{_strip_markup(snap.phase)}")
             if steps_per_second > 0:
                 time.sleep(max(0.0, started + snap.step / steps_per_second - time.monotonic()))
     probe.close()
-    _finish(console, url, probe.run, steps, layout)
+    _finish(console, url, probe.run, probe.step, layout)
 
 
 def _finish(console: Console, url: str | None, run: str, steps: int, layout: SpoolLayout) -> None:
@@ -177,11 +211,21 @@ def _finish(console: Console, url: str | None, run: str, steps: int, layout: Spo
         spikes = view["ranks"][0]["spikes"]
         console.print(f"Spikes detected at step resolution: loss {spikes['loss']}, grad norm {spikes['grad_norm']} "
                       f"(gradwatch_spikes_total).")
+        console.print("What gradwatch did:")
+        for action in view["ranks"][0].get("recent_actions", []):
+            console.print(f"  {_steps(action):<15} {action['action']:<10} {action['reason']:<20} {action['detail']}")
     console.print("\nNext:")
     if url:
         console.print(f"  curl -s {url}/metrics | grep gradwatch_loss")
     console.print("  gradwatch status")
+    console.print(f"  the decisions and what became of them: {layout.run_dir(run) / 'events.jsonl'}")
     console.print(f"  the spool of this run: {layout.run_dir(run)}")
+
+
+def _steps(action: dict[str, Any]) -> str:
+    if action.get("count", 1) > 1:
+        return f"steps {action['step']}-{action['to_step']}"
+    return f"step {action['step']}"
 
 
 def _strip_markup(text: str) -> str:

@@ -9,6 +9,6 @@ class ConfigError(GradwatchError):
     """A configuration value is invalid; the message names the field, the value and its source."""
 
 
-class StopTraining(Exception):  # noqa: N818 - named for what it asks, like StopIteration
+class StopTraining(Exception):  # named for what it asks, like StopIteration
     """Raised from ``optimizer.step()`` when a rule stops the run and the probe was attached with
     ``on_stop="raise"`` (the zero-code launcher's default). Catch it to save a checkpoint."""

@@ -124,7 +124,7 @@ def make_console() -> Console:
     """A console that does not squeeze tables into 80 columns when output goes to a file or pipe."""
     console = Console()
     if not console.is_terminal:
-        console = Console(width=140)
+        console = Console(width=160)
     return console
 
 

@@ -4,6 +4,7 @@ learning rate, rewind. Deciding happens elsewhere (probes/guards.py, the agent's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,17 +30,21 @@ class Actuator:
         self.snapshots = snapshots
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._found_inf_set = False
+        self.fast = guards.only_nonfinite_skip
 
     # -- guards, in the pre-step hook -----------------------------------------------------------
     def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo]:
         """Apply the guards to this step's gradients; returns the norm to record and what was done."""
         if isinstance(norm, NormOfNorms):
-            value: float | None = norm.resolve()  # CPU: reading it costs no synchronisation
+            value: float | None = norm.value_now()  # CPU: reading it costs no synchronisation
         elif norm.is_cpu or self.guards.needs_host_norm:
             value = float(norm)  # on CUDA: the one synchronisation attach() warned about
         else:
             return norm, self._guard_on_device(norm)
+        if self.fast and math.isfinite(value):
+            return value, None  # the default guards and a healthy step: nothing to do, nothing to record
         decision = self.guards.decide(value)
+        self.fast = self.guards.only_nonfinite_skip
         if decision.skip is not None:
             self._hide_gradients()
         elif decision.clipped:
@@ -117,6 +122,7 @@ class Actuator:
             restored = self.snapshots.restore(before_step=command.trigger_step - back + 1)
             skip = int(action.get("skip_steps", 0))
             self.guards.skip_next += skip
+            self.fast = self.guards.only_nonfinite_skip
             return f"restored the snapshot of step {restored}; skipping the next {skip} updates"
         raise ValueError(f"unknown action {kind!r}")
 

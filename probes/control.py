@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradwatch.rules.config import AGENT_ACTIONS
 from gradwatch.spool.format import SpoolLayout
+from gradwatch.spool.reader import read_ids
 
 log = logging.getLogger("gradwatch")
-
-KNOWN_ACTIONS = ("stop", "reduce_lr", "scale_clip", "rewind")
-
 
 @dataclass(frozen=True)
 class Command:
@@ -42,7 +41,7 @@ def parse_command(obj: Any) -> Command:
     if not isinstance(obj, dict):
         raise ValueError("not an object")
     action = obj.get("action")
-    if not isinstance(obj.get("id"), str) or not isinstance(action, dict) or action.get("type") not in KNOWN_ACTIONS:
+    if not isinstance(obj.get("id"), str) or not isinstance(action, dict) or action.get("type") not in AGENT_ACTIONS:
         raise ValueError(f"missing id, or unknown action {action!r}")
     apply_at = obj.get("apply_at_step")
     if apply_at is not None and not isinstance(apply_at, int):
@@ -53,18 +52,7 @@ def parse_command(obj: Any) -> Command:
 
 def acked_ids(records_file: Path) -> set[str]:
     """Command ids this rank already acknowledged (only non-empty when a probe restarts in a run)."""
-    ids: set[str] = set()
-    try:
-        with open(records_file, "rb") as f:
-            for line in f:
-                if b'"kind":"ack"' in line:
-                    try:
-                        ids.add(json.loads(line)["id"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
-    except FileNotFoundError:
-        pass
-    return ids
+    return read_ids(records_file, only_lines_with=b'"kind":"ack"')
 
 
 class CommandReader:

@@ -148,6 +148,12 @@ class GradientGuards:
                 or self.skip_next > 0)
 
     @property
+    def only_nonfinite_skip(self) -> bool:
+        """The default: nothing but the non-finite skip acts (the probe's fast path)."""
+        return (self.skip_nonfinite == "act" and self.skip_spike == "off" and self.scheme == "none"
+                and self.skip_next == 0)
+
+    @property
     def needs_host_norm(self) -> bool:
         """Whether deciding needs the norm's value on the host (a sync on CUDA)."""
         return self.skip_spike != "off" or self.scheme in ("autoclip", "zclip")

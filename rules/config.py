@@ -148,8 +148,7 @@ class Rewind(_Model):
 
 
 Action = Annotated[Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
-AGENT_ACTIONS = ("stop", "reduce_lr", "scale_clip", "rewind")
-GUARD_ACTIONS = ("skip_step", "clip")
+AGENT_ACTIONS = ("stop", "reduce_lr", "scale_clip", "rewind")  # what a command can ask of a probe
 
 
 class Rule(_Model):
@@ -160,6 +159,8 @@ class Rule(_Model):
     mode: Mode = "observe"
     max_actions: int | None = Field(None, ge=1, description="the rule acts at most this often per run")
     cooldown_steps: int = Field(0, ge=0, description="steps after a firing during which the rule stays quiet")
+    start_step: int = Field(0, ge=0, description="observations before this step are ignored (like Keras' "
+                                                   "start_from_epoch, Lightning's min_steps)")
 
 
 # -- guards (in the probe) ----------------------------------------------------------------------------
@@ -225,9 +226,6 @@ class RulesConfig(_Model):
 
     def acting(self, rule: Rule) -> bool:
         return rule.mode == "act" and not self.dry_run
-
-    def guard_acts(self, mode: str) -> bool:
-        return mode == "act" and not self.dry_run
 
     @property
     def snapshots_enabled(self) -> bool:

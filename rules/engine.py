@@ -124,7 +124,7 @@ class RunRules:
         out = []
         for name, state in self.states.items():
             rule = state.rule
-            if rule.metric not in values:
+            if rule.metric not in values or step < rule.start_step:
                 continue
             trigger = state.detector.update(values[rule.metric])
             if trigger is None or state.quiet(step):

@@ -61,6 +61,24 @@ def check_record(obj: Any) -> str | None:
     return None
 
 
+def read_ids(path: Path, only_lines_with: bytes = b"") -> set[str]:
+    """The ``id`` fields of a JSON-lines file (commands, events, or the ack records of a records file
+    when ``only_lines_with`` is ``b'"kind":"ack"'``). A missing file has none; bad lines are skipped."""
+    ids: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if only_lines_with not in line:
+                    continue
+                try:
+                    ids.add(json.loads(line)["id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return ids
+
+
 def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) -> ReadResult:
     """Read complete lines of ``path`` from byte ``offset``.
 

@@ -256,7 +256,7 @@ def test_the_agent_reloads_its_rules_file_and_keeps_the_old_rules_when_the_new_f
     finally:
         proc.kill()
     settled(daemon)
-    [(decision, ack)] = acted(isolated_home, "stop")
+    [(_, ack)] = acted(isolated_home, "stop")
     assert ack["status"] == "applied"
     samples = parse_metrics(http_get(daemon.url + "/metrics").decode())
     assert metric(samples, "gradwatch_agent_rules_reloads_total", result="ok") == 1

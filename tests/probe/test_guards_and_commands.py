@@ -91,7 +91,7 @@ def test_observe_mode_records_the_skip_it_would_have_made() -> None:
     probe = gradwatch.attach(model, opt, run="observe", rules={"guards": {"skip": {"on_nonfinite": "observe"}}})
     _step(model, opt, 1, nan=True, probe=probe)
     probe.close()
-    step = [r for r in _records(probe) if r["kind"] == "step"][0]
+    step = next(r for r in _records(probe) if r["kind"] == "step")
     assert step.get("would_skip") == "nonfinite" and "skip" not in step
 
 
@@ -204,9 +204,8 @@ def test_stop_sets_should_stop_and_raise_mode_raises_stop_training() -> None:
     probe = gradwatch.attach(model, opt, run="stop-raise", on_stop="raise")
     _step(model, opt, 1, probe=probe)
     _send(probe, id="stop@1", action={"type": "stop"})
-    with pytest.raises(gradwatch.StopTraining, match="gradwatch stopped the run"):
-        with probe:
-            _train_until(lambda: False, model, opt, probe, 1)
+    with pytest.raises(gradwatch.StopTraining, match="gradwatch stopped the run"), probe:
+        _train_until(lambda: False, model, opt, probe, 1)
     records = _records(probe)
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "stopped"
 

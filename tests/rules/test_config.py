@@ -82,9 +82,12 @@ def test_rules_given_in_python() -> None:
 
 
 def test_dry_run_turns_every_acting_rule_and_guard_into_observe() -> None:
+    from gradwatch.probes.guards import GradientGuards
+
     config = parse_rules(GOOD.replace("dry_run: false", "dry_run: true"), "x.yaml")
     assert not config.acting(config.rules[0])
-    assert not config.guard_acts("act")
+    guards = GradientGuards(config.guards, config.dry_run)
+    assert (guards.skip_nonfinite, guards.clip_mode) == ("observe", "observe")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
