@@ -31,23 +31,25 @@ NAN_AT = 0.25
 VAL_EVERY = 25
 RUN_NAME = "demo"
 
-# The demo's rules (docs/rules.md): they act, unlike the shipped defaults, which only observe.
-DEMO_RULES: dict[str, Any] = {
-    "guards": {
-        "skip": {"on_nonfinite": "act"},
-        "clip": {"scheme": "zclip", "max_norm": None},
-        "snapshots": {"every": 50, "keep": 3},
-    },
-    "rules": [
-        {"name": "rewind-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
-         "action": {"type": "rewind", "skip_steps": 20, "min_back_steps": 25}, "mode": "act", "max_actions": 1},
-        {"name": "cut-lr-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
-         "action": {"type": "reduce_lr", "factor": 0.5}, "mode": "act", "max_actions": 2, "cooldown_steps": 100},
-        {"name": "early-stop", "metric": "val_loss",
-         "detect": {"type": "early_stopping", "patience": 4, "min_delta": 0.0005},
-         "action": {"type": "stop"}, "mode": "act", "start_step": 600},
-    ],
-}
+def demo_rules(steps: int) -> dict[str, Any]:
+    """The demo's rules (docs/rules.md): they act, unlike the shipped defaults, which only observe.
+    Early stopping starts watching once the run has had time to recover from the jump."""
+    return {
+        "guards": {
+            "skip": {"on_nonfinite": "act"},
+            "clip": {"scheme": "zclip", "max_norm": None},
+            "snapshots": {"every": 50, "keep": 3},
+        },
+        "rules": [
+            {"name": "rewind-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
+             "action": {"type": "rewind", "skip_steps": 20, "min_back_steps": 25}, "mode": "act", "max_actions": 1},
+            {"name": "cut-lr-on-spike", "metric": "loss", "detect": {"type": "spike", "z_threshold": 8},
+             "action": {"type": "reduce_lr", "factor": 0.5}, "mode": "act", "max_actions": 2, "cooldown_steps": 100},
+            {"name": "early-stop", "metric": "val_loss",
+             "detect": {"type": "early_stopping", "patience": 4, "min_delta": 0.0005},
+             "action": {"type": "stop"}, "mode": "act", "start_step": int(0.6 * steps)},
+        ],
+    }
 
 
 @dataclass
@@ -138,7 +140,7 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
                   f"early.")
     model, optimizer, loader, (x_val, y_val) = _build_problem()
     probe = gradwatch.attach(model, optimizer, run=RUN_NAME, home=layout.home, labels={"example": "demo"},
-                             rules=DEMO_RULES)
+                             rules=demo_rules(steps))
     probe.wait_ready()
     url = _wait_for_agent(layout, timeout=20.0)
     if url:

@@ -71,7 +71,7 @@ def test_a_second_agent_on_the_same_spool_is_refused_in_one_line(isolated_home: 
 
 
 @pytest.mark.integration
-def test_demo_trains_through_an_unstable_phase_and_the_agent_exports_it(isolated_home: Path) -> None:
+def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch(isolated_home: Path) -> None:
     port = free_port()
     result = gradwatch("demo", "--steps", "200", "--steps-per-second", "0", "--no-live",
                        env={"GRADWATCH_AUTOSTART": "1", "GRADWATCH_PORT": str(port)}, timeout=300)
@@ -84,6 +84,10 @@ def test_demo_trains_through_an_unstable_phase_and_the_agent_exports_it(isolated
         assert "finished" in row and "200" in row
         spikes = next(line for line in out.splitlines() if line.startswith("Spikes detected"))
         assert "loss 0," not in spikes  # the unstable phase was caught at step resolution
+        did = out.split("What gradwatch did:")[1].split("Next:")[0]
+        assert "skip_step  nonfinite" in did  # the NaN batch at 25 %
+        assert "rewind     spike" in did and "restored the snapshot of step 50" in did  # the 80x jump at 45 %
+        assert "reduce_lr  spike" in did and "lr 0.01->0.005" in did  # after the rewind restored 0.01
     finally:
         info = json.loads((isolated_home / "agent" / "agent.json").read_text())
         os.kill(info["pid"], signal.SIGTERM)

@@ -274,3 +274,36 @@ def test_a_restarted_probe_in_the_same_run_does_not_apply_a_command_twice(monkey
     acks = [r for r in _records(again) if r["kind"] == "ack"]
     assert [a["id"] for a in acks] == ["once", "twice"]
     assert "ignored an invalid command" in caplog.text
+
+
+def test_an_extreme_gradient_spike_skips_that_update_when_the_spike_guard_acts() -> None:
+    model, opt = _model()
+    probe = gradwatch.attach(model, opt, run="spike-skip",
+                             rules={"guards": {"skip": {"on_spike": "act", "spike_warmup": 20}}})
+    for step in range(1, 41):
+        x, y = _data(step)
+        loss = torch.nn.functional.mse_loss(model(x), y) * (1e4 if step == 30 else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        if step == 30:
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    probe.close()
+    assert [r["step"] for r in _records(probe) if r.get("skip")] == [30]
+
+
+def test_scale_clip_raises_and_lowers_the_fixed_threshold_within_its_bounds() -> None:
+    model, opt = _model()
+    probe = gradwatch.attach(model, opt, run="scale-clip",
+                             rules={"guards": {"clip": {"scheme": "fixed", "max_norm": 1.0}}})
+    _step(model, opt, 1, probe=probe)
+    _send(probe, id="up", action={"type": "scale_clip", "factor": 4.0, "max_max_norm": 3.0})
+    _send(probe, id="down", action={"type": "scale_clip", "factor": 0.1})
+    actuator = probe._actuator
+    assert actuator is not None
+    _train_until(lambda: abs((actuator.guards.fixed_threshold or 0) - 0.3) < 1e-9, model, opt, probe, 1)
+    _step(model, opt, 100, probe=probe)
+    acks = _acks(probe)
+    assert [a["detail"] for a in acks] == ["clip threshold now 3", "clip threshold now 0.3"]
+    assert [r for r in _records(probe) if r["kind"] == "step"][-1]["clip"] == pytest.approx(0.3)
