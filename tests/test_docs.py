@@ -26,3 +26,21 @@ def test_no_doc_or_config_uses_the_dcgm_port() -> None:
     for path in [*ROOT.glob("docs/*.md"), ROOT / "docker-compose.yml", *ROOT.glob("deploy/**/*.yml")]:
         text = path.read_text()
         assert ":9400" not in text, f"{path}: 9400 is the DCGM exporter's port; gradwatch uses {DEFAULT_PORT}"
+
+
+def test_rules_doc_covers_every_detector_action_guard_scheme_and_shipped_rule() -> None:
+    from typing import get_args
+
+    from gradwatch.rules import config as cfg
+
+    doc = (ROOT / "docs" / "rules.md").read_text()
+    detectors = [get_args(m.model_fields["type"].annotation)[0] for m in
+                 (cfg.NonFinite, cfg.Spike, cfg.Divergence, cfg.Plateau, cfg.EarlyStopping, cfg.Threshold)]
+    actions = [get_args(m.model_fields["type"].annotation)[0] for m in (cfg.Stop, cfg.ReduceLR, cfg.ScaleClip,
+                                                                       cfg.Rewind)]
+    for name in [*detectors, *actions]:
+        assert f"| `{name}` |" in doc, f"docs/rules.md has no row for {name}"
+    for scheme in get_args(cfg.ClipGuard.model_fields["scheme"].annotation):
+        assert scheme in doc
+    for rule in cfg.default_rules().rules:
+        assert f"| `{rule.name}` |" in doc, f"docs/rules.md does not list the shipped rule {rule.name}"
