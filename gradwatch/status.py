@@ -90,7 +90,7 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
             table.add_row(
                 run["run"] if i == 0 else "",
                 str(r["rank"]),
-                f"[{style}]{r['status']}[/]" if style else r["status"],
+                _state(r, style),
                 str(r["steps"]),
                 _fmt(r["loss"]),
                 _fmt(r["grad_norm"]),
@@ -101,6 +101,11 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
                 _ago(r.get("seconds_since_last_record")),
             )
     return table
+
+
+def _state(rank: dict[str, Any], style: str) -> str:
+    state = rank["status"] + (" (stopped by a rule)" if rank.get("end_status") == "stopped" else "")
+    return f"[{style}]{state}[/]" if style else state
 
 
 _ACTION_SHORT = {"stop": "stopped", "reduce_lr": "lr cut", "scale_clip": "clip scaled", "rewind": "rewound",

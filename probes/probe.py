@@ -192,6 +192,8 @@ class Probe:
         if self._closed:
             return
         self._closed = True
+        if status == "finished" and self.should_stop:
+            status, error = "stopped", self.stop_reason  # the run ended because a rule stopped it
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

@@ -53,6 +53,9 @@ def test_status_with_no_runs_says_how_to_add_one() -> None:
     (["agent", "--stall-after", "-1"], {}, "stall_after_seconds = '-1' (option --stall-after)"),
     (["status", "--url", "http://127.0.0.1:9"], {}, "no gradwatch agent answers at http://127.0.0.1:9"),
     (["demo", "--steps", "3"], {}, "Invalid value for '--steps'"),
+    (["agent", "--port", "0", "--rules", "/nonexistent/rules.yaml"], {},
+     "cannot read rules file /nonexistent/rules.yaml"),
+    (["agent", "--port", "0"], {"GRADWATCH_RULES_FILE": "/nonexistent/r.yaml"}, "cannot read rules file /nonexistent"),
 ])
 def test_user_errors_are_one_clear_line_without_traceback(args: list[str], env: dict[str, str], message: str) -> None:
     result = gradwatch(*args, env=env)

@@ -199,6 +199,8 @@ def test_stop_sets_should_stop_and_raise_mode_raises_stop_training() -> None:
     _train_until(lambda: probe.should_stop, model, opt, probe, 1)
     assert probe.stop_reason == "rule early-stop: patience_exhausted (step 1)"
     assert _acks(probe)[0]["status"] == "applied"
+    end = _records(probe)[-1]
+    assert (end["kind"], end["status"], end["error"]) == ("end", "stopped", probe.stop_reason)
 
     model, opt = _model()
     probe = gradwatch.attach(model, opt, run="stop-raise", on_stop="raise")
