@@ -64,7 +64,6 @@ class ActionDispatcher:
         self._commands: dict[str, _AppendOnce] = {}
         self._skip_events: dict[str, int] = {}
         self._prepared: set[str] = set()
-        self.errors = 0
 
     def _file(self, cache: dict[str, _AppendOnce], run: str, path: Path) -> _AppendOnce:
         if run not in cache:
@@ -72,10 +71,16 @@ class ActionDispatcher:
         return cache[run]
 
     def prepare_runs(self) -> None:
-        """Create ``control/`` for runs with acting rules: their probes then poll for commands often."""
+        """Create ``control/`` for runs with acting rules: their probes then poll for commands often.
+        Forget the files of runs the agent no longer follows."""
         with self.state.lock:
             runs = [run for run, rules in self.state.rules.runs.items()
                     if run not in self._prepared and any(rules.config.acting(r) for r in rules.config.rules)]
+            known = set(self.state.runs)
+        for cache in (self._events, self._commands, self._skip_events):
+            for run in set(cache) - known:
+                del cache[run]
+        self._prepared &= known
         for run in runs:
             try:
                 SpoolLayout.commands_file(self.layout.run_dir(run)).parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,8 @@ class ActionDispatcher:
                 self._error(run, exc)
 
     def _error(self, run: str, exc: OSError) -> None:
-        self.errors += 1
+        with self.state.lock:
+            self.state.counters.handler_errors += 1
         log.error("run %s: cannot write its events or commands (%s); the decision is kept in the agent's log", run,
                   exc)
 
@@ -119,7 +125,7 @@ class ActionDispatcher:
                 event["sent"] = True
                 event["apply_at_step"] = apply_at
                 if new:  # not a decision re-made after a restart
-                        log.info("run %s: rule %s (%s at step %d) -> %s%s", d.run, d.rule, d.reason, d.step,
+                    log.info("run %s: rule %s (%s at step %d) -> %s%s", d.run, d.rule, d.reason, d.step,
                              d.action["type"], "" if apply_at is None else f" at step {apply_at}")
         self._file(self._events, d.run, SpoolLayout.events_file(run_dir)).append(event)
 

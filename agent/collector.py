@@ -31,7 +31,7 @@ class AgentCollector(Collector):
 
     def _run_families(self) -> list[Metric]:
         now = self.clock()
-        f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS and spec != c.RULE_DECISIONS}
+        f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS}
 
         def put(spec: c.MetricSpec, labels: list[str], value: float | None) -> None:
             if value is not None:
@@ -69,17 +69,14 @@ class AgentCollector(Collector):
                 if s.guarded_steps:
                     put(c.CLIPPED_STEPS, key, s.clipped_steps)
                     put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
-                self._add_info(f[c.RUN_INFO.name], s)
-        decisions = c.RULE_DECISIONS.family()
-        for run, rules in sorted(self.state.rules.runs.items()):
-            if run not in self.state.runs:
-                continue
-            for (rule, action, mode), n in sorted(rules.decisions.items()):
-                decisions.add_metric([run, "0", rule, action, mode], n)
-            for rank, s in sorted(self.state.runs[run].items()):
                 if s.would_skip:
-                    decisions.add_metric([run, str(rank), "guards.skip", "skip_step", "observe"], s.would_skip)
-        return list(f.values()) + [decisions]
+                    put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
+                self._add_info(f[c.RUN_INFO.name], s)
+            rules = self.state.rules.runs.get(run)
+            if rules is not None:
+                for (rule, action, mode), n in sorted(rules.decisions.items()):
+                    put(c.RULE_DECISIONS, [run, "0", rule, action, mode], n)  # agent rules read rank 0
+        return list(f.values())
 
     @staticmethod
     def _add_info(family: Metric, s: RankState) -> None:

@@ -18,14 +18,14 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from gradwatch.errors import ConfigError
-from gradwatch.rules.config import RulesConfig, default_rules, load_rules, parse_rules, rules_from
+from gradwatch.rules.config import RulesConfig, default_rules, parse_rules, read_rules_text, rules_from
 from gradwatch.rules.engine import RunRules
 
 log = logging.getLogger("gradwatch.agent")
 
 
 class AgentRules:
-    def __init__(self, config: RulesConfig, path: Path | None) -> None:
+    def __init__(self, config: RulesConfig, path: Path | None, text: str | None = None) -> None:
         self.config = config
         self.path = path
         self.runs: dict[str, RunRules] = {}
@@ -33,12 +33,15 @@ class AgentRules:
         self.last_error: str | None = None
         self._saved: dict[str, dict[str, Any]] = {}  # checkpointed state of runs not seen yet since start
         self.run_rule_errors: dict[str, str] = {}  # run -> why the rules it was attached with were refused
-        self._last_text: str | None = _read_text(path) if path is not None else None
+        self._last_text = text  # the file's text the rules in force came from
 
     @classmethod
     def from_file(cls, path: Path | None) -> AgentRules:
         """The agent's rules at start: a bad file is a startup error (ConfigError)."""
-        return cls(load_rules(path) if path is not None else default_rules(), path)
+        if path is None:
+            return cls(default_rules(), None)
+        text = read_rules_text(path)
+        return cls(parse_rules(text, source=str(path)), path, text)
 
     def for_run(self, run: str, meta: dict[str, Any]) -> RunRules:
         rules = self.runs.get(run)

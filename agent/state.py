@@ -107,24 +107,26 @@ class RankState:
     def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
         key = f"{action}:{reason}"
         self.actions[key] = self.actions.get(key, 0) + 1
+        self._remember(action, reason, step, detail)
+
+    def _remember(self, action: str, reason: str, step: int, detail: str) -> None:
+        """Keep the 10 newest actions for `gradwatch status`; consecutive steps of one kind are one entry."""
         last = self.recent_actions[-1] if self.recent_actions else None
-        if last and (last["action"], last["reason"]) == (action, reason) and step == last.get("to_step", -2) + 1:
-            last["to_step"], last["count"] = step, last["count"] + 1  # a run of skipped steps: one entry
+        if last and (last["action"], last["reason"]) == (action, reason) and step == last["to_step"] + 1:
+            last["to_step"], last["count"] = step, last["count"] + 1  # a run of skipped steps
             return
         self.recent_actions = (self.recent_actions + [{"step": step, "to_step": step, "count": 1, "action": action,
                                                        "reason": reason, "detail": detail}])[-10:]
 
     def _apply_ack(self, record: dict[str, Any]) -> None:
         status = record.get("status")
+        action, detail = str(record.get("action")), str(record.get("detail") or "")
         if status == "late":
             self.commands_late += 1
         if status in ("applied", "late"):
-            self._count_action(str(record.get("action")), str(record.get("reason") or "command"), record["step"],
-                               str(record.get("detail") or ""))
+            self._count_action(action, str(record.get("reason") or "command"), record["step"], detail)
         else:
-            self.recent_actions = (self.recent_actions + [{
-                "step": record["step"], "action": str(record.get("action")), "reason": "rejected",
-                "detail": str(record.get("detail") or "")}])[-10:]
+            self._remember(action, "rejected", record["step"], detail)
 
     def _apply_step(self, record: dict[str, Any], t: float) -> None:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.
@@ -208,7 +210,8 @@ class RankState:
     # -- persistence -----------------------------------------------------------------------------
     _PLAIN_FIELDS = (
         "offset", "steps_total", "records", "last_step_time", "last_record_time", "loss", "grad_norm",
-        "learning_rates", "step_duration", "step_duration_ema", "data_wait", "samples_per_second", "samples_total", "probe_dropped",
+        "learning_rates", "step_duration", "step_duration_ema", "data_wait", "samples_per_second", "samples_total",
+        "probe_dropped",
         "nonfinite", "spikes", "metrics", "metric_names_dropped", "end_status", "end_error", "ended_at",
         "actions", "commands_late", "clip_threshold", "clipped_steps", "guarded_steps", "would_skip",
         "recent_actions",

@@ -22,6 +22,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,10 @@ def _free_port() -> int:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = q * (len(ordered) - 1)
-    lo = int(index)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (index - lo)
+    """Linear interpolation between the closest ranks (numpy's default), q in (0, 1)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def measure(ranks: int, steps: int, rate: float, every: int) -> dict[str, Any]:

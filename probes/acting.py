@@ -14,6 +14,7 @@ from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.snapshots import Snapshots
+from gradwatch.rules.config import ReduceLR, Rewind, ScaleClip
 from gradwatch.rules.lr import min_lr_for, reduced_lr
 
 #: What the guards did at one step, as it goes into the step record (values may be deferred):
@@ -36,7 +37,7 @@ class Actuator:
     def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo]:
         """Apply the guards to this step's gradients; returns the norm to record and what was done."""
         if isinstance(norm, NormOfNorms):
-            value: float | None = norm.value_now()  # CPU: reading it costs no synchronisation
+            value = norm.value_now()  # CPU: reading it costs no synchronisation
         elif norm.is_cpu or self.guards.needs_host_norm:
             value = float(norm)  # on CUDA: the one synchronisation attach() warned about
         else:
@@ -104,34 +105,30 @@ class Actuator:
 
     # -- commands of the agent -------------------------------------------------------------------
     def execute(self, command: Command) -> str:
-        """Carry out one command; returns a short description. ValueError: refused (nothing changed)."""
+        """Carry out one command (not stop: the probe does that); returns a short description.
+        ValueError: refused, nothing changed."""
         action = command.action
-        kind = command.type
-        if kind == "reduce_lr":
-            return self._reduce_lr(float(action.get("factor", 0.1)), action.get("min_lr", 0.0),
-                                   float(action.get("eps", 1e-8)))
-        if kind == "scale_clip":
-            new = self.guards.scale_fixed_threshold(float(action["factor"]), float(action.get("min_max_norm", 1e-3)),
-                                                    float(action.get("max_max_norm", 1e3)))
+        if isinstance(action, ReduceLR):
+            return self._reduce_lr(action)
+        if isinstance(action, ScaleClip):
+            new = self.guards.scale_fixed_threshold(action.factor, action.min_max_norm, action.max_max_norm)
             return f"clip threshold now {new:.6g}"
-        if kind == "rewind":
+        if isinstance(action, Rewind):
             if self.snapshots is None:
                 raise ValueError("rewind needs snapshots: give a rewind rule mode 'act' in the rules the probe "
                                  "was attached with, or set guards.snapshots.enabled: true")
-            back = int(action.get("min_back_steps", 50))
-            restored = self.snapshots.restore(before_step=command.trigger_step - back + 1)
-            skip = int(action.get("skip_steps", 0))
-            self.guards.skip_next += skip
+            restored = self.snapshots.restore(before_step=command.trigger_step - action.min_back_steps + 1)
+            self.guards.skip_next += action.skip_steps
             self.fast = self.guards.only_nonfinite_skip
-            return f"restored the snapshot of step {restored}; skipping the next {skip} updates"
-        raise ValueError(f"unknown action {kind!r}")
+            return f"restored the snapshot of step {restored}; skipping the next {action.skip_steps} updates"
+        raise ValueError(f"unknown action {command.type!r}")
 
-    def _reduce_lr(self, factor: float, min_lr: Any, eps: float) -> str:
+    def _reduce_lr(self, action: ReduceLR) -> str:
         changes = []
         for i, group in enumerate(self.optimizer.param_groups):
             old = group["lr"]
             old_value = float(old)
-            new = reduced_lr(old_value, factor, min_lr_for(min_lr, i), eps)
+            new = reduced_lr(old_value, action.factor, min_lr_for(action.min_lr, i), action.eps)
             if new != old_value:
                 if isinstance(old, torch.Tensor):
                     old.fill_(new)

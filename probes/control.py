@@ -17,16 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradwatch.rules.config import AGENT_ACTIONS
+from pydantic import TypeAdapter, ValidationError
+
+from gradwatch.rules.config import Action
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import read_ids
 
 log = logging.getLogger("gradwatch")
+_ACTION = TypeAdapter(Action)
+
 
 @dataclass(frozen=True)
 class Command:
     id: str
-    action: dict[str, Any]
+    action: Action  # validated with the rules file's own models: their defaults apply
     apply_at_step: int | None
     trigger_step: int
     rule: str
@@ -34,15 +38,16 @@ class Command:
 
     @property
     def type(self) -> str:
-        return str(self.action.get("type"))
+        return self.action.type
 
 
 def parse_command(obj: Any) -> Command:
-    if not isinstance(obj, dict):
-        raise ValueError("not an object")
-    action = obj.get("action")
-    if not isinstance(obj.get("id"), str) or not isinstance(action, dict) or action.get("type") not in AGENT_ACTIONS:
-        raise ValueError(f"missing id, or unknown action {action!r}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+        raise ValueError("not an object with an id")
+    try:
+        action = _ACTION.validate_python(obj.get("action"))
+    except ValidationError as exc:
+        raise ValueError(f"invalid action {obj.get('action')!r}: {exc.errors()[0]['msg']}") from None
     apply_at = obj.get("apply_at_step")
     if apply_at is not None and not isinstance(apply_at, int):
         raise ValueError("apply_at_step must be an integer or null")
@@ -62,7 +67,6 @@ class CommandReader:
         self.path = SpoolLayout.commands_file(run_dir)
         self.offset = 0
         self.seen = set(already_applied)
-        self.rejected = 0
 
     def poll(self) -> list[Command]:
         try:
@@ -84,8 +88,7 @@ class CommandReader:
                 continue
             try:
                 command = parse_command(json.loads(line))
-            except ValueError as exc:
-                self.rejected += 1
+            except ValueError as exc:  # each line is read once: reported once
                 log.warning("gradwatch: ignored an invalid command in %s (%s)", self.path, exc)
                 continue
             if command.id not in self.seen:

@@ -67,9 +67,6 @@ class AutoClip:
         diff = b - a
         return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t  # numpy's _lerp, bit for bit
 
-    def state(self) -> dict[str, object]:
-        return {"history": len(self.order)}
-
 
 class ZClip:
     """Kumar et al. 2025 (arXiv 2504.02507), as the reference package zclip 1.0.0 (mode zscore,
@@ -86,7 +83,6 @@ class ZClip:
         self.max_norm = cfg.max_norm
         self.buffer: list[float] = []
         self.mean: float | None = None
-        self.mean_before = 0.0
         self.var = 0.0
 
     def decide(self, norm: float) -> tuple[float | None, float]:
@@ -104,11 +100,11 @@ class ZClip:
                 return None, 1.0
             return self.max_norm, min(1.0, self.max_norm / (norm + CLIP_EPS))
         std = self.var ** 0.5
-        self.mean_before = self.mean
-        z = (norm - self.mean) / (std + self.eps)
+        mean = self.mean
+        z = (norm - mean) / (std + self.eps)
         adaptive = None
         if z > self.z_threshold:
-            adaptive = (self.mean + (self.z_threshold * std) / (z / self.z_threshold)) * self.clip_factor
+            adaptive = (mean + (self.z_threshold * std) / (z / self.z_threshold)) * self.clip_factor
         effective = adaptive if adaptive is not None else norm
         if self.max_norm is not None:
             effective = min(effective, self.max_norm)
@@ -117,7 +113,7 @@ class ZClip:
         self.mean = self.alpha * self.mean + (1 - self.alpha) * x
         self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
         # Exported threshold: the norm above which ZClip starts clipping (mu + z_t * sigma, capped).
-        threshold = self.mean_before + self.z_threshold * std
+        threshold = mean + self.z_threshold * std
         if self.max_norm is not None:
             threshold = min(threshold, self.max_norm)
         return threshold, coef
@@ -130,7 +126,6 @@ class GradientGuards:
         def mode(m: str) -> str:
             return "observe" if dry_run and m == "act" else m
 
-        self.config = guards
         self.skip_nonfinite = mode(guards.skip.on_nonfinite)
         self.skip_spike = mode(guards.skip.on_spike)
         self.clip_mode = mode(guards.clip.mode)

@@ -123,7 +123,7 @@ class Probe:
                         "on_stop": on_stop},
         )
         self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
-        if optimizer is not None and self._grad_norm is not None:
+        if self._grad_norm is not None:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
             snap = self.rules.guards.snapshots
             snapshots = Snapshots(model, optimizer, snap.every, snap.keep) if self.rules.snapshots_enabled else None
@@ -353,7 +353,7 @@ def _resolve_rules(rules: Any) -> tuple[RulesConfig, bool]:
     """(the rules, whether they were given explicitly). A bad ``rules=`` argument raises ConfigError; a
     bad ``$GRADWATCH_RULES_FILE`` is logged and the defaults are used (the script did not ask in code)."""
     if rules is not None:
-        return rules_from(rules if not isinstance(rules, os.PathLike) else Path(rules)), True
+        return rules_from(rules), True
     path = os.environ.get(RULES_ENV)
     if path:
         try:

@@ -130,8 +130,10 @@ class SpoolWriterThread(threading.Thread):
     def run(self) -> None:
         self._guarded(self._open)  # create the run directory (and start an agent) before the first record
         next_flush = time.monotonic() + self._interval
+        fast = False
         while True:
-            fast = self._commands is not None and self._commands.path.parent.is_dir()
+            # the agent creates control/ for runs it acts on; it never goes away, so check until it exists
+            fast = fast or (self._commands is not None and self._commands.path.parent.is_dir())
             stopping = self._stop_event.wait(min(self._interval, _CONTROL_POLL_SECONDS) if fast else self._interval)
             if self._commands is not None and self._inbox is not None and not stopping:
                 self._guarded(self._poll_commands)

@@ -12,6 +12,7 @@ expected, e.g. ``rules.yaml:7: rules[1].detect.patience = 'ten': Input should be
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,7 +149,6 @@ class Rewind(_Model):
 
 
 Action = Annotated[Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
-AGENT_ACTIONS = ("stop", "reduce_lr", "scale_clip", "rewind")  # what a command can ask of a probe
 
 
 class Rule(_Model):
@@ -245,22 +245,25 @@ def default_rules() -> RulesConfig:
     return parse_rules(text, source=f"<packaged {DEFAULT_RULES_FILE}>")
 
 
-def load_rules(path: str | Path) -> RulesConfig:
+def read_rules_text(path: str | os.PathLike[str]) -> str:
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read rules file {path}: {exc.strerror or exc}") from None
-    return parse_rules(text, source=str(path))
 
 
-def rules_from(value: RulesConfig | dict[str, Any] | str | Path | None) -> RulesConfig:
+def load_rules(path: str | os.PathLike[str]) -> RulesConfig:
+    return parse_rules(read_rules_text(path), source=str(Path(path).expanduser()))
+
+
+def rules_from(value: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None) -> RulesConfig:
     """Rules given in Python: a RulesConfig, a dict shaped like the YAML file, or a file path."""
     if value is None:
         return default_rules()
     if isinstance(value, RulesConfig):
         return value
-    if isinstance(value, (str, Path)):
+    if isinstance(value, (str, os.PathLike)):
         return load_rules(value)
     if isinstance(value, dict):
         return _validate(value, source="rules given in Python", node=None)

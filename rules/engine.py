@@ -109,12 +109,10 @@ class RunRules:
 
     def reconfigure(self, config: RulesConfig) -> None:
         """New rules (a reloaded file): unchanged rules keep their state, changed ones restart."""
-        old = {name: s.state_dict() for name, s in self.states.items()}
+        old = self.state_dict()
         self.config = config
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
-        for name, state in self.states.items():
-            if name in old:
-                state.load_state_dict(old[name])
+        self.load_state_dict(old)
 
     def observe(self, record: dict[str, Any]) -> list[Decision]:
         values = metric_values(record)

@@ -155,6 +155,15 @@ def _train_until(predicate: Any, model: torch.nn.Module, opt: torch.optim.Optimi
     return step
 
 
+def _handled(probe: gradwatch.Probe, *ids: str) -> Any:
+    """A predicate: the probe has read the commands ``ids`` and none of them is still waiting."""
+    def predicate() -> bool:
+        reader = probe._writer._commands
+        return (reader is not None and set(ids) <= reader.seen
+                and not any(command.id in ids for command in list(probe._inbox)))
+    return predicate
+
+
 def _acks(probe: gradwatch.Probe) -> list[dict[str, Any]]:
     probe.close()
     return [r for r in _records(probe) if r["kind"] == "ack"]
@@ -169,7 +178,7 @@ def test_reduce_lr_command_is_applied_once_and_acknowledged() -> None:
     _send(probe, id="cut@3", action={"type": "reduce_lr", "factor": 0.5})  # a duplicate id: ignored
     step = _train_until(lambda: opt.param_groups[0]["lr"] != 0.01, model, opt, probe, 3)
     _send(probe, id="cut@x", action={"type": "reduce_lr", "factor": 0.1, "min_lr": 0.004, "eps": 1e-8})
-    _train_until(lambda: len(probe._inbox) == 0 and opt.param_groups[0]["lr"] == 0.004, model, opt, probe, step)
+    _train_until(_handled(probe, "cut@x"), model, opt, probe, step)
     acks = _acks(probe)
     assert [(a["id"], a["status"], a["action"]) for a in acks] == [("cut@3", "applied", "reduce_lr"),
                                                                   ("cut@x", "applied", "reduce_lr")]
@@ -223,8 +232,7 @@ def test_rewind_restores_the_snapshot_before_the_trigger_and_skips_updates() -> 
             snapshot_params[step] = [p.detach().clone() for p in model.parameters()]
     saved_state = copy.deepcopy(opt.state_dict())
     _send(probe, id="rw@25", action={"type": "rewind", "skip_steps": 3, "min_back_steps": 5}, trigger_step=25)
-    restored_at = _train_until(lambda: any(a for a in probe._inbox) is False and probe.step > 25 and
-                               probe._actuator.guards.skip_next == 3, model, opt, probe, 25)  # type: ignore[union-attr]
+    restored_at = _train_until(_handled(probe, "rw@25"), model, opt, probe, 25)
     for ours, snap in zip(model.parameters(), snapshot_params[20], strict=True):
         assert torch.equal(ours, snap), "parameters are those of the snapshot of step 20"
     assert int(opt.state_dict()["state"][0]["step"]) == 20 != int(saved_state["state"][0]["step"])
@@ -246,9 +254,7 @@ def test_commands_that_cannot_be_carried_out_are_refused_and_change_nothing() ->
     _step(model, opt, 1, probe=probe)
     _send(probe, id="rw", action={"type": "rewind", "skip_steps": 0})  # no snapshots are taken
     _send(probe, id="sc", action={"type": "scale_clip", "factor": 2.0})  # clip scheme is none
-    _train_until(lambda: probe.step > 3 and not probe._inbox, model, opt, probe, 1)
-    time.sleep(0.1)
-    _train_until(lambda: probe.step > 6 and not probe._inbox, model, opt, probe, probe.step)
+    _train_until(_handled(probe, "rw", "sc"), model, opt, probe, 1)
     acks = _acks(probe)
     assert [(a["id"], a["status"]) for a in acks] == [("rw", "rejected"), ("sc", "rejected")]
     assert "snapshots" in acks[0]["detail"] and "scheme 'fixed'" in acks[1]["detail"]
@@ -302,9 +308,7 @@ def test_scale_clip_raises_and_lowers_the_fixed_threshold_within_its_bounds() ->
     _step(model, opt, 1, probe=probe)
     _send(probe, id="up", action={"type": "scale_clip", "factor": 4.0, "max_max_norm": 3.0})
     _send(probe, id="down", action={"type": "scale_clip", "factor": 0.1})
-    actuator = probe._actuator
-    assert actuator is not None
-    _train_until(lambda: abs((actuator.guards.fixed_threshold or 0) - 0.3) < 1e-9, model, opt, probe, 1)
+    _train_until(_handled(probe, "up", "down"), model, opt, probe, 1)
     _step(model, opt, 100, probe=probe)
     acks = _acks(probe)
     assert [a["detail"] for a in acks] == ["clip threshold now 3", "clip threshold now 0.3"]
