@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,25 @@ from gradwatch.spool.reader import read_ids
 
 log = logging.getLogger("gradwatch.agent")
 MAX_SKIP_EVENTS_PER_RUN = 1000  # a run that skips every step must not fill the disk with events
+MAX_SKIP_NOTES_PER_RUN = 100  # nor Grafana with annotations
 _UNKNOWN_RATE_LEAD_STEPS = 10
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True)
+class ActionNote:
+    """A corrective action a run carried out (for Grafana annotations)."""
+
+    id: str
+    run: str
+    rank: int
+    step: int
+    t: float
+    action: str
+    reason: str
+    rule: str | None
+    detail: str
 
 
 class _AppendOnce:
@@ -63,6 +80,7 @@ class ActionDispatcher:
         self._events: dict[str, _AppendOnce] = {}
         self._commands: dict[str, _AppendOnce] = {}
         self._skip_events: dict[str, int] = {}
+        self._noted_commands: dict[str, set[str]] = {}  # run -> command ids already reported as carried out
         self._prepared: set[str] = set()
 
     def _file(self, cache: dict[str, _AppendOnce], run: str, path: Path) -> _AppendOnce:
@@ -77,7 +95,7 @@ class ActionDispatcher:
             runs = [run for run, rules in self.state.rules.runs.items()
                     if run not in self._prepared and any(rules.config.acting(r) for r in rules.config.rules)]
             known = set(self.state.runs)
-        for cache in (self._events, self._commands, self._skip_events):
+        for cache in (self._events, self._commands, self._skip_events, self._noted_commands):
             for run in set(cache) - known:
                 del cache[run]
         self._prepared &= known
@@ -88,18 +106,21 @@ class ActionDispatcher:
             except OSError as exc:
                 self._error(run, exc)
 
-    def dispatch(self, outbox: list[tuple[str, Any]]) -> None:
+    def dispatch(self, outbox: list[tuple[str, Any]]) -> list[ActionNote]:
+        """Write events and commands; return the actions newly carried out (for annotations)."""
+        notes: list[ActionNote] = []
         for kind, item in outbox:
             run = item.run if kind == "decision" else item[0]
             try:
                 if kind == "decision":
                     self._decision(item)
                 elif kind == "ack":
-                    self._ack(*item)
+                    notes += self._ack(*item)
                 elif kind == "step":
-                    self._skip(*item)
+                    notes += self._skip(*item)
             except OSError as exc:
                 self._error(run, exc)
+        return notes
 
     def _error(self, run: str, exc: OSError) -> None:
         with self.state.lock:
@@ -129,24 +150,37 @@ class ActionDispatcher:
                              d.action["type"], "" if apply_at is None else f" at step {apply_at}")
         self._file(self._events, d.run, SpoolLayout.events_file(run_dir)).append(event)
 
-    def _ack(self, run: str, rank: int, record: dict[str, Any]) -> None:
+    def _ack(self, run: str, rank: int, record: dict[str, Any]) -> list[ActionNote]:
         event = {"id": f"{record.get('id')}/rank-{rank}", "event": "ack", "command": record.get("id"), "rank": rank,
                  "status": record.get("status"), "step": record["step"], "t": record["t"],
                  "action": record.get("action"), "rule": record.get("rule"), "detail": record.get("detail"),
                  "apply_at_step": record.get("apply_at_step")}
         if record.get("status") == "rejected":
             log.warning("run %s rank %d refused command %s: %s", run, rank, record.get("id"), record.get("detail"))
-        self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+        new = self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+        noted = self._noted_commands.setdefault(run, set())
+        command = str(record.get("id"))
+        if not new or record.get("status") not in ("applied", "late") or command in noted:
+            return []
+        noted.add(command)  # one note per command, from the first rank that carried it out
+        return [ActionNote(id=command, run=run, rank=rank, step=record["step"], t=record["t"],
+                           action=str(record.get("action")), reason=str(record.get("reason") or "command"),
+                           rule=record.get("rule"), detail=str(record.get("detail") or ""))]
 
-    def _skip(self, run: str, rank: int, record: dict[str, Any]) -> None:
+    def _skip(self, run: str, rank: int, record: dict[str, Any]) -> list[ActionNote]:
         count = self._skip_events.get(run, 0)
         if count >= MAX_SKIP_EVENTS_PER_RUN:
-            return  # still counted in gradwatch_actions_total
+            return []  # still counted in gradwatch_actions_total
         self._skip_events[run] = count + 1
         event = {"id": f"skip@{record['step']}/rank-{rank}", "event": "skip_step", "rank": rank,
                  "reason": record["skip"], "step": record["step"], "t": record["t"],
                  "grad_norm": record.get("grad_norm")}
-        self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+        new = self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
+        if not new or count >= MAX_SKIP_NOTES_PER_RUN:
+            return []
+        return [ActionNote(id=event["id"], run=run, rank=rank, step=record["step"], t=record["t"], action="skip_step",
+                           reason=str(record["skip"]), rule=None,
+                           detail=f"update skipped (gradient norm {record.get('grad_norm')})")]
 
     def _apply_at(self, run: str) -> tuple[int | None, str | None]:
         """(the step after which every rank applies the command, or None: at once; a problem, or None)."""

@@ -105,6 +105,19 @@ AGENT_RUNS_REJECTED = MetricSpec("gradwatch_agent_runs_rejected", "gauge",
 AGENT_RULES_RELOADS = MetricSpec("gradwatch_agent_rules_reloads_total", "counter",
                                  "Reloads of the rules file, by result (ok, rejected: the previous rules stay).",
                                  ("result",))
+AGENT_ALERTS_FIRING = MetricSpec("gradwatch_agent_alerts_firing", "gauge",
+                                 "Step-resolution alerts the agent has firing now, by severity (docs/alerts.md).",
+                                 ("severity",))
+AGENT_NOTIFICATIONS = MetricSpec(
+    "gradwatch_agent_notifications_total", "counter",
+    "Alerts and annotations by endpoint (alertmanager, webhook, grafana) and result: delivered, expired (given up "
+    "after alert_retry_seconds of retries), dropped (queue full).", ("endpoint", "result"))
+AGENT_NOTIFICATION_FAILURES = MetricSpec(
+    "gradwatch_agent_notification_failures_total", "counter",
+    "Failed delivery attempts by endpoint (each is retried with backoff).", ("endpoint",))
+AGENT_NOTIFICATIONS_PENDING = MetricSpec("gradwatch_agent_notifications_pending", "gauge",
+                                         "Notifications waiting to be delivered (or retried), by endpoint.",
+                                         ("endpoint",))
 AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
                               ("version",))
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gradwatch.agent.state import AgentState
 from gradwatch.spool.writer import write_json_atomic
@@ -19,14 +20,24 @@ log = logging.getLogger("gradwatch.agent")
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path: Path, state: AgentState) -> None:
+class Part(Protocol):
+    """Something else the agent keeps across restarts (e.g. the firing alerts), saved under its own key."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def save_checkpoint(path: Path, state: AgentState, parts: Mapping[str, Part] | None = None) -> None:
     with state.lock:
         payload: dict[str, Any] = {"version": CHECKPOINT_VERSION, "saved_at": time.time(), **state.state_dict()}
+        payload["parts"] = {name: part.state_dict() for name, part in (parts or {}).items()}
     write_json_atomic(path, payload)
 
 
-def load_checkpoint(path: Path, state: AgentState) -> bool:
-    """Restore ``state`` from ``path``; False (and a fresh start from offset 0) when absent or unusable."""
+def load_checkpoint(path: Path, state: AgentState, parts: Mapping[str, Part] | None = None) -> bool:
+    """Restore ``state`` (and ``parts``) from ``path``; False (and a fresh start from offset 0) when absent
+    or unusable."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -41,6 +52,9 @@ def load_checkpoint(path: Path, state: AgentState) -> bool:
     try:
         with state.lock:
             state.load_state_dict(payload)
+            for name, part in (parts or {}).items():
+                if name in payload.get("parts", {}):
+                    part.load_state_dict(payload["parts"][name])
     except (KeyError, TypeError, ValueError) as exc:
         with state.lock:
             state.load_state_dict({})

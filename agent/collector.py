@@ -10,15 +10,19 @@ from prometheus_client.registry import Collector
 
 from gradwatch import __version__
 from gradwatch.agent import catalogue as c
+from gradwatch.agent.alerts import Alert
+from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 
 
 class AgentCollector(Collector):
     def __init__(self, state: AgentState, clock: Callable[[], float] = time.time,
-                 watcher_alive: Callable[[], bool] = lambda: True) -> None:
+                 watcher_alive: Callable[[], bool] = lambda: True,
+                 alerting: Callable[[], tuple[list[Alert], dict[str, DeliveryStats]]] = lambda: ([], {})) -> None:
         self.state = state
         self.clock = clock
         self.watcher_alive = watcher_alive
+        self.alerting = alerting  # (the agent's firing alerts, delivery statistics by endpoint)
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -118,5 +122,20 @@ class AgentCollector(Collector):
         for result, n in sorted(self.state.rules.reloads.items()):
             reloads.add_metric([result], n)
         out.append(reloads)
+        out += self._alert_families()
         single(c.AGENT_BUILD_INFO, 1.0, [__version__])
         return out
+
+    def _alert_families(self) -> list[Metric]:
+        firing, stats = self.alerting()
+        by_severity = c.AGENT_ALERTS_FIRING.family()
+        for severity in ("critical", "warning", "info"):
+            by_severity.add_metric([severity], sum(a.labels.get("severity") == severity for a in firing))
+        results, failures, pending = (c.AGENT_NOTIFICATIONS.family(), c.AGENT_NOTIFICATION_FAILURES.family(),
+                                      c.AGENT_NOTIFICATIONS_PENDING.family())
+        for endpoint, st in sorted(stats.items()):
+            for result in ("delivered", "expired", "dropped"):
+                results.add_metric([endpoint, result], getattr(st, result))
+            failures.add_metric([endpoint], st.failed_attempts)
+            pending.add_metric([endpoint], st.pending)
+        return [by_severity, results, failures, pending]

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gradwatch.errors import ConfigError
 from gradwatch.spool.format import default_home
 
+SECRET_SETTINGS = frozenset({"grafana_token"})  # never printed, not even in an error message
 DEFAULT_PORT = 9478  # not 9400: that is the DCGM exporter's default, and both run on GPU nodes
 ENV_PREFIX = "GRADWATCH_"
 
@@ -39,6 +42,22 @@ class AgentConfig(BaseModel):
     command_lead_seconds: float = Field(
         0.15, ge=0, description="multi-rank runs: a command is applied this far ahead, so every rank gets it in time")
     command_min_lead_steps: int = Field(2, ge=1, description="multi-rank runs: and at least this many steps ahead")
+    # -- alerts (docs/alerts.md) -------------------------------------------------------------------
+    alertmanager_url: AnyHttpUrl | None = Field(
+        None, description="Alertmanager to send step-resolution alerts to (its API v2), e.g. http://127.0.0.1:9093")
+    webhook_url: AnyHttpUrl | None = Field(None, description="also POST every alert to this URL (JSON)")
+    webhook_format: Literal["alertmanager", "slack"] = Field(
+        "alertmanager", description="webhook payload: Alertmanager's webhook JSON, or a Slack-compatible message")
+    alert_console: bool = Field(True, description="log every alert that fires or resolves")
+    alert_resolve_after_seconds: float = Field(
+        300.0, gt=0, description="an alert resolves once its condition has not been seen for this long")
+    alert_retry_seconds: float = Field(
+        600.0, gt=0, description="a delivery that fails is retried with backoff for this long, then dropped")
+    alert_resend_seconds: float = Field(60.0, gt=0, description="firing alerts are re-sent to Alertmanager this often")
+    grafana_url: AnyHttpUrl | None = Field(None, description="Grafana to post an annotation to for every action and "
+                                                               "alert")
+    grafana_token: SecretStr | None = Field(
+        None, description="Grafana service-account token (set it in GRADWATCH_GRAFANA_TOKEN; never logged)")
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -91,6 +110,8 @@ def load_agent_config(
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             value, source = layered.get(field, (err.get("input"), "defaults"))
+            if field in SECRET_SETTINGS:
+                value = "<hidden>"
             if err["type"] == "extra_forbidden":
                 known = ", ".join(AgentConfig.model_fields)
                 problems.append(f"unknown setting {field!r} ({source}); known settings: {known}")

@@ -15,11 +15,13 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from gradwatch import __version__
-from gradwatch.agent.actions import ActionDispatcher
+from gradwatch.agent.actions import ActionDispatcher, ActionNote
+from gradwatch.agent.alerts import Alert, AlertTracker
 from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
 from gradwatch.agent.collector import AgentCollector
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.notify import DeliveryStats, Notifier
 from gradwatch.agent.rules import AgentRules, RulesFileWatcher
 from gradwatch.agent.server import HttpServer, build_app
 from gradwatch.agent.state import AgentState
@@ -55,8 +57,10 @@ class Agent:
                                            config.command_min_lead_steps, clock)
         self.watcher = SpoolWatcher(self.layout.runs_dir)
         self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
+        self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
+        self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive))
+        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive, self._alerting))
         self.local_host = socket.gethostname()
         self.stopped = threading.Event()
         self._lock_file: IO[bytes] | None = None
@@ -76,7 +80,7 @@ class Agent:
         self.layout.runs_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
-            if load_checkpoint(self.layout.checkpoint_file, self.state):
+            if load_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts}):
                 log.info("resumed from checkpoint %s", self.layout.checkpoint_file)
             app = build_app(self.registry, self._runs_summary, self._health)
             self._server = HttpServer(self.config.host, self.config.port, app)
@@ -85,6 +89,9 @@ class Agent:
                 "pid": os.getpid(), "url": self.url, "home": str(self.config.home), "version": __version__,
                 "started": time.time(),
             })
+            self.notifier = Notifier.from_config(self.config, self.url)
+            self.notifier.start()
+            log.info("alerts go to: %s", self.notifier.describe())
             self.watcher.start()
             if self.rules_watcher is not None:
                 self.rules_watcher.start()
@@ -123,8 +130,10 @@ class Agent:
             self.rules_watcher.stop()
         if self._server is not None:
             self._server.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         try:
-            save_checkpoint(self.layout.checkpoint_file, self.state)
+            save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
         except OSError as exc:
             log.error("could not save the checkpoint %s: %s", self.layout.checkpoint_file, exc)
         try:
@@ -176,11 +185,12 @@ class Agent:
                     dirty = self.watcher.take_dirty()
                     if dirty:
                         self.ingestor.scan(self.layout.runs_dir / name for name in sorted(dirty))
-                self.dispatcher.dispatch(self.ingestor.take_outbox())
+                notes = self.dispatcher.dispatch(self.ingestor.take_outbox())
                 self.dispatcher.prepare_runs()
                 self._refresh()
+                self._alert(notes)
                 if time.monotonic() >= next_checkpoint:
-                    save_checkpoint(self.layout.checkpoint_file, self.state)
+                    save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
                     next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
                 if self._idle_too_long():
                     log.info("no running run for %.0f s; exiting", cfg.exit_when_idle_seconds)
@@ -204,6 +214,17 @@ class Agent:
         for run in retired:
             log.info("run %s ended more than %.0f s ago; its series are no longer exported", run,
                      self.config.ended_ttl_seconds)
+
+    def _alert(self, notes: list[ActionNote]) -> None:
+        changes = self.alerts.evaluate(self.state, self.clock())
+        if self.notifier is not None:
+            self.notifier.actions(notes)
+            with self.state.lock:
+                firing = self.alerts.firing()
+            self.notifier.alerts(changes, firing)
+
+    def _alerting(self) -> tuple[list[Alert], dict[str, DeliveryStats]]:
+        return self.alerts.firing(), self.notifier.stats() if self.notifier is not None else {}
 
     def _idle_too_long(self) -> bool:
         limit = self.config.exit_when_idle_seconds

@@ -50,6 +50,15 @@ _home_option = click.option(
               help="Seconds a finished or crashed run stays exported. [default: 900]")
 @click.option("--exit-when-idle", "exit_when_idle_seconds", default=None,
               help="Exit after this many seconds with no running run. [default: never]")
+@click.option("--alertmanager-url", "alertmanager_url", default=None, metavar="URL",
+              help="Send step-resolution alerts to this Alertmanager (API v2). [env: GRADWATCH_ALERTMANAGER_URL]")
+@click.option("--webhook-url", "webhook_url", default=None, metavar="URL",
+              help="Also POST alerts to this webhook. [env: GRADWATCH_WEBHOOK_URL]")
+@click.option("--webhook-format", "webhook_format", type=click.Choice(["alertmanager", "slack"]), default=None,
+              help="Webhook payload: Alertmanager's webhook JSON or a Slack message. [default: alertmanager]")
+@click.option("--grafana-url", "grafana_url", default=None, metavar="URL",
+              help="Annotate actions and alerts in this Grafana; the token comes from GRADWATCH_GRAFANA_TOKEN "
+                   "(or the config file), never from the command line. [env: GRADWATCH_GRAFANA_URL]")
 @click.option("--if-not-running", is_flag=True, help="Exit quietly (status 0) if an agent already serves the spool.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
@@ -120,6 +129,7 @@ def rules_check(file: Path) -> None:
     """Validate a rules file and list what it does; exit status 2 with the error when it is invalid."""
     from rich.table import Table
 
+    from gradwatch.agent.alerts import alert_name
     from gradwatch.rules import load_rules
     from gradwatch.status import make_console
 
@@ -127,13 +137,14 @@ def rules_check(file: Path) -> None:
     console = make_console()
     table = Table(title=f"{file}: {len(config.rules)} rule(s)" + (" [bold yellow](dry run)[/]" if config.dry_run else ""),
                   title_justify="left", header_style="bold")
-    for column in ("rule", "metric", "detector", "action", "mode", "bounds"):
+    for column in ("rule", "metric", "detector", "action", "mode", "bounds", "alert"):
         table.add_column(column)
     for rule in config.rules:
         bounds = ", ".join(b for b in (f"max {rule.max_actions}" if rule.max_actions else "",
                                        f"cooldown {rule.cooldown_steps} steps" if rule.cooldown_steps else "") if b)
         mode = "act" if config.acting(rule) else ("dry run" if rule.mode == "act" else "observe")
-        table.add_row(rule.name, rule.metric, rule.detect.type, rule.action.type, mode, bounds or "-")
+        alert = "-" if rule.alert == "none" else f"{alert_name(rule.name)} ({rule.alert})"
+        table.add_row(rule.name, rule.metric, rule.detect.type, rule.action.type, mode, bounds or "-", alert)
     console.print(table)
     g = config.guards
     console.print(f"guards: skip on non-finite {g.skip.on_nonfinite}, on spike {g.skip.on_spike}; "

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gradwatch.errors import ConfigError
 
 Mode = Literal["observe", "act"]
+Severity = Literal["critical", "warning", "info", "none"]
 GuardMode = Literal["off", "observe", "act"]
 Direction = Literal["min", "max"]
 
@@ -161,6 +162,8 @@ class Rule(_Model):
     cooldown_steps: int = Field(0, ge=0, description="steps after a firing during which the rule stays quiet")
     start_step: int = Field(0, ge=0, description="observations before this step are ignored (like Keras' "
                                                    "start_from_epoch, Lightning's min_steps)")
+    alert: Severity = Field("warning", description="severity of the alert the agent sends when the rule's detector "
+                                                   "fires (none: no alert)")
 
 
 # -- guards (in the probe) ----------------------------------------------------------------------------

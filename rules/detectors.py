@@ -27,6 +27,11 @@ class Detector:
     def update(self, value: float) -> Trigger | None:
         raise NotImplementedError
 
+    def holding(self) -> bool:
+        """Whether the condition that triggered still holds after the last update (a NaN streak, a metric
+        still over its threshold): alerts stay firing while it does. Events (a spike, a plateau) do not hold."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "spec"}  # JSON writes inf/NaN as Infinity/NaN
 
@@ -111,6 +116,9 @@ class NonFiniteDetector(Detector):
             return Trigger("nonfinite", {"value": value, "consecutive": self.streak})
         return None
 
+    def holding(self) -> bool:
+        return self.streak >= self.spec.consecutive
+
 
 class SpikeDetector(Detector):
     def __init__(self, spec: cfg.Spike) -> None:
@@ -172,6 +180,9 @@ class DivergenceDetector(Detector):
             return Trigger("divergence", {"value": value, "smoothed": self.smoothed, "best": self.best,
                                           "rising_for": self.rising})
         return None
+
+    def holding(self) -> bool:
+        return self.above >= self.spec.patience
 
 
 class PlateauDetector(Detector):
@@ -281,6 +292,9 @@ class ThresholdDetector(Detector):
         if self.streak == s.patience:
             return Trigger("threshold", {"value": value, "above": s.above, "below": s.below})
         return None
+
+    def holding(self) -> bool:
+        return self.streak >= self.spec.patience
 
 
 _DETECTORS: dict[str, type[Detector]] = {

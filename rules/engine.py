@@ -75,6 +75,9 @@ class RuleState:
         self.detector: Detector = make_detector(rule.detect)
         self.fired = 0
         self.last_fired_step: int | None = None
+        # the detector's latest trigger, even when cooldown or max_actions kept the rule quiet, and when its
+        # condition was last seen holding (seen_t): alerts follow it
+        self.last_trigger: dict[str, Any] | None = None
 
     def quiet(self, step: int) -> bool:
         rule = self.rule
@@ -82,17 +85,22 @@ class RuleState:
             return True
         return self.last_fired_step is not None and step - self.last_fired_step < rule.cooldown_steps
 
+    def _spec(self) -> dict[str, Any]:
+        # what decides: a new alert severity alone keeps the detector's statistics
+        return self.rule.model_dump(mode="json", exclude={"alert"})
+
     def state_dict(self) -> dict[str, Any]:
-        return {"spec": self.rule.model_dump(mode="json"), "detector": self.detector.state_dict(),
-                "fired": self.fired, "last_fired_step": self.last_fired_step}
+        return {"spec": self._spec(), "detector": self.detector.state_dict(),
+                "fired": self.fired, "last_fired_step": self.last_fired_step, "last_trigger": self.last_trigger}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore unless the rule changed since (then it starts afresh); True when restored."""
-        if state.get("spec") != self.rule.model_dump(mode="json"):
+        if state.get("spec") != self._spec():
             return False
         self.detector.load_state_dict(state.get("detector", {}))
         self.fired = int(state.get("fired", 0))
         self.last_fired_step = state.get("last_fired_step")
+        self.last_trigger = state.get("last_trigger")
         return True
 
 
@@ -125,7 +133,13 @@ class RunRules:
             if rule.metric not in values or step < rule.start_step:
                 continue
             trigger = state.detector.update(values[rule.metric])
-            if trigger is None or state.quiet(step):
+            if trigger is None:
+                if state.last_trigger is not None and state.detector.holding():
+                    state.last_trigger["seen_t"] = t  # the condition goes on: its alert stays firing
+                continue
+            state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
+                                  "details": dict(trigger.details)}
+            if state.quiet(step):
                 continue
             state.fired += 1
             state.last_fired_step = step

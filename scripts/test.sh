@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite: Debian's Prometheus (real server for the integration
-# tests), a virtual environment with torch and gradwatch, then pytest.
+# Set up and run the whole test suite: Debian's Prometheus and Alertmanager (real servers for the
+# integration tests), a virtual environment with torch and gradwatch, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # also brings promtool
+command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)  # also brings amtool
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${need[*]}"
   sudo=""

@@ -28,7 +28,9 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "gradwatch-home"
     monkeypatch.setenv("GRADWATCH_HOME", str(home))
     monkeypatch.setenv("GRADWATCH_AUTOSTART", "0")
-    for var in ("GRADWATCH_RUN", "GRADWATCH_RUN_ID", "GRADWATCH_PORT", "GRADWATCH_CONFIG", "RANK", "WORLD_SIZE"):
+    for var in ("GRADWATCH_RUN", "GRADWATCH_RUN_ID", "GRADWATCH_PORT", "GRADWATCH_CONFIG", "RANK", "WORLD_SIZE",
+                "GRADWATCH_ALERTMANAGER_URL", "GRADWATCH_WEBHOOK_URL", "GRADWATCH_GRAFANA_URL",
+                "GRADWATCH_GRAFANA_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -157,16 +159,46 @@ def run_training(home: Path, *args: str, env: dict[str, str] | None = None, wait
 PROMETHEUS = shutil.which("prometheus")
 
 
-class PrometheusServer:
-    def __init__(self, workdir: Path, targets: list[str]) -> None:
+class _ServerProcess:
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _servers(tmp_path: Path, kind: str, make: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Start servers of one kind on demand, each in its own work directory; stop them all afterwards."""
+    servers: list[_ServerProcess] = []
+
+    def start(*args: Any, **options: Any) -> Any:
+        server = make(tmp_path / f"{kind}-{len(servers)}", *args, **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class PrometheusServer(_ServerProcess):
+    def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] | None = None,
+                 alertmanagers: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: gradwatch\n    static_configs:\n"
-            f"      - targets: {json.dumps(targets)}\n"
-        )
+        text = ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                "scrape_configs:\n  - job_name: gradwatch\n    static_configs:\n"
+                f"      - targets: {json.dumps(targets)}\n")
+        if rule_files:
+            text += f"rule_files: {json.dumps([str(f) for f in rule_files])}\n"
+        if alertmanagers:
+            text += f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: {json.dumps(alertmanagers)}\n"
+        config.write_text(text)
         self.log = workdir / "prometheus.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -187,27 +219,127 @@ class PrometheusServer:
         result = self.query(promql)
         return float(result[0]["value"][1]) if result else None
 
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
+    if PROMETHEUS is None:
+        pytest.fail("the Debian package 'prometheus' is not installed; scripts/test.sh installs it")
+    yield from _servers(tmp_path, "prometheus", PrometheusServer)
+
+
+# -- a real Alertmanager and a webhook receiver -------------------------------------------------------
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that records every JSON POST with the time it arrived.
+
+    ``fail_next(n)`` answers the next n requests with 503; ``hold()`` keeps requests waiting
+    until ``release()`` (to show a slow endpoint does not block the sender's caller)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[dict[str, Any]] = []  # {"t", "path", "headers", "body"}
+        self.arrived = 0  # requests that reached the handler (also those held or failed)
+        self._failures = 0
+        self._open = threading.Event()
+        self._open.set()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                with receiver.lock:
+                    receiver.arrived += 1
+                receiver._open.wait(30)
+                with receiver.lock:
+                    failing = receiver._failures > 0
+                    receiver._failures -= failing
+                    if not failing:
+                        receiver.received.append({"t": time.time(), "path": self.path, "method": self.command,
+                                                  "headers": dict(self.headers),
+                                                  "body": json.loads(raw) if raw else None})
+                self.send_response(503 if failing else 200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_POST = do_PUT = do_PATCH = _handle
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="test-webhook", daemon=True)
+        self._thread.start()
+
+    def fail_next(self, n: int) -> None:
+        with self.lock:
+            self._failures = n
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def bodies(self) -> list[Any]:
+        with self.lock:
+            return [r["body"] for r in self.received]
+
+    def alerts(self) -> list[tuple[float, dict[str, Any]]]:
+        """Every alert of every Alertmanager-webhook payload received: (arrival time, alert)."""
+        with self.lock:
+            return [(r["t"], a) for r in self.received if isinstance(r["body"], dict)
+                    for a in r["body"].get("alerts", [])]
+
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], PrometheusServer]]:
-    if PROMETHEUS is None:
-        pytest.fail("the Debian package 'prometheus' is not installed; scripts/test.sh installs it")
-    servers: list[PrometheusServer] = []
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.stop()
 
-    def start(targets: list[str]) -> PrometheusServer:
-        workdir = tmp_path / f"prometheus-{len(servers)}"
-        workdir.mkdir()
-        server = PrometheusServer(workdir, targets)
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        server.stop()
+class AlertmanagerServer(_ServerProcess):
+    """Debian's prometheus-alertmanager on a loopback port, routing everything to ``webhook_url`` at once."""
+
+    def __init__(self, workdir: Path, webhook_url: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "alertmanager.yml"
+        config.write_text(
+            "route:\n  receiver: hook\n  group_by: [alertname, run]\n"
+            "  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n"
+            "receivers:\n  - name: hook\n    webhook_configs:\n"
+            f"      - url: {webhook_url}/alertmanager\n        send_resolved: true\n"
+        )
+        self.log = workdir / "alertmanager.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [ALERTMANAGER or "prometheus-alertmanager", f"--config.file={config}",
+                 f"--storage.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--cluster.listen-address=", "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        wait_until(lambda: http_get(self.url + "/-/ready"), timeout=60, what="alertmanager ready")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(http_json(self.url + "/api/v2/alerts"))
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[Callable[..., AlertmanagerServer]]:
+    if ALERTMANAGER is None:
+        pytest.fail("the Debian package 'prometheus-alertmanager' is not installed; scripts/test.sh installs it")
+    yield from _servers(tmp_path, "alertmanager", AlertmanagerServer)

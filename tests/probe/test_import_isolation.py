@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-FORBIDDEN = ("prometheus_client", "watchdog", "grafana_client", "gradwatch.agent", "rich", "click")
+FORBIDDEN = ("prometheus_client", "watchdog", "grafana_client", "niquests", "gradwatch.agent", "rich", "click")
 NOT_ON_IMPORT = FORBIDDEN + ("pydantic", "yaml")
 
 

@@ -1,0 +1,204 @@
+"""Deciding which alerts fire: from the rules' detectors (every step) and the runs' states.
+
+No I/O here: ``AlertTracker.evaluate`` compares what holds now with what fired before and
+returns the changes (new alerts, resolved alerts); agent/notify.py delivers them.
+
+- A rule alert fires when the rule's detector triggers (also while cooldown or ``max_actions``
+  keep the rule from acting) and resolves once the detector has stayed quiet (and its condition,
+  e.g. a NaN streak or a threshold crossing, has stopped holding) for
+  ``resolve_after`` seconds, also after the run finished: a NaN in the last steps of a short run
+  must still reach a person (Alertmanager does not notify an alert that resolves before its
+  group_wait). Rules read rank 0, so these carry rank "0".
+- ``GradwatchRunStalled`` fires while a rank is stalled; ``GradwatchRunCrashed`` while a rank is
+  crashed, until the run is retired (``ended_ttl_seconds``).
+
+The set of firing alerts is saved with the checkpoint, so a restarted agent still resolves
+what the previous one fired.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from gradwatch.agent.state import AgentState, RankState, RunStatus
+from gradwatch.rules.engine import RuleState
+
+SOURCE = "agent"  # label that tells the agent's alerts from those of the Prometheus rules (source="prometheus")
+
+# What to check, by detector type: one line a person can act on.
+_HINTS = {
+    "nonfinite": "Look at the batch and the learning rate at that step; updates with non-finite gradients are "
+                 "skipped by the default guard, the loss tells whether the weights are already damaged.",
+    "spike": "A bad batch or a learning rate too high for this phase; see `gradwatch status` for what the rules did.",
+    "divergence": "Lower the learning rate (or warm up longer) and resume from a checkpoint before the rise.",
+    "plateau": "Reduce the learning rate, or stop the run if it has converged.",
+    "early_stopping": "The run has stopped improving; stop it or let a rule with mode: act stop it.",
+    "threshold": "Check why the metric left the range the rule expects.",
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert as Alertmanager sees it: labels identify it, annotations describe it."""
+
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    starts_at: float
+    ends_at: float | None = None  # set when resolved
+
+    @property
+    def key(self) -> str:
+        return "|".join(self.labels[k] for k in ("alertname", "run", "rank"))
+
+    @property
+    def firing(self) -> bool:
+        return self.ends_at is None
+
+    @property
+    def name(self) -> str:
+        return self.labels["alertname"]
+
+
+def alert_name(rule_name: str) -> str:
+    """``loss-spike`` -> ``GradwatchLossSpike``: Prometheus' naming, and the name of the Prometheus alert
+    (alerts/gradwatch.rules.yml) that watches the same thing at scrape resolution."""
+    return "Gradwatch" + "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]+", rule_name) if part)
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _rule_text(run: str, metric: str, reason: str, step: int, details: dict[str, Any]) -> str:
+    value = _num(details.get("value"))
+    if reason == "nonfinite":
+        what = f"{metric} is {value} at step {step}"
+    elif reason == "spike":
+        z = details.get("z")
+        sigma = f", {z:.1f} standard deviations above its average {_num(details.get('mean'))}" \
+            if isinstance(z, (int, float)) else ""
+        what = f"{metric} spiked to {value} at step {step}{sigma}"
+    elif reason == "divergence":
+        what = (f"{metric} is diverging at step {step}: smoothed {_num(details.get('smoothed'))}, "
+                f"best {_num(details.get('best'))}")
+    elif reason == "plateau":
+        what = (f"{metric} has not improved for {details.get('bad_checks')} checks "
+                f"(best {_num(details.get('best'))}, now {value}, step {step})")
+    elif reason == "threshold":
+        what = f"{metric} = {value} at step {step} is outside its range"
+    else:
+        what = f"{metric} met the early-stopping criterion '{reason}' at step {step} (now {value})"
+    return f"Run {run}: {what}"
+
+
+@dataclass
+class _Condition:
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    since: float  # when the condition was first seen (for startsAt)
+
+
+@dataclass
+class AlertTracker:
+    resolve_after: float
+    active: dict[str, Alert] = field(default_factory=dict)
+
+    def evaluate(self, state: AgentState, now: float) -> list[Alert]:
+        """What changed since the last call: alerts that started firing, and alerts that resolved.
+        A firing alert whose text changed (a later trigger) is updated in place, not reported again."""
+        with state.lock:  # the scrape reads ``active`` under the same lock
+            conditions = self._conditions(state, now)
+            changes = []
+            for key, cond in conditions.items():
+                old = self.active.get(key)
+                if old is None:
+                    alert = Alert(cond.labels, cond.annotations, starts_at=min(cond.since, now))
+                    self.active[key] = alert
+                    changes.append(alert)
+                elif old.annotations != cond.annotations:
+                    self.active[key] = replace(old, annotations=cond.annotations)
+            for key in list(self.active):
+                if key not in conditions:
+                    changes.append(replace(self.active.pop(key), ends_at=now))
+        return changes
+
+    def firing(self) -> list[Alert]:
+        return list(self.active.values())
+
+    # -- what holds now ----------------------------------------------------------------------------
+    def _conditions(self, state: AgentState, now: float) -> dict[str, _Condition]:
+        out: dict[str, _Condition] = {}
+        for run, ranks in state.runs.items():
+            for rank_state in ranks.values():
+                self._state_alerts(out, rank_state, now)
+            rank0 = ranks.get(0)
+            if rank0 is None:
+                continue
+            # for_run, not runs.get: after a restart a run's rules (and their triggers) come from the checkpoint
+            for rule_state in state.rules.for_run(run, rank0.meta).states.values():
+                self._rule_alert(out, rule_state, rank0, now)
+        return out
+
+    def _put(self, out: dict[str, _Condition], cond: _Condition) -> None:
+        out["|".join(cond.labels[k] for k in ("alertname", "run", "rank"))] = cond
+
+    def _labels(self, name: str, rank_state: RankState, severity: str) -> dict[str, str]:
+        return {"alertname": name, "run": rank_state.run, "rank": str(rank_state.rank), "severity": severity,
+                "source": SOURCE}
+
+    def _rule_alert(self, out: dict[str, _Condition], rule_state: RuleState, rank0: RankState, now: float) -> None:
+        rule, trigger = rule_state.rule, rule_state.last_trigger
+        if rule.alert == "none" or trigger is None or \
+                now - float(trigger.get("seen_t", trigger["t"])) > self.resolve_after:
+            return
+        name = alert_name(rule.name)
+        text = _rule_text(rank0.run, rule.metric, trigger["reason"], trigger["step"], trigger.get("details", {}))
+        old = self.active.get(f"{name}|{rank0.run}|0")
+        self._put(out, _Condition(
+            self._labels(name, rank0, rule.alert),
+            {"summary": text,
+             "description": (f"Rule {rule.name} ({rule.detect.type} on {rule.metric}, action {rule.action.type}, "
+                             f"mode {rule.mode}) fired on run {rank0.run} rank 0 on host "
+                             f"{rank0.meta.get('host', '?')}, last at step {trigger['step']}."),
+             "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
+             "step": str(trigger["step"])},
+            since=old.starts_at if old else float(trigger["t"])))
+
+    def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:
+        host = s.meta.get("host", "?")
+        where = f"run {s.run} rank {s.rank} (pid {s.meta.get('pid', '?')} on host {host})"
+        if s.status == RunStatus.STALLED:
+            last = s.last_record_time or float(s.meta.get("start_time", now))
+            self._put(out, _Condition(
+                self._labels("GradwatchRunStalled", s, "warning"),
+                {"summary": f"Run {s.run} rank {s.rank} has sent nothing for {now - last:.0f} s (step {s.steps_total})",
+                 "description": f"No record from {where} since step {s.steps_total}; the process is still there "
+                                f"or on another host.",
+                 "hint": "A hung data loader, a deadlocked collective (another rank died?) or a stuck filesystem; "
+                         "py-spy dump --pid shows where it waits.",
+                 "step": str(s.steps_total)},
+                since=last))
+        elif s.status == RunStatus.CRASHED:
+            reason = s.end_error or "the process exited without closing its probe"
+            self._put(out, _Condition(
+                self._labels("GradwatchRunCrashed", s, "critical"),
+                {"summary": f"Run {s.run} rank {s.rank} crashed at step {s.steps_total}",
+                 "description": f"{where} ended without finishing: {reason}.",
+                 "hint": "Read the training log's last lines (OOM killer: dmesg); resume from the last checkpoint.",
+                 "step": str(s.steps_total)},
+                since=s.ended_at or now))
+
+    # -- persistence -------------------------------------------------------------------------------
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [asdict(a) for a in self.active.values()]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        self.active = {}
+        for item in state:
+            alert = Alert(**item)
+            self.active[alert.key] = alert
