@@ -184,7 +184,7 @@ class AlertTracker:
                  "step": str(s.steps_total)},
                 since=last))
         elif s.status == RunStatus.CRASHED:
-            reason = s.end_error or "the process exited without closing its probe"
+            reason = (s.end_error or "the process exited without closing its probe")[:300]
             self._put(out, _Condition(
                 self._labels("GradwatchRunCrashed", s, "critical"),
                 {"summary": f"Run {s.run} rank {s.rank} crashed at step {s.steps_total}",

@@ -243,7 +243,15 @@ class Agent:
     # -- endpoints ----------------------------------------------------------------------------------
     def _runs_summary(self) -> list[dict[str, Any]]:
         with self.state.lock:
-            return self.state.summary(self.clock())
+            runs = self.state.summary(self.clock())
+            firing: dict[str, list[dict[str, Any]]] = {}
+            for alert in self.alerts.firing():
+                firing.setdefault(alert.labels["run"], []).append(
+                    {"alertname": alert.name, "rank": alert.labels["rank"], "severity": alert.labels["severity"],
+                     "summary": alert.annotations.get("summary", ""), "since": alert.starts_at})
+        for run in runs:
+            run["alerts"] = firing.get(run["run"], [])
+        return runs
 
     def _health(self) -> dict[str, Any]:
         ingest_alive = self._thread is not None and self._thread.is_alive()

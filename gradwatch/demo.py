@@ -216,6 +216,12 @@ def _finish(console: Console, url: str | None, run: str, steps: int, layout: Spo
         console.print("What gradwatch did:")
         for action in view["ranks"][0].get("recent_actions", []):
             console.print(f"  {_steps(action):<15} {action['action']:<10} {action['reason']:<20} {action['detail']}")
+        alerts = view.get("alerts") or []
+        if alerts:
+            console.print("Alerts firing (what Alertmanager or your webhook would get with --alertmanager-url / "
+                          "--webhook-url; docs/alerts.md):")
+            for alert in alerts:
+                console.print(f"  {alert['severity']:<9} {alert['alertname']}: {alert['summary']}", soft_wrap=True)
     console.print("\nNext:")
     if url:
         console.print(f"  curl -s {url}/metrics | grep gradwatch_loss")

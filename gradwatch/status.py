@@ -139,4 +139,12 @@ def print_runs(runs: list[dict[str, Any]], source: str) -> None:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return
     console.print(runs_table(runs, "gradwatch runs"))
+    alerts = [a for r in runs for a in r.get("alerts") or []]
+    if alerts:
+        colour = {"critical": "red", "warning": "yellow"}
+        console.print(f"[bold]{len(alerts)} alert(s) firing[/]")
+        for a in sorted(alerts, key=lambda a: ("critical", "warning", "info").index(a["severity"])
+                        if a["severity"] in ("critical", "warning", "info") else 3):
+            style = colour.get(a["severity"], "blue")
+            console.print(f"  [{style}]{a['severity']:8s}[/] {a['alertname']}: {a['summary']}", soft_wrap=True)
     console.print(f"[dim]from {source}[/]", soft_wrap=True)

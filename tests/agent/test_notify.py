@@ -31,7 +31,8 @@ from gradwatch.agent.notify import (
 )
 from gradwatch.errors import ConfigError
 from tests.agent.helpers import SpoolBuilder
-from tests.conftest import WebhookReceiver, free_port, wait_until
+from gradwatch.status import fetch_runs, print_runs
+from tests.conftest import WebhookReceiver, free_port, http_json, wait_until
 
 TOKEN = "glsa_s3cr3t-token-never-in-logs"
 
@@ -259,7 +260,8 @@ def test_the_grafana_token_is_never_printed_or_logged(caplog: pytest.LogCaptureF
 
 # -- wired into the agent ---------------------------------------------------------------------------
 def test_the_agent_sends_what_it_sees_to_every_endpoint(tmp_path: Path, grafana: GrafanaStandIn,
-                                                        webhook_receiver: WebhookReceiver) -> None:
+                                                        webhook_receiver: WebhookReceiver,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     home = tmp_path / "home"
     spool = SpoolBuilder(home)
     import time as _time
@@ -276,9 +278,46 @@ def test_the_agent_sends_what_it_sees_to_every_endpoint(tmp_path: Path, grafana:
     try:
         wait_until(lambda: webhook_receiver.bodies(), what="the slack message")
         wait_until(lambda: len(grafana.annotations) >= 2, what="annotations for the skip and the alert")
+        [run] = http_json(agent.url + "/api/runs")["runs"]
+        [alert] = run["alerts"]
+        assert (alert["alertname"], alert["severity"]) == ("GradwatchNonfiniteLoss", "critical")
+        print_runs(*fetch_runs(url=agent.url))
+        out = capsys.readouterr().out
+        assert "1 alert(s) firing" in out and "GradwatchNonfiniteLoss: Run nan-run: loss is nan at step 25" in out
     finally:
         agent.stop()
     assert "GradwatchNonfiniteLoss* run `nan-run`" in webhook_receiver.bodies()[0]["text"]
     tags = sorted(tuple(a["tags"][:4]) for a in grafana.annotations.values())
     assert ("gradwatch", "action", "run:nan-run", "skip_step") in tags
     assert ("gradwatch", "alert", "run:nan-run", "GradwatchNonfiniteLoss") in tags
+
+
+class _Recording(AlertmanagerSink):
+    """Alertmanager's sink with the HTTP call replaced by a list (to watch the re-send timer only)."""
+
+    def __init__(self) -> None:
+        super().__init__("http://unused", "", hold=240)
+        self.sent: list[Item] = []
+
+    def send(self, items: list[Item]) -> None:
+        self.sent += items
+
+
+def test_firing_alerts_are_re_sent_to_alertmanager_on_a_timer_and_nowhere_else(
+        webhook_receiver: WebhookReceiver) -> None:
+    now = [0.0]
+    am = _Recording()
+    notifier = Notifier([am, WebhookSink(webhook_receiver.url, "alertmanager", "")], retry_seconds=60,
+                        resend_seconds=60, console=False, monotonic=lambda: now[0])
+    notifier.start()
+    try:
+        notifier.alerts([_alert()], [_alert()])  # fires: both endpoints get it
+        wait_until(lambda: len(am.sent) == 1 and webhook_receiver.bodies(), what="the first delivery")
+        now[0] = 30.0
+        notifier.alerts([], [_alert()])  # nothing due
+        now[0] = 61.0
+        notifier.alerts([], [_alert()])  # due: re-sent to Alertmanager only
+        wait_until(lambda: len(am.sent) == 2, what="the re-send")
+        assert [i.kind for i in am.sent] == ["alert", "resend"] and len(webhook_receiver.bodies()) == 1
+    finally:
+        notifier.stop()

@@ -91,6 +91,8 @@ def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch
         assert "skip_step  nonfinite" in did  # the NaN batch at 25 %
         assert "rewind     spike" in did and "restored the snapshot of step 50" in did  # the 80x jump at 45 %
         assert "reduce_lr  spike" in did and "lr 0.01->0.005" in did  # after the rewind restored 0.01
+        alerts = out.split("Alerts firing")[1].split("Next:")[0]
+        assert "GradwatchRewindOnSpike: Run demo: loss spiked" in alerts  # and a person would have been told
     finally:
         info = json.loads((isolated_home / "agent" / "agent.json").read_text())
         os.kill(info["pid"], signal.SIGTERM)
