@@ -51,7 +51,7 @@ class Alert:
 
     @property
     def key(self) -> str:
-        return "|".join(self.labels[k] for k in ("alertname", "run", "rank"))
+        return alert_key(self.labels)
 
     @property
     def firing(self) -> bool:
@@ -60,6 +60,11 @@ class Alert:
     @property
     def name(self) -> str:
         return self.labels["alertname"]
+
+
+def alert_key(labels: dict[str, str]) -> str:
+    """What identifies an alert of the agent (the other labels follow from these)."""
+    return "|".join(labels[k] for k in ("alertname", "run", "rank"))
 
 
 def alert_name(rule_name: str) -> str:
@@ -145,7 +150,7 @@ class AlertTracker:
         return out
 
     def _put(self, out: dict[str, _Condition], cond: _Condition) -> None:
-        out["|".join(cond.labels[k] for k in ("alertname", "run", "rank"))] = cond
+        out[alert_key(cond.labels)] = cond
 
     def _labels(self, name: str, rank_state: RankState, severity: str) -> dict[str, str]:
         return {"alertname": name, "run": rank_state.run, "rank": str(rank_state.rank), "severity": severity,
@@ -158,7 +163,6 @@ class AlertTracker:
             return
         name = alert_name(rule.name)
         text = _rule_text(rank0.run, rule.metric, trigger["reason"], trigger["step"], trigger.get("details", {}))
-        old = self.active.get(f"{name}|{rank0.run}|0")
         self._put(out, _Condition(
             self._labels(name, rank0, rule.alert),
             {"summary": text,
@@ -167,7 +171,7 @@ class AlertTracker:
                              f"{rank0.meta.get('host', '?')}, last at step {trigger['step']}."),
              "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
              "step": str(trigger["step"])},
-            since=old.starts_at if old else float(trigger["t"])))
+            since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:
         host = s.meta.get("host", "?")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from gradwatch import __version__
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
+from gradwatch.agent.config import AgentConfig
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -350,7 +351,7 @@ class Notifier:
         self._next_resend = monotonic() + resend_seconds
 
     @classmethod
-    def from_config(cls, config: Any, agent_url: str) -> Notifier:
+    def from_config(cls, config: AgentConfig, agent_url: str) -> Notifier:
         sinks: list[Sink] = []
         if config.alertmanager_url is not None:
             sinks.append(AlertmanagerSink(str(config.alertmanager_url), agent_url + "/api/runs",
