@@ -1,4 +1,4 @@
-# The gradwatch agent, without torch (the agent never needs it).
+# The gradwatch agent, without torch (the agent never needs it). Used by docker-compose.yml.
 FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
@@ -6,6 +6,8 @@ COPY gradwatch ./gradwatch
 COPY spool ./spool
 COPY probes ./probes
 COPY agent ./agent
+COPY rules ./rules
+COPY dashboards ./dashboards
 RUN pip install --no-cache-dir . && rm -rf /src
 ENV GRADWATCH_HOME=/spool GRADWATCH_HOST=0.0.0.0
 EXPOSE 9478

@@ -82,6 +82,39 @@ RULE_DECISIONS = _run(
     "rule", "action", "mode")
 PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
                      "Records the probe dropped (queue full, spool unwritable): training went on without them.")
+LAYER_GRAD_NORM = _run(
+    "gradwatch_layer_grad_norm", "gauge",
+    "Gradient L2 norm of a layer (the module owning the parameters) at the last sampled step "
+    "(attach(layer_stats_every=...)); the 10 layers with the largest norm.", "layer")
+LAYER_UPDATE_RATIO = _run(
+    "gradwatch_layer_update_ratio", "gauge",
+    "Update/weight ratio ||w_after - w_before|| / ||w_before|| of a layer at its last measured step; the 10 "
+    "largest.", "layer")
+CUDA_MEMORY_ALLOCATED = _run("gradwatch_cuda_memory_allocated_bytes", "gauge",
+                             "Bytes held by tensors in the process's CUDA caching allocator (sampled every second).")
+CUDA_MEMORY_RESERVED = _run("gradwatch_cuda_memory_reserved_bytes", "gauge",
+                            "Bytes the process's CUDA caching allocator has reserved from the device.")
+CUDA_MEMORY_PEAK = _run("gradwatch_cuda_memory_peak_allocated_bytes", "gauge",
+                        "Peak bytes held by tensors in the process since it started (or the last reset).")
+CUDA_MEMORY_TOTAL = _run("gradwatch_cuda_memory_total_bytes", "gauge", "Total memory of the process's CUDA device.")
+
+# -- GPUs of this machine, through NVML (agent/gpus.py) -------------------------------------------------
+GPU_LABELS = ("gpu", "uuid", "host", "run", "rank")  # run and rank: the gradwatch process using it ("" if none)
+
+
+def _gpu(name: str, help: str, *extra: str) -> MetricSpec:
+    return MetricSpec(name, "gauge", help, GPU_LABELS + extra)
+
+
+GPU_UTILIZATION = _gpu("gradwatch_gpu_utilization_ratio",
+                       "Fraction of the last sample period in which a kernel ran on the GPU (NVML).")
+GPU_MEMORY_USED = _gpu("gradwatch_gpu_memory_used_bytes", "Device memory in use, all processes (NVML).")
+GPU_MEMORY_TOTAL = _gpu("gradwatch_gpu_memory_total_bytes", "Device memory of the GPU (NVML).")
+GPU_POWER = _gpu("gradwatch_gpu_power_watts", "Power draw of the GPU (NVML).")
+GPU_TEMPERATURE = _gpu("gradwatch_gpu_temperature_celsius", "GPU core temperature (NVML).")
+GPU_SM_CLOCK = _gpu("gradwatch_gpu_sm_clock_hertz", "Current SM clock of the GPU (NVML).")
+GPU_THROTTLED = _gpu("gradwatch_gpu_throttled", "1 while the GPU's clocks are held down for the reason (power_cap, "
+                     "thermal, hw_slowdown, power_brake, sync_boost, app_clocks), else 0 (NVML).", "reason")
 
 # -- the agent itself -----------------------------------------------------------------------------
 AGENT_INGESTED = MetricSpec("gradwatch_agent_records_ingested_total", "counter", "Spool records ingested.", ())
@@ -118,6 +151,8 @@ AGENT_NOTIFICATION_FAILURES = MetricSpec(
 AGENT_NOTIFICATIONS_PENDING = MetricSpec("gradwatch_agent_notifications_pending", "gauge",
                                          "Notifications waiting to be delivered (or retried), by endpoint.",
                                          ("endpoint",))
+AGENT_GPUS = MetricSpec("gradwatch_agent_gpus", "gauge",
+                        "GPUs the agent's NVML collector sees (0: no NVML or no GPU; the reason is in /api/runs).", ())
 AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
                               ("version",))
 

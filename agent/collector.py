@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -11,15 +12,21 @@ from prometheus_client.registry import Collector
 from gradwatch import __version__
 from gradwatch.agent import catalogue as c
 from gradwatch.agent.alerts import Alert
+from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
+
+TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
 
 
 class AgentCollector(Collector):
     def __init__(self, state: AgentState, clock: Callable[[], float] = time.time,
                  watcher_alive: Callable[[], bool] = lambda: True,
-                 alerting: Callable[[], tuple[list[Alert], dict[str, DeliveryStats]]] = lambda: ([], {})) -> None:
+                 alerting: Callable[[], tuple[list[Alert], dict[str, DeliveryStats]]] = lambda: ([], {}),
+                 gpus: GpuCollector | None = None, local_host: str = "") -> None:
         self.state = state
+        self.gpus = gpus
+        self.local_host = local_host
         self.clock = clock
         self.watcher_alive = watcher_alive
         self.alerting = alerting  # (the agent's firing alerts, delivery statistics by endpoint)
@@ -28,7 +35,9 @@ class AgentCollector(Collector):
         started = time.perf_counter()
         with self.state.lock:
             families = self._run_families() + self._agent_families()
+            users = self._gpu_users()
         yield from families
+        yield from self._gpu_families(users)
         duration = c.AGENT_SCRAPE_DURATION.family()
         duration.add_metric([], time.perf_counter() - started)
         yield duration
@@ -75,12 +84,50 @@ class AgentCollector(Collector):
                     put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
                 if s.would_skip:
                     put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
+                for name, value in _largest(s.layer_grad_norms):
+                    put(c.LAYER_GRAD_NORM, key + [name], value)
+                for name, value in _largest(s.layer_update_ratios):
+                    put(c.LAYER_UPDATE_RATIO, key + [name], value)
+                memory = s.cuda_memory
+                put(c.CUDA_MEMORY_ALLOCATED, key, memory.get("allocated"))
+                put(c.CUDA_MEMORY_RESERVED, key, memory.get("reserved"))
+                put(c.CUDA_MEMORY_PEAK, key, memory.get("peak"))
+                put(c.CUDA_MEMORY_TOTAL, key, memory.get("total"))
                 self._add_info(f[c.RUN_INFO.name], s)
             rules = self.state.rules.runs.get(run)
             if rules is not None:
                 for (rule, action, mode), n in sorted(rules.decisions.items()):
                     put(c.RULE_DECISIONS, [run, "0", rule, action, mode], n)  # agent rules read rank 0
         return list(f.values())
+
+    def _gpu_users(self) -> dict[int, tuple[str, str]]:
+        """pid -> (run, rank) of this machine's live training processes."""
+        users = {}
+        for run, ranks in self.state.runs.items():
+            for rank, s in ranks.items():
+                if s.meta.get("host") == self.local_host and not s.status.ended and isinstance(s.meta.get("pid"), int):
+                    users[s.meta["pid"]] = (run, str(rank))
+        return users
+
+    def _gpu_families(self, users: dict[int, tuple[str, str]]) -> list[Metric]:
+        """One series per GPU and gradwatch process on it (run="" rank="" for a GPU none of ours uses)."""
+        specs = (c.GPU_UTILIZATION, c.GPU_MEMORY_USED, c.GPU_MEMORY_TOTAL, c.GPU_POWER, c.GPU_TEMPERATURE,
+                 c.GPU_SM_CLOCK)
+        families = {spec.name: spec.family() for spec in specs + (c.GPU_THROTTLED,)}
+        for gpu in self.gpus.sample() if self.gpus is not None else []:
+            owners = sorted({users[pid] for pid in gpu.pids if pid in users}) or [("", "")]
+            values = (gpu.utilization, gpu.memory_used, gpu.memory_total, gpu.power_watts, gpu.temperature_celsius,
+                      gpu.sm_clock_hertz)
+            for run, rank in owners:
+                labels = [str(gpu.index), gpu.uuid, self.local_host, run, rank]
+                for spec, value in zip(specs, values, strict=True):
+                    if value is not None:
+                        families[spec.name].add_metric(labels, value)
+                for reason, on in sorted(gpu.throttled.items()):
+                    families[c.GPU_THROTTLED.name].add_metric(labels + [reason], 1.0 if on else 0.0)
+        count = c.AGENT_GPUS.family()
+        count.add_metric([], self.gpus.count if self.gpus is not None else 0)
+        return list(families.values()) + [count]
 
     @staticmethod
     def _add_info(family: Metric, s: RankState) -> None:
@@ -139,3 +186,8 @@ class AgentCollector(Collector):
             failures.add_metric([endpoint], st.failed_attempts)
             pending.add_metric([endpoint], st.pending)
         return [by_severity, results, failures, pending]
+
+
+def _largest(values: dict[str, float]) -> list[tuple[str, float]]:
+    finite = [(name, v) for name, v in values.items() if math.isfinite(v)]
+    return sorted(finite, key=lambda item: item[1], reverse=True)[:TOP_LAYERS]

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from typing import Literal
-
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gradwatch.errors import ConfigError
@@ -42,6 +40,7 @@ class AgentConfig(BaseModel):
     command_lead_seconds: float = Field(
         0.15, ge=0, description="multi-rank runs: a command is applied this far ahead, so every rank gets it in time")
     command_min_lead_steps: int = Field(2, ge=1, description="multi-rank runs: and at least this many steps ahead")
+    gpu_collector: bool = Field(True, description="export this machine's GPUs through NVML, labelled with their runs")
     # -- alerts (docs/alerts.md) -------------------------------------------------------------------
     alertmanager_url: AnyHttpUrl | None = Field(
         None, description="Alertmanager to send step-resolution alerts to (its API v2), e.g. http://127.0.0.1:9093")

@@ -20,6 +20,7 @@ from gradwatch.agent.alerts import Alert, AlertTracker
 from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
 from gradwatch.agent.collector import AgentCollector
 from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.notify import DeliveryStats, Notifier
 from gradwatch.agent.rules import AgentRules, RulesFileWatcher
@@ -59,9 +60,11 @@ class Agent:
         self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
         self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
         self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive, self._alerting))
         self.local_host = socket.gethostname()
+        self.gpus = GpuCollector(enabled=config.gpu_collector)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,
+                                              self.local_host))
         self.stopped = threading.Event()
         self._lock_file: IO[bytes] | None = None
         self._server: HttpServer | None = None
@@ -132,6 +135,7 @@ class Agent:
             self._server.stop()
         if self.notifier is not None:
             self.notifier.stop()
+        self.gpus.close()
         try:
             save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
         except OSError as exc:
@@ -260,4 +264,5 @@ class Agent:
             runs = {status.value: n for status, n in self.state.runs_by_status().items()}
             runs["rejected"] = len(self.state.rejected_runs)
         return {"ok": ingest_alive, "ingest_loop": ingest_alive, "watcher": watcher_alive, "runs": runs,
-                "version": __version__, "home": str(self.config.home)}
+                "version": __version__, "home": str(self.config.home),
+                "gpus": {"count": self.gpus.count, "state": self.gpus.state}}

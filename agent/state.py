@@ -22,6 +22,8 @@ from gradwatch.spool.proc import process_alive
 MAX_METRIC_NAMES = 64  # per rank; bounds the cardinality of gradwatch_metric{name=...}
 SPIKE_METRICS = ("loss", "grad_norm")
 NONFINITE_QUANTITIES = ("loss", "grad_norm", "metric")
+MAX_LAYERS = 10_000  # per rank; layer statistics beyond this many layers are not kept
+CUDA_MEMORY_FIELDS = ("allocated", "reserved", "peak", "total")
 
 
 class RunStatus(str, enum.Enum):
@@ -72,6 +74,10 @@ class RankState:
     guarded_steps: int = 0  # steps with a clipping threshold in force
     would_skip: int = 0  # steps a skip guard in observe mode would have skipped
     recent_actions: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10
+    layer_grad_norms: dict[str, float] = field(default_factory=dict)  # from the newest layers record
+    layer_update_ratios: dict[str, float] = field(default_factory=dict)  # newest value of each layer
+    layers_step: int | None = None
+    cuda_memory: dict[str, float] = field(default_factory=dict)  # CUDA allocator: allocated, reserved, peak, total
     end_status: str | None = None  # "finished" | "stopped" | "failed" from the end record
     end_error: str | None = None
     status: RunStatus = RunStatus.RUNNING
@@ -103,6 +109,20 @@ class RankState:
             self.steps_total = max(self.steps_total, record["step"])
         elif kind == "ack":
             self._apply_ack(record)
+        elif kind == "layers":
+            self._apply_layers(record)
+
+    def _apply_layers(self, record: dict[str, Any]) -> None:
+        names, norms, ratios = record.get("layers"), record.get("grad_norm"), record.get("update_ratio")
+        if isinstance(names, list) and isinstance(norms, list):
+            self.layer_grad_norms = {str(name): v for name, v in zip(names[:MAX_LAYERS], map(_number, norms))
+                                     if v is not None}
+        if isinstance(ratios, dict):
+            for name, ratio in ratios.items():
+                value = _number(ratio)
+                if value is not None and (name in self.layer_update_ratios or len(self.layer_update_ratios) < MAX_LAYERS):
+                    self.layer_update_ratios[str(name)] = value
+        self.layers_step = record["step"]
 
     def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
         key = f"{action}:{reason}"
@@ -153,6 +173,9 @@ class RankState:
         if isinstance(skip, str):
             self._count_action("skip_step", skip, record["step"], "update skipped")
         self.would_skip += isinstance(record.get("would_skip"), str)
+        memory = record.get("cuda_mem")
+        if isinstance(memory, dict):
+            self.cuda_memory = {k: v for k in CUDA_MEMORY_FIELDS if (v := _number(memory.get(k))) is not None}
 
     def _apply_log(self, record: dict[str, Any], t: float) -> None:
         values = record.get("values")
@@ -214,7 +237,7 @@ class RankState:
         "probe_dropped",
         "nonfinite", "spikes", "metrics", "metric_names_dropped", "end_status", "end_error", "ended_at",
         "actions", "commands_late", "clip_threshold", "clipped_steps", "guarded_steps", "would_skip",
-        "recent_actions",
+        "recent_actions", "layer_grad_norms", "layer_update_ratios", "layers_step", "cuda_memory",
     )
 
     def state_dict(self) -> dict[str, Any]:

@@ -161,6 +161,37 @@ def rules_defaults() -> None:
     click.echo(resources.files("gradwatch.rules").joinpath("default_rules.yaml").read_text(encoding="utf-8"), nl=False)
 
 
+@cli.group(context_settings=_CONTEXT)
+def dashboards() -> None:
+    """The Grafana dashboards gradwatch ships: run, fleet and debug (dashboards/README.md)."""
+
+
+@dashboards.command("export", context_settings=_CONTEXT)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def dashboards_export(directory: Path) -> None:
+    """Write the dashboards as JSON files into DIRECTORY (for Grafana's file provisioning)."""
+    from gradwatch.dashboards.publish import export
+
+    for path in export(directory):
+        click.echo(f"wrote {path}")
+
+
+@dashboards.command("push", context_settings=_CONTEXT)
+@click.option("--url", required=True, envvar="GRADWATCH_GRAFANA_URL", show_envvar=True,
+              help="Grafana to upload to, e.g. http://127.0.0.1:3000.")
+@click.option("--token", envvar="GRADWATCH_GRAFANA_TOKEN", show_envvar=True,
+              help="Service-account token (Editor role). Prefer the environment variable: options show in `ps`.")
+@click.option("--folder", default="gradwatch", show_default=True, help="Folder to put the dashboards in.")
+def dashboards_push(url: str, token: str | None, folder: str) -> None:
+    """Create or update the dashboards in an existing Grafana (safe to repeat: unchanged ones are left alone).
+
+    The dashboards ask for a Prometheus data source (variable "Data source") that scrapes the agent.
+    """
+    from gradwatch.dashboards.publish import push
+
+    push(url, token, folder, progress=lambda r: click.echo(f"{r.outcome:9} {r.name:6} {r.url}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr, never a traceback."""
     try:

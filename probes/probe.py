@@ -29,6 +29,8 @@ from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.identity import default_run_name, detect_identity
+from gradwatch.probes.layerstats import DEFAULT_EVERY as DEFAULT_LAYER_STATS_EVERY
+from gradwatch.probes.layerstats import LayerStats
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
 from gradwatch.rules.config import RulesConfig, default_rules, rules_from
@@ -40,6 +42,7 @@ DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_FLUSH_INTERVAL = 0.05
 ON_STOP_CHOICES = ("flag", "raise")
 RULES_ENV = "GRADWATCH_RULES_FILE"
+LAYER_STATS_ENV = "GRADWATCH_LAYER_STATS_EVERY"
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -67,6 +70,7 @@ class Probe:
         autostart_agent: bool | None = None,
         rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
         on_stop: str | None = None,
+        layer_stats_every: int | None = None,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradwatch.attach: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -79,6 +83,7 @@ class Probe:
         if labels is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError("gradwatch.attach: labels must map str to str, e.g. labels={'team': 'vision'}")
 
+        layer_stats_every = _layer_stats_every(layer_stats_every)
         on_stop = on_stop or os.environ.get("GRADWATCH_ON_STOP") or "flag"
         if on_stop not in ON_STOP_CHOICES:
             raise ValueError(f"gradwatch.attach: on_stop must be one of {ON_STOP_CHOICES}, got {on_stop!r}")
@@ -104,8 +109,10 @@ class Probe:
         self.stop_reason: str | None = None
         self._on_stop = on_stop
         self._inbox: deque[Command] = deque()
+        self._held_layers: QueueItem | None = None
         self._actuator: Actuator | None = None
 
+        cuda_device = _cuda_device(optimizer)
         start_agent = autostart_enabled() if autostart_agent is None else autostart_agent
         self._writer = SpoolWriterThread(
             queue=self._queue,
@@ -117,12 +124,15 @@ class Probe:
             warn=self._warn,
             flush_interval=flush_interval,
             on_agent_needed=ensure_agent if start_agent else None,
+            cuda_device=cuda_device,
             inbox=self._inbox,
             extra_meta={"rules": self.rules.model_dump(mode="json") if explicit_rules else None,
                         "guards": self.rules.guards.model_dump(mode="json"), "dry_run": self.rules.dry_run,
                         "on_stop": on_stop},
         )
         self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
+        self._layers = LayerStats(model, optimizer, layer_stats_every) \
+            if model is not None and optimizer is not None and layer_stats_every else None
         if self._grad_norm is not None:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
             snap = self.rules.guards.snapshots
@@ -194,6 +204,8 @@ class Probe:
         self._closed = True
         if status == "finished" and self.should_stop:
             status, error = "stopped", self.stop_reason  # the run ended because a rule stopped it
+        if self._held_layers is not None:
+            self._enqueue(self._held_layers)
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -221,6 +233,14 @@ class Probe:
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
             return
+        if self._held_layers is not None:
+            self._enqueue(self._held_layers)
+            self._held_layers = None
+        if self._layers is not None and self._layers.due(self.step + 1):
+            try:
+                self._layers.before_step()  # before the guards, which may clip or hide the gradients
+            except Exception as exc:
+                self._internal_error("layer_stats", exc)
         try:
             norm = self._grad_norm() if self._grad_norm is not None else None
             actuator = self._actuator
@@ -253,6 +273,8 @@ class Probe:
                 self._dropped_full()
             self._data_wait = None
             self._awaiting_forward = True
+            if self._layers is not None and self._layers.due(self.step):
+                self._record_layers(item[2])
             if self._actuator is not None:
                 self._actuator.after_step(self.step)
             if self._inbox:
@@ -261,6 +283,15 @@ class Probe:
             raise
         except Exception as exc:
             self._internal_error("step", exc)
+
+    def _record_layers(self, t: float) -> None:
+        try:
+            item = self._layers.after_step(self.step, t)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._internal_error("layer_stats", exc)
+            return
+        # queued at the next step (or close), so that probe.log() right after this step still joins the step record
+        self._held_layers = item
 
     # -- commands of the agent (training thread, between two steps) -------------------------------
     def _apply_commands(self) -> None:
@@ -321,6 +352,7 @@ def attach(
     autostart_agent: bool | None = None,
     rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
     on_stop: str | None = None,
+    layer_stats_every: int | None = None,
 ) -> Probe:
     """Monitor a training loop: ``probe = gradwatch.attach(model, optimizer, run="lr-sweep-3e-4")``.
 
@@ -340,13 +372,16 @@ def attach(
         on_stop: what a stop decision does: ``"flag"`` sets ``probe.should_stop`` (default,
             ``$GRADWATCH_ON_STOP``); ``"raise"`` also raises :class:`gradwatch.StopTraining` from
             ``optimizer.step()``, for scripts that do not check the flag.
+        layer_stats_every: every how many optimizer steps to record per-layer gradient norms and
+            update/weight ratios (default ``$GRADWATCH_LAYER_STATS_EVERY`` or 100; 0 turns them off;
+            needs the model). The sampled step costs a few extra kernels and a bounded copy of some layers.
 
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
     """
     return Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
                  max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
-                 on_stop=on_stop)
+                 on_stop=on_stop, layer_stats_every=layer_stats_every)
 
 
 def _resolve_rules(rules: Any) -> tuple[RulesConfig, bool]:
@@ -361,6 +396,33 @@ def _resolve_rules(rules: Any) -> tuple[RulesConfig, bool]:
         except ConfigError as exc:
             log.error("gradwatch: %s (from %s); using the default rules", exc, RULES_ENV)
     return default_rules(), False
+
+
+def _layer_stats_every(value: int | None) -> int:
+    if value is None:
+        env = os.environ.get(LAYER_STATS_ENV)
+        if env is None:
+            return DEFAULT_LAYER_STATS_EVERY
+        try:
+            value = int(env)
+        except ValueError:
+            log.error("gradwatch: %s=%r is not an integer; using %d", LAYER_STATS_ENV, env, DEFAULT_LAYER_STATS_EVERY)
+            return DEFAULT_LAYER_STATS_EVERY
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"gradwatch.attach: layer_stats_every must be an integer >= 0 (0: off), got {value!r}")
+    return value
+
+
+def _cuda_device(optimizer: torch.optim.Optimizer | None) -> int | None:
+    """The CUDA device of the optimizer's first parameter, whose allocator the writer thread samples."""
+    if optimizer is None:
+        return None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.is_cuda:
+                return None
+            return p.device.index if p.device.index is not None else torch.cuda.current_device()
+    return None
 
 
 def _host_guards(guards: GradientGuards) -> str:

@@ -27,7 +27,7 @@ class Deferred:
 class PendingDeviceValue(Deferred):
     """A scalar being copied from the GPU; ``resolve()`` returns NOT_READY until the copy landed."""
 
-    __slots__ = ("host", "event")
+    __slots__ = ("event", "host")
 
     def __init__(self, value: torch.Tensor) -> None:
         self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
@@ -49,6 +49,38 @@ class DeferredTensor(Deferred):
 
     def resolve(self) -> Any:
         return float(self.value)
+
+
+class PendingDeviceVector(Deferred):
+    """A small vector being copied from the GPU; ``resolve()`` gives a list of floats once it landed."""
+
+    __slots__ = ("event", "host")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self.host.copy_(value, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def resolve(self) -> Any:
+        return self.host.tolist() if self.event.query() else NOT_READY
+
+
+class DeferredVector(Deferred):
+    """A vector on the CPU (read on the writer thread) or another accelerator."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def resolve(self) -> Any:
+        return self.value.tolist()
+
+
+def capture_vector(value: torch.Tensor) -> Deferred:
+    """A 1-D tensor gradwatch computed itself, handed to the writer thread without a synchronisation."""
+    return PendingDeviceVector(value) if value.is_cuda else DeferredVector(value)
 
 
 class NotAScalar(ValueError):

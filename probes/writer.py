@@ -19,6 +19,7 @@ from typing import Any
 from gradwatch.probes import readback
 from gradwatch.probes.control import Command, CommandReader, acked_ids
 from gradwatch.probes.identity import ProcessIdentity
+from gradwatch.probes.layerstats import layer_record
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, RecordKind, SpoolLayout
 from gradwatch.spool.proc import process_alive, process_start_ticks
 from gradwatch.spool.writer import RecordFileWriter, claim_run_dir, write_json_atomic
@@ -27,7 +28,7 @@ log = logging.getLogger("gradwatch")
 
 #: Items the training thread puts on the queue; tuples are cheaper than objects to build.
 #: ("step", step, t, duration, data_wait, grad_norm, lrs, guard), ("log", step, t, {name: value})
-#: and ("ack", step, t, command, status, detail)
+#: ("ack", step, t, command, status, detail) and ("layers", ...) (probes/layerstats.py)
 QueueItem = tuple[Any, ...]
 # Once the run has a control directory (the agent acts on it), latency matters more than wake-ups: poll
 # for commands every 10 ms and flush records every 20 ms (benchmarks/rule_latency.py).
@@ -39,6 +40,7 @@ _RETRY_OPEN_SECONDS = 5.0
 # NaN/Infinity are written as the JSON extensions NaN/Infinity (docs/spool-format.md).
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 _FINAL_DEVICE_WAIT_SECONDS = 5.0
+_CUDA_MEMORY_EVERY_SECONDS = 1.0
 
 
 def _resolve_values(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -93,6 +95,7 @@ class SpoolWriterThread(threading.Thread):
         on_agent_needed: Callable[[SpoolLayout], object] | None,
         inbox: deque[Command] | None = None,
         extra_meta: dict[str, Any] | None = None,
+        cuda_device: int | None = None,
     ) -> None:
         super().__init__(name="gradwatch-writer", daemon=True)
         self._queue = queue
@@ -107,6 +110,8 @@ class SpoolWriterThread(threading.Thread):
         self._inbox = inbox
         self._extra_meta = extra_meta or {}
         self._commands: CommandReader | None = None
+        self._cuda_device = cuda_device
+        self._next_cuda_sample = 0.0
         self._stop_event = threading.Event()
         self._end_status: tuple[str, str | None, int] = ("finished", None, 0)
         self._file: RecordFileWriter | None = None
@@ -185,7 +190,25 @@ class SpoolWriterThread(threading.Thread):
                 queue.popleft()
             records.append(record)
         if records:
+            self._add_cuda_memory(records)
             self._write([self._line(record) for record in records])
+
+    def _add_cuda_memory(self, records: list[dict[str, Any]]) -> None:
+        """The CUDA allocator's counters, once a second, on the newest step record. Read here, not on
+        the training thread: they are host-side counters (no synchronisation), but building them costs."""
+        if self._cuda_device is None or time.monotonic() < self._next_cuda_sample:
+            return
+        step = next((r for r in reversed(records) if r["kind"] == "step"), None)
+        if step is None:
+            return
+        self._next_cuda_sample = time.monotonic() + _CUDA_MEMORY_EVERY_SECONDS
+        import torch
+
+        stats = torch.cuda.memory_stats(self._cuda_device)
+        step["cuda_mem"] = {"allocated": stats.get("allocated_bytes.all.current", 0),
+                            "reserved": stats.get("reserved_bytes.all.current", 0),
+                            "peak": stats.get("allocated_bytes.all.peak", 0),
+                            "total": torch.cuda.get_device_properties(self._cuda_device).total_memory}
 
     @staticmethod
     def _record(item: QueueItem, log_item: QueueItem | None = None) -> dict[str, Any] | None:
@@ -210,6 +233,8 @@ class SpoolWriterThread(threading.Thread):
                     return None
                 record["values"] = values
             return record
+        if item[0] == "layers":
+            return layer_record(item)
         if item[0] == "ack":
             _, step, t, command, status, detail = item
             return {"kind": "ack", "step": step, "t": t, "id": command.id, "action": command.type,

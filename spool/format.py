@@ -10,7 +10,7 @@ from pathlib import Path
 
 FORMAT_NAME = "gradwatch-spool"
 #: major.minor. A reader refuses a newer *major*; a newer minor only adds fields.
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(meta\.json|records\.jsonl)$")
@@ -23,6 +23,7 @@ class RecordKind(str, enum.Enum):
     LOG = "log"  # scalars passed to Probe.log()
     END = "end"  # the process closed its probe: status finished | stopped | failed
     ACK = "ack"  # the probe applied (or refused) a command of the agent (since 1.1)
+    LAYERS = "layers"  # per-layer gradient norms and update/weight ratios of a sampled step (since 1.2)
 
 
 def default_home() -> Path:

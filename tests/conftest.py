@@ -99,8 +99,11 @@ def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 class AgentProcess:
     """``gradwatch agent`` as a real subprocess on a free port."""
 
-    def __init__(self, home: Path, port: int, *extra: str) -> None:
+    def __init__(self, home: Path, port: int, *extra: str, fake_gpus: bool = False) -> None:
         self.home, self.port, self.extra = home, port, extra
+        # fake_gpus: NVML faked with two GPUs (tests/support/agent_with_fake_gpus.py); no GPU on CI machines
+        self.command = [sys.executable, str(SUPPORT / "agent_with_fake_gpus.py")] if fake_gpus \
+            else [sys.executable, "-m", "gradwatch", "agent"]
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home.parent / f"agent-{port}.log"
@@ -109,7 +112,7 @@ class AgentProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gradwatch", "agent", "--home", str(self.home), "--port", str(self.port),
+                [*self.command, "--home", str(self.home), "--port", str(self.port),
                  "--log-level", "debug", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
@@ -133,8 +136,8 @@ class AgentProcess:
 def agent_process(isolated_home: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(*extra: str, port: int | None = None) -> AgentProcess:
-        agent = AgentProcess(isolated_home, port or free_port(), *extra).start()
+    def start(*extra: str, port: int | None = None, fake_gpus: bool = False) -> AgentProcess:
+        agent = AgentProcess(isolated_home, port or free_port(), *extra, fake_gpus=fake_gpus).start()
         started.append(agent)
         return agent
 

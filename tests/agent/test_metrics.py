@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,9 +12,11 @@ import pytest
 
 from gradwatch.agent import catalogue
 from gradwatch.agent.collector import AgentCollector
+from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.state import AgentState
 from tests.agent.helpers import FakeClock, SpoolBuilder
+from tests.support.fake_nvml import FakeGpu, FakeNvml
 
 NAME = re.compile(r"^gradwatch_[a-z][a-z0-9_]*[a-z0-9]$")
 
@@ -28,6 +31,8 @@ def test_catalogue_follows_prometheus_naming() -> None:
         assert not re.search(r"_(ms|milliseconds|minutes|hours)(_|$)", spec.name), f"{spec.name}: use base units"
         if spec.name.startswith("gradwatch_agent_"):
             assert "run" not in spec.labels
+        elif spec.name.startswith("gradwatch_gpu_"):  # one series per GPU, naming the run on it
+            assert spec.labels[:5] == ("gpu", "uuid", "host", "run", "rank"), spec.name
         else:
             assert spec.labels[:2] == ("run", "rank"), f"{spec.name}: every per-run series carries run and rank"
 
@@ -48,6 +53,10 @@ def scrape(tmp_path: Path) -> str:
     spool.start("a", labels={"team": "vision", "odd key!": "x"})
     spool.steps("a", 0, 1, 30, nan_every=10)
     spool.append("a", 0, {"kind": "log", "step": 30, "t": 1_000_003.0, "values": {"val_loss": 0.3}})
+    spool.append("a", 0, {"kind": "step", "step": 31, "t": 1_000_003.1, "grad_norm": 1.0, "lr": [0.1],
+                          "cuda_mem": {"allocated": 2**30, "reserved": 2**31, "peak": 3 * 2**30, "total": 2**36}},
+                 {"kind": "layers", "step": 31, "t": 1_000_003.1, "layers": ["enc.0", "enc.1"],
+                  "grad_norm": [0.5, 0.25], "update_ratio": {"enc.0": 1e-3}})
     spool.start("b", rank=1, world_size=2)
     spool.steps("b", 1, 1, 5)
     state = AgentState(spike_window=1e9)
@@ -55,7 +64,9 @@ def scrape(tmp_path: Path) -> str:
     SpoolIngestor(spool.layout, state, clock).scan_all()
     state.refresh(clock(), stall_after=1e9, ended_ttl=1e9, local_host="x")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, clock))
+    # NVML is faked here (no GPU on CI machines): one GPU runs run "a" (this process's pid), one is idle
+    gpus = GpuCollector(FakeNvml([FakeGpu(uuid="GPU-a", pids=[os.getpid()]), FakeGpu(uuid="GPU-b")]))
+    registry.register(AgentCollector(state, clock, gpus=gpus, local_host="elsewhere"))
     return generate_latest(registry).decode()
 
 
@@ -65,6 +76,12 @@ def test_every_catalogue_metric_appears_in_a_scrape(scrape: str) -> None:
     assert 'gradwatch_metric{name="val_loss",rank="0",run="a"} 0.3' in scrape
     assert 'label_team="vision"' in scrape and 'label_odd_key_="x"' in scrape
     assert 'gradwatch_run_state{rank="1",run="b",state="running"} 1.0' in scrape
+    assert 'gradwatch_layer_grad_norm{layer="enc.0",rank="0",run="a"} 0.5' in scrape
+    assert 'gradwatch_layer_update_ratio{layer="enc.0",rank="0",run="a"} 0.001' in scrape
+    assert 'gradwatch_cuda_memory_reserved_bytes{rank="0",run="a"} 2.147483648e+09' in scrape
+    assert 'gradwatch_gpu_utilization_ratio{gpu="0",host="elsewhere",rank="0",run="a",uuid="GPU-a"} 0.87' in scrape
+    assert 'gradwatch_gpu_utilization_ratio{gpu="1",host="elsewhere",rank="",run="",uuid="GPU-b"} 0.87' in scrape
+    assert "gradwatch_agent_gpus 2.0" in scrape
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with the Debian package prometheus")

@@ -30,8 +30,8 @@ from gradwatch.agent.notify import (
     WebhookSink,
 )
 from gradwatch.errors import ConfigError
-from tests.agent.helpers import SpoolBuilder
 from gradwatch.status import fetch_runs, print_runs
+from tests.agent.helpers import SpoolBuilder
 from tests.conftest import WebhookReceiver, free_port, http_json, wait_until
 
 TOKEN = "glsa_s3cr3t-token-never-in-logs"

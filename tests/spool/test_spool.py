@@ -82,7 +82,7 @@ def test_invalid_lines_are_rejected_with_a_reason_and_skipped(tmp_path: Path) ->
     path.write_text(
         '{"kind":"step","step":1,"t":1.0}\n'
         "garbage\n"
-        '{"kind":"teleport","step":2,"t":2.0}\n'
+        '{"kind":7,"step":2,"t":2.0}\n'
         '{"kind":"log","step":-1,"t":2.0}\n'
         '{"kind":"log","step":3,"t":3.0,"values":{"loss":NaN}}\n'
     )
@@ -90,3 +90,10 @@ def test_invalid_lines_are_rejected_with_a_reason_and_skipped(tmp_path: Path) ->
     assert [r["step"] for r in result.records] == [1, 3]
     assert result.rejected == ["malformed", "invalid", "invalid"]
     assert result.records[1]["values"]["loss"] != result.records[1]["values"]["loss"]  # NaN survives the trip
+
+
+def test_a_record_kind_from_a_newer_minor_version_is_read_and_left_to_the_reader(tmp_path: Path) -> None:
+    path = tmp_path / "rank-0.records.jsonl"
+    path.write_text('{"kind":"teleport","step":2,"t":2.0}\n')
+    result = read_records(path, 0)
+    assert [r["kind"] for r in result.records] == ["teleport"] and result.rejected == []

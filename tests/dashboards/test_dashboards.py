@@ -1,0 +1,158 @@
+"""The Grafana dashboards: generated and current, every query run against a real Prometheus
+that scrapes a real agent serving a live run (the demo training: it diverges, is rewound,
+skips a NaN batch, clips, and logs per-layer statistics). The agent's NVML is faked, so that
+the GPU panels have series on a machine without a GPU; no Grafana server runs here, so the
+queries are evaluated the way Grafana would send them (variables substituted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from gradwatch.agent import catalogue
+from gradwatch.dashboards import NAMES, load, load_all
+from gradwatch.dashboards.generate import main as generate
+from tests.conftest import http_json, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+KNOWN = {spec.name for spec in catalogue.ALL}
+PROMETHEUS_OWN = {"ALERTS"}  # the series Prometheus itself makes for its alert rules
+#: Metrics a run on a CPU cannot have: the CUDA caching allocator's counters.
+CPU_EMPTY = re.compile(r"gradwatch_cuda_memory_")
+
+
+def test_committed_dashboards_are_what_the_generator_makes() -> None:
+    assert generate(["--check"]) == 0, "run python -m gradwatch.dashboards.generate"
+
+
+def _panels(model: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in model["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows keep their panels inside
+
+
+def queries(model: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, expr, target) for every panel target and every Prometheus annotation."""
+    for panel in _panels(model):
+        for target in panel.get("targets", []):
+            yield f"{model['uid']} / {panel['title']} / {target['refId']}", target["expr"], target
+    for annotation in model["annotations"]["list"]:
+        if "expr" in annotation:
+            yield f"{model['uid']} / annotation {annotation['name']}", annotation["expr"], {"instant": False}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: every gradwatch_* name, and any name before a selector."""
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    names = set(re.findall(r"\bgradwatch_\w+", without_strings))
+    names |= set(re.findall(r"\b([A-Za-z_:][\w:]*)\{", without_strings))
+    return names - {"by", "without", "on", "ignoring", "group_left", "group_right"}
+
+
+def unknown_metrics(model: dict[str, Any]) -> list[str]:
+    return [f"{where}: {name}" for where, expr, _ in queries(model) for name in sorted(metric_names(expr))
+            if name not in KNOWN | PROMETHEUS_OWN]
+
+
+def test_dashboards_name_only_metrics_the_agent_exports() -> None:
+    for name in NAMES:
+        assert unknown_metrics(load(name)) == []
+
+
+def test_a_dashboard_naming_a_metric_the_agent_lacks_fails() -> None:
+    model = {"uid": "x", "panels": [{"title": "p", "targets": [
+        {"refId": "A", "expr": 'rate(gradwatch_loss_total{run="$run"}[5m]) + DCGM_FI_DEV_GPU_UTIL{gpu="0"}'}]}],
+        "annotations": {"list": []}}
+    assert unknown_metrics(model) == ["x / p / A: DCGM_FI_DEV_GPU_UTIL", "x / p / A: gradwatch_loss_total"]
+
+
+def test_every_panel_has_units_a_description_and_a_place_on_a_laptop_screen() -> None:
+    for name, model in load_all().items():
+        for panel in _panels(model):
+            if panel["type"] == "row":
+                continue
+            where = f"{name} / {panel['title']}"
+            assert panel.get("description"), f"{where}: no description"
+            assert panel["gridPos"]["w"] <= 24 and panel["gridPos"]["h"] <= 10, where
+            if panel["type"] == "timeseries":
+                assert panel["fieldConfig"]["defaults"].get("unit"), f"{where}: no unit"
+                assert all(t.get("legendFormat") for t in panel["targets"]), f"{where}: a series without a legend"
+
+
+def substitute(expr: str, run: str) -> str:
+    """What Grafana sends for the default variable values: one run, all ranks, top 10 layers."""
+    return (expr.replace("$run", run).replace("$rank", ".*").replace("$topk", "10")
+            .replace("$__rate_interval", "1m").replace("$__interval", "5s"))
+
+
+def _api(prom: Any, path: str, **params: Any) -> dict[str, Any]:
+    body = http_json(f"{prom.url}/api/v1/{path}?{urlencode(params, doseq=True)}")
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def variable_values(prom: Any, variable: dict[str, Any], run: str) -> list[str]:
+    """A template variable's values as Grafana's Prometheus data source gets them."""
+    if variable["type"] == "custom":
+        return [v.strip() for v in variable["query"].split(",")]
+    match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"])
+    assert match, f"unsupported variable query {variable['query']!r}"
+    selector, label = match.groups()
+    return _api(prom, f"label/{label}/values", **{"match[]": substitute(selector, run)})
+
+
+@pytest.mark.integration
+def test_every_query_runs_and_returns_data_for_a_live_run(isolated_home: Path, agent_process, prometheus,
+                                                          tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = agent_process(fake_gpus=True)
+    prom = prometheus([f"127.0.0.1:{agent.port}"], rule_files=[ROOT / "alerts" / "gradwatch.rules.yml"])
+    env = {"GRADWATCH_HOME": str(isolated_home), "GRADWATCH_LAYER_STATS_EVERY": "10", "GRADWATCH_AUTOSTART": "0"}
+    demo = subprocess.Popen([sys.executable, "-m", "gradwatch", "demo", "--no-live", "--steps", "2000",
+                             "--steps-per-second", "50"], env={**_environ(), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # past the divergence: the rewind was applied and Prometheus has a minute of history to rate over
+        wait_until(lambda: (prom.scalar('sum(gradwatch_actions_total{run="demo",action="rewind"})') or 0) >= 1,
+                   timeout=120, what="the demo's rewind in Prometheus")
+        wait_until(lambda: prom.scalar('count(gradwatch_layer_update_ratio{run="demo"})'), timeout=30,
+                   what="layer statistics")
+        time.sleep(3)
+        assert demo.poll() is None, "the demo run should still be running while its dashboards are queried"
+        assert prom.scalar('gradwatch_run_state{run="demo",state="running"}') == 1.0
+        now = time.time()
+        failures = []
+        for name, model in load_all().items():
+            for variable in model["templating"]["list"]:
+                if variable["type"] in ("query", "custom"):
+                    values = variable_values(prom, variable, "demo")
+                    expected = {"run": "demo", "rank": "0", "topk": "10"}[variable["name"]]
+                    if expected not in values:
+                        failures.append(f"{name}: variable {variable['name']} = {values}, no {expected!r}")
+            for where, expr, target in queries(model):
+                promql = substitute(expr, "demo")
+                if target.get("instant"):
+                    result = _api(prom, "query", query=promql, time=now)["result"]
+                else:
+                    result = _api(prom, "query_range", query=promql, start=now - 120, end=now, step=5)["result"]
+                must_have_data = not where.split(" / ")[1].startswith("annotation") and not CPU_EMPTY.search(expr) \
+                    and "ALERTS" not in expr
+                if must_have_data and not result:
+                    failures.append(f"{where}: no data for {promql}")
+        assert failures == []
+    finally:
+        demo.kill()
+        demo.wait()
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
