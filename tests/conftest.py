@@ -76,6 +76,16 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         return response.read()
 
 
+def reply_json(handler: Any, code: int, body: Any) -> None:
+    """Answer a BaseHTTPRequestHandler request with a JSON body (for the local HTTP stand-ins)."""
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def http_json(url: str) -> Any:
     return json.loads(http_get(url))
 

@@ -32,7 +32,7 @@ from gradwatch.agent.notify import (
 from gradwatch.errors import ConfigError
 from gradwatch.status import fetch_runs, print_runs
 from tests.agent.helpers import SpoolBuilder
-from tests.conftest import WebhookReceiver, free_port, http_json, wait_until
+from tests.conftest import WebhookReceiver, free_port, http_json, reply_json, wait_until
 
 TOKEN = "glsa_s3cr3t-token-never-in-logs"
 
@@ -165,12 +165,7 @@ class GrafanaStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             def _reply(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply_json(self, code, body)
 
             def _body(self) -> dict[str, Any]:
                 return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")

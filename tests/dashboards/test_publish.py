@@ -17,6 +17,7 @@ import pytest
 from gradwatch.cli import main as cli_main
 from gradwatch.dashboards import NAMES, load
 from gradwatch.dashboards.publish import PushError, push
+from tests.conftest import reply_json
 
 TOKEN = "glsa_test_token"
 
@@ -33,12 +34,7 @@ class GrafanaDashboardsStandIn:
                 pass
 
             def _reply(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply_json(self, code, body)
 
             def _authorised(self) -> bool:
                 if self.headers.get("Authorization") == f"Bearer {TOKEN}":
