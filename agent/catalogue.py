@@ -152,7 +152,7 @@ AGENT_NOTIFICATIONS_PENDING = MetricSpec("gradwatch_agent_notifications_pending"
                                          "Notifications waiting to be delivered (or retried), by endpoint.",
                                          ("endpoint",))
 AGENT_GPUS = MetricSpec("gradwatch_agent_gpus", "gauge",
-                        "GPUs the agent's NVML collector sees (0: no NVML or no GPU; the reason is in /api/runs).", ())
+                        "GPUs the agent's NVML collector sees (0: no NVML or no GPU; the reason is in /healthz).", ())
 AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
                               ("version",))
 

@@ -53,10 +53,6 @@ class LayerStats:
         self._cursor = 0  # next layer whose update is measured
         self._pending: tuple[Any, ...] | None = None
 
-    def due(self, step: int) -> bool:
-        """Whether ``step`` (the step about to complete) is sampled."""
-        return step % self.every == 0
-
     def _layout(self) -> None:
         groups = self._optimizer.param_groups
         shape = tuple(len(group["params"]) for group in groups)

@@ -133,6 +133,7 @@ class Probe:
         self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
         self._layers = LayerStats(model, optimizer, layer_stats_every) \
             if model is not None and optimizer is not None and layer_stats_every else None
+        self._layer_step = layer_stats_every if self._layers is not None else 0  # next sampled step (0: never)
         if self._grad_norm is not None:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
             snap = self.rules.guards.snapshots
@@ -236,7 +237,7 @@ class Probe:
         if self._held_layers is not None:
             self._enqueue(self._held_layers)
             self._held_layers = None
-        if self._layers is not None and self._layers.due(self.step + 1):
+        if self.step + 1 == self._layer_step:
             try:
                 self._layers.before_step()  # before the guards, which may clip or hide the gradients
             except Exception as exc:
@@ -273,7 +274,7 @@ class Probe:
                 self._dropped_full()
             self._data_wait = None
             self._awaiting_forward = True
-            if self._layers is not None and self._layers.due(self.step):
+            if self.step == self._layer_step:
                 self._record_layers(item[2])
             if self._actuator is not None:
                 self._actuator.after_step(self.step)
@@ -285,6 +286,7 @@ class Probe:
             self._internal_error("step", exc)
 
     def _record_layers(self, t: float) -> None:
+        self._layer_step += self._layers.every  # type: ignore[union-attr]
         try:
             item = self._layers.after_step(self.step, t)  # type: ignore[union-attr]
         except Exception as exc:
