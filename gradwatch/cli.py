@@ -1,4 +1,4 @@
-"""The ``gradwatch`` command line: agent, status, demo."""
+"""The ``gradwatch`` command line: run, agent, status, demo, rules, dashboards."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def cli() -> None:
     """Watch PyTorch training runs and export them to Prometheus.
 
     \b
+    Unchanged script:         gradwatch run -- python train.py
     In the training script:   probe = gradwatch.attach(model, optimizer)
     On each machine:          gradwatch agent    (started for you if none runs)
     See what runs:            gradwatch status
@@ -81,6 +82,41 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
         if if_not_running:
             return
         raise
+
+
+@cli.command("run", context_settings={**_CONTEXT, "allow_interspersed_args": False})
+@click.option("--run", "run_name", default=None, metavar="NAME",
+              help="Run name (label `run`). [default: <script>-<6 hex>]")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rules file for this run (checked before the command starts). [default: the agent's rules]")
+@_home_option
+@click.option("--on-stop", type=click.Choice(["raise", "flag"]), default="raise", show_default=True,
+              help="When a rule stops the run: raise gradwatch.StopTraining from optimizer.step() (ends an "
+                   "unmodified script with exit status 0), or only set the probe's flag.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing of our own.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
+def run_cmd(run_name: str | None, rules_file: Path | None, home: Path | None, on_stop: str, quiet: bool,
+            command: tuple[str, ...]) -> None:
+    """Run a training command, unmodified, with gradwatch watching it.
+
+    \b
+      gradwatch run -- python train.py --lr 3e-4
+      gradwatch run --run sweep-7 --rules rules.yaml -- torchrun --nproc-per-node 8 train.py
+
+    Every optimizer the script steps is found through torch's optimizer hooks; the loss is
+    the scalar its backward pass starts from; a clip_grad_norm_ result is reused, and AMP's
+    GradScaler is undone for the norm. Rank and world size come from torchrun's environment.
+    A stop decision raises gradwatch.StopTraining (a SystemExit with status 0) from
+    optimizer.step(): catch it to save a checkpoint. The command's exit status is passed through.
+    """
+    from gradwatch.launch import CommandNotFound, launch
+
+    try:
+        code = launch(command, run=run_name, rules=rules_file, home=home, on_stop=on_stop, quiet=quiet)
+    except CommandNotFound as exc:
+        click.echo(f"gradwatch: error: {exc}", err=True)
+        code = 127  # what a shell answers
+    sys.exit(code)
 
 
 @cli.command(context_settings=_CONTEXT)

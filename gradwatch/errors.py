@@ -9,6 +9,14 @@ class ConfigError(GradwatchError):
     """A configuration value is invalid; the message names the field, the value and its source."""
 
 
-class StopTraining(Exception):  # named for what it asks, like StopIteration
+class StopTraining(SystemExit):  # named for what it asks, like StopIteration
     """Raised from ``optimizer.step()`` when a rule stops the run and the probe was attached with
-    ``on_stop="raise"`` (the zero-code launcher's default). Catch it to save a checkpoint."""
+    ``on_stop="raise"`` (the zero-code launcher's default). Catch it to save a checkpoint.
+
+    A SystemExit with exit code 0: left uncaught, it ends the script cleanly (``finally`` blocks and
+    atexit handlers run, no traceback), and a broad ``except Exception`` in the script does not
+    swallow it. Every rank raises it after the same step, so DDP processes leave together."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 0  # stopping early is a successful end of training, not a failure

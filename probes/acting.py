@@ -5,6 +5,7 @@ learning rate, rewind. Deciding happens elsewhere (probes/guards.py, the agent's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from gradwatch.probes import readback
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
+from gradwatch.probes.optimizers import OptimizerSet
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.rules.config import ReduceLR, Rewind, ScaleClip
 from gradwatch.rules.lr import min_lr_for, reduced_lr
@@ -23,9 +25,12 @@ GuardInfo = tuple[Any, Any, Any, Any]
 
 
 class Actuator:
-    def __init__(self, optimizer: torch.optim.Optimizer, meter: GradNormMeter, guards: GradientGuards,
+    def __init__(self, optimizers: OptimizerSet, meter: GradNormMeter, guards: GradientGuards,
                  snapshots: Snapshots | None) -> None:
-        self.optimizer = optimizer
+        self.optimizers = optimizers
+        self.optimizer = optimizers.primary  # the one whose step the probe counts
+        self.schedulers: list[Any] = []  # LR schedulers whose base_lrs follow an LR reduction
+        self.external_clip: Callable[[float, float, float], float] | None = None  # a framework's clipping
         self.meter = meter
         self.guards = guards
         self.snapshots = snapshots
@@ -111,6 +116,9 @@ class Actuator:
         if isinstance(action, ReduceLR):
             return self._reduce_lr(action)
         if isinstance(action, ScaleClip):
+            if self.external_clip is not None:
+                new = self.external_clip(action.factor, action.min_max_norm, action.max_max_norm)
+                return f"the trainer's clip threshold now {new:.6g}"
             new = self.guards.scale_fixed_threshold(action.factor, action.min_max_norm, action.max_max_norm)
             return f"clip threshold now {new:.6g}"
         if isinstance(action, Rewind):
@@ -125,7 +133,7 @@ class Actuator:
 
     def _reduce_lr(self, action: ReduceLR) -> str:
         changes = []
-        for i, group in enumerate(self.optimizer.param_groups):
+        for i, group in enumerate(self.optimizers.param_groups):
             old = group["lr"]
             old_value = float(old)
             new = reduced_lr(old_value, action.factor, min_lr_for(action.min_lr, i), action.eps)
@@ -134,5 +142,17 @@ class Actuator:
                     old.fill_(new)
                 else:
                     group["lr"] = new
+                self._scale_schedule(group, new / old_value if old_value else 1.0)
             changes.append(f"{old_value:.6g}->{new:.6g}")
         return "lr " + ", ".join(changes)
+
+    def _scale_schedule(self, group: dict[str, Any], ratio: float) -> None:
+        """Schedulers that compute the LR from their base LRs (LambdaLR, OneCycle...) would undo the
+        reduction at their next step; scale their base LR of this group by the same ratio."""
+        for scheduler in self.schedulers:
+            groups = scheduler.optimizer.param_groups
+            for j, candidate in enumerate(groups):
+                if candidate is group and j < len(scheduler.base_lrs):
+                    scheduler.base_lrs[j] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio

@@ -57,8 +57,11 @@ class NormOfNorms(Deferred):
     def __init__(self, norms: Sequence[torch.Tensor]) -> None:
         self.norms = norms
 
+    def tensor(self) -> torch.Tensor:
+        return _norm_of_norms(list(self.norms))
+
     def resolve(self) -> float:
-        return _norm_of_norms(list(self.norms)).item()
+        return self.tensor().item()
 
     def value_now(self) -> float:
         """The global norm on the training thread (for the guards): few tensors are read one by one
@@ -94,16 +97,22 @@ class GradNormMeter:
     def fusable(self) -> bool:
         return self._fusable
 
-    def __call__(self) -> torch.Tensor | NormOfNorms | None:
+    def __call__(self, reuse: tuple[torch.Tensor, int] | None = None) -> torch.Tensor | NormOfNorms | None:
+        """The norm of the current gradients. ``reuse``: (norm, number of gradients) of a
+        ``clip_grad_norm_`` call the script made on these gradients; taken instead of computing
+        the norm again when it covered as many gradients as the optimizers hold."""
         groups = self._optimizer.param_groups
         shape = tuple(len(group["params"]) for group in groups)
         if shape != self._shape:  # a param group was added or changed
-            self._params = [p for group in groups for p in group["params"]]
+            seen: set[int] = set()  # several optimizers may share a parameter: count it once
+            self._params = [p for group in groups for p in group["params"] if not (id(p) in seen or seen.add(id(p)))]
             self._shape = shape
             self._checked_for = -1
         grads = [g for p in self._params if (g := p.grad) is not None]
         if not grads:
             return None
+        if reuse is not None and reuse[1] == len(grads):
+            return reuse[0]
         if self._checked_for != len(grads):
             self._checked_for = len(grads)
             self._fusable = _fusable(grads)

@@ -29,7 +29,20 @@ def _env_int(name: str) -> int | None:
     return int(value) if value.strip().lstrip("-").isdigit() else None
 
 
-def detect_identity(rank: int | None = None, world_size: int | None = None) -> ProcessIdentity:
+def shared_launch_id() -> str | None:
+    """A launch id rank 0 makes up and broadcasts, for launchers whose ranks share no parent process
+    (Lightning's DDP starts ranks 1.. from rank 0). A collective: every rank must call it. None
+    without an initialised process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    box = [f"{socket.gethostname()}:{os.getpid()}:{time.time()}"]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def detect_identity(rank: int | None = None, world_size: int | None = None,
+                    launch_id: str | None = None) -> ProcessIdentity:
     """Rank and world size from the arguments, else torch.distributed, else the launcher's env vars."""
     if rank is None or world_size is None:
         dist = torch.distributed
@@ -42,7 +55,7 @@ def detect_identity(rank: int | None = None, world_size: int | None = None) -> P
     host = socket.gethostname()
     pid = os.getpid()
     start_time = time.time()
-    explicit = os.environ.get("GRADWATCH_RUN_ID")
+    explicit = launch_id or os.environ.get("GRADWATCH_RUN_ID")
     if explicit:
         key = explicit
     elif world_size > 1:

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,11 +27,12 @@ from gradwatch.probes import readback
 from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import autostart_enabled, ensure_agent
 from gradwatch.probes.control import Command
-from gradwatch.probes.gradnorm import GradNormMeter
+from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.identity import default_run_name, detect_identity
 from gradwatch.probes.layerstats import DEFAULT_EVERY as DEFAULT_LAYER_STATS_EVERY
 from gradwatch.probes.layerstats import LayerStats
+from gradwatch.probes.optimizers import OptimizerSet, unwrap
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
 from gradwatch.rules.config import RulesConfig, default_rules, rules_from
@@ -47,6 +49,9 @@ LAYER_STATS_ENV = "GRADWATCH_LAYER_STATS_EVERY"
 _is_compiling = torch.compiler.is_compiling
 
 
+OptimizerArg = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
 class Probe:
     """Records one training process's steps into the run spool. Create it with :func:`attach`.
 
@@ -58,7 +63,7 @@ class Probe:
     def __init__(
         self,
         model: torch.nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         *,
         run: str | None = None,
         labels: dict[str, str] | None = None,
@@ -71,11 +76,12 @@ class Probe:
         rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
         on_stop: str | None = None,
         layer_stats_every: int | None = None,
+        measure_in_step_hook: bool = True,
+        launch_id: str | None = None,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"gradwatch.attach: model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"gradwatch.attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizers = _optimizer_list(optimizer)
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"gradwatch.attach: max_queue must be a positive integer, got {max_queue!r}")
         if not flush_interval > 0:
@@ -89,7 +95,7 @@ class Probe:
             raise ValueError(f"gradwatch.attach: on_stop must be one of {ON_STOP_CHOICES}, got {on_stop!r}")
         self.rules, explicit_rules = _resolve_rules(rules)
 
-        self.identity = detect_identity(rank, world_size)
+        self.identity = detect_identity(rank, world_size, launch_id)
         self.layout = SpoolLayout(Path(home).expanduser() if home is not None else default_home())
         self.requested_run = run if run is not None else default_run_name(self.identity)
         self.step = 0  # optimizer steps completed since attach
@@ -111,6 +117,13 @@ class Probe:
         self._inbox: deque[Command] = deque()
         self._held_layers: QueueItem | None = None
         self._actuator: Actuator | None = None
+        self._measure_in_step_hook = measure_in_step_hook
+        self._clip_norm: tuple[torch.Tensor, int] | None = None
+        self._closure_step = False
+        self._step_inputs: Any = None  # interceptors.StepInputs: the loss when the script does not log it
+        self._optimizers = OptimizerSet(optimizers) if optimizers else None
+        self._primary = optimizers[0] if optimizers else None
+        optimizer = self._optimizers  # what the meters read: every optimizer's param groups
 
         cuda_device = _cuda_device(optimizer)
         start_agent = autostart_enabled() if autostart_agent is None else autostart_agent
@@ -138,15 +151,15 @@ class Probe:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
             snap = self.rules.guards.snapshots
             snapshots = Snapshots(model, optimizer, snap.every, snap.keep) if self.rules.snapshots_enabled else None
-            self._actuator = Actuator(optimizer, self._grad_norm, guards, snapshots)
+            self._actuator = Actuator(self._optimizers, self._grad_norm, guards, snapshots)
             if guards.needs_host_norm and any(p.is_cuda for g in optimizer.param_groups for p in g["params"]):
                 self._warn("guards-sync", "guards %s read the gradient norm on the host: one CUDA synchronisation "
                            "per step (see docs/rules.md)", _host_guards(guards))
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
         self._wall_offset = time.time() - time.perf_counter()
-        if optimizer is not None:
-            self._hooks.append(optimizer.register_step_pre_hook(self._on_step_pre))
-            self._hooks.append(optimizer.register_step_post_hook(self._on_step_post))
+        if self._primary is not None:
+            self._hooks.append(self._primary.register_step_pre_hook(self._on_step_pre))
+            self._hooks.append(self._primary.register_step_post_hook(self._on_step_post))
         if model is not None:
             self._hooks.append(model.register_forward_pre_hook(self._on_forward_pre))
         self._writer.start()
@@ -198,6 +211,43 @@ class Probe:
         """Block until the run directory exists (for tools and tests; training never needs it)."""
         return self._writer.ready.wait(timeout)
 
+    # -- for integrations (the zero-code launcher, Lightning, Transformers) ------------------------
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch one more optimizer: its parameters join the gradient norm, its groups the learning rates."""
+        if self._optimizers is None:
+            raise ValueError("add_optimizer: the probe was attached without an optimizer")
+        self._optimizers.add(unwrap(optimizer))
+
+    def measure_gradients(self) -> None:
+        """Measure the gradients now, for frameworks whose ``optimizer.step()`` runs the backward
+        pass itself (Lightning's closure): call it after the backward pass, before clipping. Use with
+        ``measure_in_step_hook=False``."""
+        if not self._closed:
+            self._before_step()
+
+    def batch_started(self) -> None:
+        """Mark the end of the data wait (when no model forward hook can: the framework calls the
+        model another way)."""
+        self._on_forward_pre(None, None)  # type: ignore[arg-type]
+
+    def reuse_clip_norm(self, total_norm: torch.Tensor, n_gradients: int) -> None:
+        """The script's own ``clip_grad_norm_`` result on the current gradients (before clipping):
+        recorded instead of computing the same norm again, if it covered all of them."""
+        self._clip_norm = (total_norm, n_gradients)
+
+    def watch_schedulers(self, schedulers: Sequence[Any]) -> None:
+        """LR schedulers of the watched optimizers: an LR reduction also scales their base
+        learning rates, so that a schedule that recomputes the LR from them (LambdaLR, warm-up and
+        decay) keeps the reduction instead of undoing it at its next step."""
+        if self._actuator is not None:
+            self._actuator.schedulers = [s for s in schedulers if hasattr(s, "base_lrs")]
+
+    def control_clipping(self, scale: Callable[[float, float, float], float] | None) -> None:
+        """Hand clip-threshold changes to the framework's own clipping: ``scale(factor, min, max)``
+        sets the framework's threshold and returns the new value."""
+        if self._actuator is not None:
+            self._actuator.external_clip = scale
+
     def close(self, *, status: str = "finished", error: str | None = None, timeout: float = 10.0) -> None:
         """Remove the hooks, write what is queued and mark the run finished. Idempotent."""
         if self._closed:
@@ -225,15 +275,20 @@ class Probe:
             self.close(status="failed", error=repr(exc))
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------
-    def _on_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+    def _on_forward_pre(self, module: torch.nn.Module | None, args: Any) -> None:
         if self._awaiting_forward and not _is_compiling():
             self._awaiting_forward = False
             if self._last_step_end is not None:
                 self._data_wait = time.perf_counter() - self._last_step_end
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if _is_compiling():
-            return
+        if self._measure_in_step_hook and not _is_compiling():
+            if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+                self._closure_step = True  # step(closure) computes the gradients itself: measure after it
+            else:
+                self._before_step()
+
+    def _before_step(self) -> None:
         if self._held_layers is not None:
             self._enqueue(self._held_layers)
             self._held_layers = None
@@ -243,7 +298,12 @@ class Probe:
             except Exception as exc:
                 self._internal_error("layer_stats", exc)
         try:
-            norm = self._grad_norm() if self._grad_norm is not None else None
+            reuse, self._clip_norm = self._clip_norm, None
+            norm = self._grad_norm(reuse) if self._grad_norm is not None else None
+            grad_scale = getattr(self._primary, "grad_scale", None)
+            if grad_scale is not None and norm is not None:
+                # GradScaler hands fused optimizers scaled gradients and the scale, to unscale in the kernel
+                norm = (norm.tensor() if isinstance(norm, NormOfNorms) else norm) / grad_scale
             actuator = self._actuator
             if actuator is not None and norm is not None and actuator.guards.active:
                 norm, self._pending_guard = actuator.guard(norm)
@@ -255,6 +315,12 @@ class Probe:
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
             return
+        if self._closure_step:
+            self._closure_step = False
+            self._warn("closure", "optimizer.step(closure) computes the gradients inside step(): gradwatch measures "
+                       "them after the step, so guards cannot act on them (with Lightning, use "
+                       "gradwatch.probes.lightning.GradwatchCallback)")
+            self._before_step()
         try:
             now = time.perf_counter()
             self.step += 1
@@ -265,7 +331,7 @@ class Probe:
             norm, guard = self._pending_norm, self._pending_guard
             self._pending_norm = self._pending_guard = None
             lrs = [lr if lr.__class__ is float else readback.capture(lr)
-                   for lr in [group["lr"] for group in optimizer.param_groups]]
+                   for lr in [group["lr"] for group in self._optimizers.param_groups]]  # type: ignore[union-attr]
             item = ("step", self.step, self._wall_offset + now, duration, self._data_wait,
                     norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs, guard)
             if len(self._queue) < self._max_queue:
@@ -274,6 +340,9 @@ class Probe:
                 self._dropped_full()
             self._data_wait = None
             self._awaiting_forward = True
+            inputs = self._step_inputs
+            if inputs is not None and inputs.loss is not None:
+                self.log(loss=inputs.take_loss())
             if self.step == self._layer_step:
                 self._record_layers(item[2])
             if self._actuator is not None:
@@ -309,6 +378,8 @@ class Probe:
                     self.should_stop = True
                     self.stop_reason = f"rule {command.rule}: {command.reason} (step {command.trigger_step})"
                     detail = "should_stop set" + (", StopTraining raised" if self._on_stop == "raise" else "")
+                    log.warning("gradwatch: stopping the run after step %d: %s%s", self.step, self.stop_reason,
+                                "; raising gradwatch.StopTraining" if self._on_stop == "raise" else "")
                     if self._on_stop == "raise":
                         raise_stop = StopTraining(f"gradwatch stopped the run: {self.stop_reason}")
                 elif self._actuator is None:
@@ -342,7 +413,7 @@ class Probe:
 
 def attach(
     model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: OptimizerArg = None,
     *,
     run: str | None = None,
     labels: dict[str, str] | None = None,
@@ -360,7 +431,8 @@ def attach(
 
     Args:
         model: hooked to measure data-wait time (time from one optimizer step to the next forward).
-        optimizer: hooked to record the global gradient norm, learning rates and step time.
+        optimizer: hooked to record the global gradient norm, learning rates and step time. Several
+            optimizers (a list): steps are counted on the first; the norm covers all their parameters.
         run: run name (default ``$GRADWATCH_RUN`` or ``<script>-<launch id>``); ranks of one launch share it.
         labels: extra run metadata, shown in ``gradwatch_run_info``.
         home: spool directory (default ``$GRADWATCH_HOME`` or ``~/.local/share/gradwatch``).
@@ -415,7 +487,21 @@ def _layer_stats_every(value: int | None) -> int:
     return value
 
 
-def _cuda_device(optimizer: torch.optim.Optimizer | None) -> int | None:
+def _optimizer_list(optimizer: OptimizerArg) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    found = [unwrap(item) for item in items]
+    for item in found:
+        if not isinstance(item, torch.optim.Optimizer):
+            raise TypeError("gradwatch.attach: optimizer must be a torch.optim.Optimizer or a list of them, "
+                            f"got {type(item).__name__}")
+    if not found:
+        raise ValueError("gradwatch.attach: optimizer is an empty list; pass at least one optimizer or None")
+    return found
+
+
+def _cuda_device(optimizer: OptimizerSet | None) -> int | None:
     """The CUDA device of the optimizer's first parameter, whose allocator the writer thread samples."""
     if optimizer is None:
         return None

@@ -19,4 +19,8 @@ fi
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 echo "==> installing gradwatch${extras} into .venv"
-.venv/bin/python -m pip install --quiet --editable ".${extras}"
+# pin the torch that is there: no dependency (accelerate, lightning) may upgrade or replace it
+constraint="$(mktemp)"
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$constraint"
+.venv/bin/python -m pip install --quiet --constraint "$constraint" --editable ".${extras}"
+rm -f "$constraint"

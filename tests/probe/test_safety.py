@@ -79,7 +79,7 @@ def test_disk_errors_while_writing_are_counted_and_retried(isolated_home: Path, 
 
 def test_a_bug_in_our_hook_is_caught_counted_and_reported_once(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    def broken(self: object) -> None:
+    def broken(self: object, reuse: object = None) -> None:
         raise RuntimeError("bug in gradwatch")
 
     monkeypatch.setattr(probe_module.GradNormMeter, "__call__", broken)

@@ -1,0 +1,65 @@
+"""Hugging Face Transformers: ``Trainer(..., callbacks=[GradwatchCallback()])``.
+
+The Trainer clips (``max_grad_norm``, 1.0 by default) before ``optimizer.step()``, so the gradient
+norm recorded is the result of its own ``clip_grad_norm_`` call, the norm before clipping (the value
+it logs as ``grad_norm``). The loss is the scalar the Trainer backpropagates (summed over the
+accumulation steps, which it divides by their number); the learning rate is read at the optimizer
+step, before the scheduler moves it (what it logs as ``learning_rate``). Actions go through
+``TrainerControl``: a stop sets ``control.should_training_stop``; an LR reduction also scales the
+scheduler's base LRs; a clip-threshold change scales ``args.max_grad_norm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gradwatch.probes import interceptors
+from gradwatch.probes.framework import ProbeOptions
+from gradwatch.probes.identity import shared_launch_id
+from gradwatch.probes.optimizers import unwrap
+from gradwatch.probes.probe import Probe
+
+
+class GradwatchCallback(ProbeOptions, TrainerCallback):
+    """Watch a Transformers Trainer run with gradwatch; the arguments are those of :func:`gradwatch.attach`."""
+
+    def _reset(self) -> None:
+        self._inputs: interceptors.StepInputs | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if self.probe is not None or optimizer is None:
+            return
+        run = self.options["run"] or (args.run_name if args.run_name != args.output_dir else None)
+        self.probe = Probe(model, unwrap(optimizer), rank=args.process_index, world_size=args.world_size,
+                           on_stop="flag", launch_id=shared_launch_id(),
+                           **{**self.options, "run": run})  # type: ignore[arg-type]
+        self._inputs = interceptors.listen(self.probe)  # the loss and the Trainer's clip_grad_norm_ result
+        if lr_scheduler is not None:
+            self.probe.watch_schedulers([getattr(lr_scheduler, "scheduler", lr_scheduler)])
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            def scale_max_grad_norm(factor: float, low: float, high: float) -> float:
+                args.max_grad_norm = min(high, max(low, args.max_grad_norm * factor))
+                return args.max_grad_norm
+
+            self.probe.control_clipping(scale_max_grad_norm)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        probe = self.probe
+        if probe is None:
+            return
+        probe.log(batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps)
+        if probe.should_stop:
+            control.should_training_stop = True  # every rank gets the stop after the same step
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self._inputs is not None:
+            interceptors.stop_listening(self._inputs)
+        if self.probe is not None:
+            self.probe.close()

@@ -1,0 +1,135 @@
+"""``gradwatch run``: instrument an unmodified training script.
+
+The launcher's bootstrap (``gradwatch/_bootstrap/sitecustomize.py``) calls :func:`install` as soon as
+the script imports torch. From then on, in this process:
+
+- torch's global optimizer hooks see every ``optimizer.step()``; the first one creates the probe,
+  with that optimizer as the one whose steps are counted. Every other optimizer the script created
+  (``Optimizer.__init__`` is wrapped to keep a weak reference) or steps later joins it: their
+  parameters count in the gradient norm from the first step on, their groups in the learning rates.
+- the model is the first module called before that first step (a global forward hook, removed
+  at the first step), if it holds the optimizer's parameters: it gives data-wait time and
+  per-layer statistics;
+- the loss is the scalar the backward pass starts from, a ``clip_grad_norm_`` result is reused,
+  and the GradScaler's scaling is undone (see :mod:`gradwatch.probes.interceptors`).
+
+Rank, world size, run name, rules and spool come from the environment the launcher sets up. A stop
+decision raises :class:`gradwatch.StopTraining` from ``optimizer.step()`` (``GRADWATCH_ON_STOP=raise``).
+Any failure here is logged once; the script runs on unobserved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+log = logging.getLogger("gradwatch")
+
+ENV_FLAG = "GRADWATCH_ZERO_CODE"
+_lock = threading.Lock()
+_session: ZeroCode | None = None
+
+
+def install() -> ZeroCode:
+    """Start watching this process's optimizers (idempotent)."""
+    global _session
+    with _lock:
+        if _session is None:
+            _session = ZeroCode()
+        return _session
+
+
+class ZeroCode:
+    def __init__(self) -> None:
+        self.probe: Any = None
+        self.failed = False
+        self._first_module: weakref.ref[torch.nn.Module] | None = None
+        self._step_handle = register_optimizer_step_pre_hook(self._on_any_step_pre)
+        self._forward_handle: Any = register_module_forward_pre_hook(self._on_first_forward)
+        self._created: list[weakref.ref[torch.optim.Optimizer]] = []  # in creation order: the LR label order
+        self._wrap_optimizer_init()
+        from gradwatch.probes import interceptors
+
+        self.inputs = interceptors.listen()  # from the start: the first step's loss comes before the probe
+
+    def _wrap_optimizer_init(self) -> None:
+        original = torch.optim.Optimizer.__init__
+        created = self._created
+
+        def __init__(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+            original(optimizer, *args, **kwargs)
+            try:
+                if len(created) < 64:  # bounded: a script creating optimizers in a loop keeps only the first
+                    created.append(weakref.ref(optimizer))
+            except TypeError:  # not weak-referenceable (a __slots__ subclass): found at its first step instead
+                pass
+
+        __init__.__wrapped__ = original  # type: ignore[attr-defined]
+        torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
+
+    def _on_first_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._first_module is None:
+            self._first_module = weakref.ref(module)
+
+    def _on_any_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        probe = self.probe
+        if probe is not None:
+            if optimizer is not probe._primary:
+                try:
+                    probe.add_optimizer(optimizer)  # no-op once known
+                except Exception as exc:
+                    probe._internal_error("zero-code", exc)
+            return
+        if self.failed:
+            return
+        try:
+            self._start(optimizer)
+        except Exception as exc:  # a bad environment value, an unwritable spool...
+            self.failed = True
+            log.error("gradwatch: could not start watching this script (%s); it runs on unobserved", exc)
+
+    def _start(self, optimizer: torch.optim.Optimizer) -> None:
+        from gradwatch.probes import interceptors
+        from gradwatch.probes.probe import Probe, _open_probes
+
+        if any(probe.identity.pid == os.getpid() for probe in list(_open_probes)):
+            # the script attached its own probe (gradwatch.attach, the Lightning or Transformers callback):
+            # it records the run; `gradwatch run` only passed the settings on
+            self.failed = True
+            interceptors.stop_listening(self.inputs)
+            self._remove_forward_hook()
+            log.info("gradwatch: the script attaches its own probe; gradwatch run adds none")
+            return
+        self._remove_forward_hook()
+        candidate = self._first_module() if self._first_module is not None else None
+        model = candidate if candidate is not None and _holds_parameters_of(candidate, optimizer) else None
+        # the probe's own step hooks, registered now, run for this very step (after the global ones)
+        others = [o for ref in self._created if (o := ref()) is not None and o is not optimizer]
+        self._created.clear()
+        self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise")
+        self.inputs.bind(self.probe)
+        log.info("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,
+                 self.probe.identity.rank, self.probe.identity.world_size,
+                 "" if model is not None else "; model not found, so no data-wait time or per-layer statistics")
+
+    def _remove_forward_hook(self) -> None:
+        if self._forward_handle is not None:
+            self._forward_handle.remove()  # every module call paid for it; the first step ends that
+            self._forward_handle = None
+
+    def remove(self) -> None:
+        self._step_handle.remove()
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
+
+
+def _holds_parameters_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return any(id(p) in wanted for p in model.parameters())

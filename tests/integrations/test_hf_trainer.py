@@ -1,0 +1,43 @@
+"""GradwatchCallback in a real Transformers Trainer run on CPU (tiny random GPT-2, random tokens;
+tests/support/hf_script.py): the values gradwatch records equal the Trainer's log history; actions
+go through TrainerControl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integrations.helpers import ACT_EARLY, acks, records, run_script
+
+
+def test_loss_grad_norm_and_lr_equal_the_trainers_log_with_accumulation(isolated_home: Path, tmp_path: Path) -> None:
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "12", "--accumulate", "2")
+    history = [e for e in json.loads((tmp_path / "result.json").read_text())["log_history"] if "loss" in e]
+    assert [e["step"] for e in history] == list(range(1, 13))
+    steps = records(isolated_home, "hf")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    # the Trainer's loss: the mean over the step's micro-batches; its grad_norm: before clipping to 1.0
+    assert [r["values"]["loss"] for r in steps] == pytest.approx([e["loss"] for e in history], rel=1e-6)
+    assert [r["grad_norm"] for r in steps] == pytest.approx([e["grad_norm"] for e in history], rel=1e-6)
+    assert [r["lr"][0] for r in steps] == pytest.approx([e["learning_rate"] for e in history], rel=1e-9, abs=1e-12)
+    assert records(isolated_home, "hf", kind="layers")
+
+
+@pytest.mark.integration
+def test_actions_go_through_trainer_control(agent_process: Any, isolated_home: Path, tmp_path: Path) -> None:
+    agent_process()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ACT_EARLY)
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "400", "--rules", str(rules),
+               "--sleep", "0.02")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert 20 <= result["global_step"] < 400 and "rule give-up" in result["stop_reason"]
+    assert result["max_grad_norm"] == 0.5
+    assert result["base_lrs"] == [0.0025, 0.0025]  # the linear schedule keeps the cut
+    assert records(isolated_home, "hf", kind="end")[0]["status"] == "stopped"
+    applied = acks(isolated_home, "hf")
+    assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
+                                                            "stop": "applied"}

@@ -1,0 +1,77 @@
+"""GradwatchCallback in real Lightning training on CPU (tests/support/lightning_script.py): the values
+gradwatch records equal those Lightning logs; actions go through the Trainer, under DDP too."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integrations.helpers import ACT_EARLY, acks, records, run_script
+
+
+def lightning_logs(out: Path) -> dict[str, dict[int, float]]:
+    """Lightning's CSVLogger metrics by name, then by optimizer step (its `step` column + 1)."""
+    logged: dict[str, dict[int, float]] = {}
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value != "":
+                    logged.setdefault(name, {})[int(row["step"]) + 1] = float(value)
+    return logged
+
+
+def test_loss_grad_norm_and_lr_equal_what_lightning_logs(isolated_home: Path, tmp_path: Path) -> None:
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "30")
+    logged = lightning_logs(tmp_path)
+    steps = records(isolated_home, "lightning")
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    by_step = {r["step"]: r for r in steps}
+    for name, ours in (("train_loss", lambda r: r["values"]["loss"]), ("grad_norm", lambda r: r["grad_norm"]),
+                       ("lr-SGD", lambda r: r["lr"][0])):
+        assert sorted(logged[name]) == list(range(1, 31)), name
+        assert [ours(by_step[s]) for s in range(1, 31)] == pytest.approx(
+            [logged[name][s] for s in range(1, 31)], rel=1e-6), name
+    assert all(r["values"]["batch_size"] == 32 for r in steps)
+    assert records(isolated_home, "lightning", kind="layers")  # per-layer statistics every 10 steps
+    assert records(isolated_home, "lightning", kind="end")[0]["status"] == "finished"
+
+
+@pytest.mark.integration
+def test_ddp_with_accumulation_records_the_global_norm_at_each_optimizer_step(isolated_home: Path,
+                                                                               tmp_path: Path) -> None:
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "12", "--devices", "2",
+               "--accumulate", "2")
+    logged = lightning_logs(tmp_path)  # rank 0 logs
+    ranks = [records(isolated_home, "lightning", rank) for rank in (0, 1)]
+    assert [len(r) for r in ranks] == [12, 12]
+    norms = [[r["grad_norm"] for r in rank] for rank in ranks]
+    assert norms[0] == pytest.approx([logged["grad_norm"][s] for s in range(1, 13)], rel=1e-6)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # gradients all-reduced: one global norm
+    assert all(r["values"]["batch_size"] == 64 for r in ranks[0])  # 2 batches of 32 per optimizer step
+
+
+@pytest.mark.integration
+def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, isolated_home: Path,
+                                                          tmp_path: Path) -> None:
+    agent_process()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ACT_EARLY)
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "400", "--devices", "2",
+               "--clip-val", "1.0", "--rules", str(rules), "--sleep", "0.02")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["should_stop"] and 20 <= result["global_step"] < 400
+    assert "rule give-up" in result["stop_reason"]
+    assert result["gradient_clip_val"] == 0.5  # the Trainer's own clipping was tightened
+    assert result["base_lrs"] == [0.025]  # the warm-up schedule keeps the cut instead of undoing it
+    ends = [records(isolated_home, "lightning", rank, kind="end")[0] for rank in (0, 1)]
+    assert [e["status"] for e in ends] == ["stopped", "stopped"]
+    assert ends[0]["step"] == ends[1]["step"] == result["global_step"]  # both ranks left after the same step
+    for rank in (0, 1):
+        applied = acks(isolated_home, "lightning", rank)
+        assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
+                                                                "stop": "applied"}
+        assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5"

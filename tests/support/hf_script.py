@@ -1,0 +1,67 @@
+"""A small Transformers Trainer run with gradwatch's callback: a tiny randomly initialised GPT-2 on
+random tokens (nothing downloaded). Writes the Trainer's own log history for comparison.
+
+    python hf_script.py OUT_DIR [--steps N] [--accumulate K] [--rules FILE] [--sleep S]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from gradwatch.probes.hf_trainer import GradwatchCallback
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, length: int = 16, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Slow(TrainerCallback):
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(self.sleep)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--rules")
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--run", default="hf")
+    a = ap.parse_args()
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(
+        output_dir=str(Path(a.out) / "trainer"), max_steps=a.steps, per_device_train_batch_size=8,
+        gradient_accumulation_steps=a.accumulate, learning_rate=5e-3, warmup_steps=5, logging_steps=1,
+        max_grad_norm=1.0, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    callback = GradwatchCallback(run=a.run, rules=a.rules, layer_stats_every=10)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(2048), callbacks=[callback, Slow(a.sleep)])
+    trainer.train()
+    (Path(a.out) / "result.json").write_text(json.dumps({
+        "log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
+        "max_grad_norm": trainer.args.max_grad_norm, "stop_reason": callback.probe.stop_reason,
+        "base_lrs": trainer.lr_scheduler.base_lrs,
+    }))
+
+
+if __name__ == "__main__":
+    main()

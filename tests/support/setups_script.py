@@ -1,0 +1,108 @@
+"""An ordinary training script in one of the usual set-ups, with no gradwatch in it. Run under
+``gradwatch run``; it writes, per rank, the reference values the test compares gradwatch's with:
+torch's own ``clip_grad_norm_`` result on the gradients each optimizer step applies, and the loss.
+
+    python setups_script.py SETUP OUT_DIR [--clip] [--steps N]
+
+SETUP: fp32, amp (GradScaler, explicit unscale_), amp-fused (fused Adam: GradScaler hands the
+optimizer scaled gradients), accumulate (4 micro-batches per step), multi-opt (two optimizers,
+three param groups), ddp (under torchrun, gloo). --clip: the script clips with clip_grad_norm_
+itself (gradwatch should reuse that result, which is the norm before clipping).
+"""
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# torch's clip_grad_norm_ itself, not the wrapper `gradwatch run` puts in front of it: calling it
+# for the reference must not hand gradwatch the answer.
+torch_clip_grad_norm_ = getattr(torch.nn.utils.clip_grad_norm_, "__wrapped__", torch.nn.utils.clip_grad_norm_)
+
+
+def reference_norm(params, divide_by=1.0):
+    params = [p for p in params if p.grad is not None]
+    if divide_by != 1.0:  # norm of the unscaled gradients, computed on copies
+        copies = []
+        for p in params:
+            c = p.detach().clone().requires_grad_()
+            c.grad = p.grad.detach() / divide_by
+            copies.append(c)
+        params = copies
+    return float(torch_clip_grad_norm_(params, math.inf))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("setup")
+    ap.add_argument("out")
+    ap.add_argument("--clip", action="store_true")
+    ap.add_argument("--steps", type=int, default=12)
+    a = ap.parse_args()
+
+    rank = 0
+    if a.setup == "ddp":
+        torch.distributed.init_process_group("gloo")
+        rank = torch.distributed.get_rank()
+    torch.manual_seed(1234 + rank)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    torch.manual_seed(1234)
+    for p in model.parameters():  # same initial weights on every rank
+        torch.nn.init.normal_(p, std=0.3)
+    torch.manual_seed(99 + rank)
+    net = torch.nn.parallel.DistributedDataParallel(model) if a.setup == "ddp" else model
+
+    if a.setup == "multi-opt":
+        first, last = model[0], model[2]
+        optimizers = [torch.optim.SGD([{"params": [first.weight], "lr": 0.05},
+                                       {"params": [first.bias], "lr": 0.01}], momentum=0.9),
+                      torch.optim.Adam(last.parameters(), lr=1e-3)]
+    elif a.setup == "amp-fused":
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)]
+    elif a.setup == "amp":
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+    else:
+        optimizers = [torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if a.setup.startswith("amp") else None
+    micro = 4 if a.setup == "accumulate" else 1
+    params = list(model.parameters())
+
+    norms, losses = [], []
+    for _ in range(a.steps):
+        step_loss = 0.0
+        for _ in range(micro):
+            x = torch.randn(8, 16)
+            y = torch.randn(8, 4)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaler is not None):
+                loss = F.mse_loss(net(x).float(), y) / micro
+            step_loss += loss.item()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if a.setup == "amp":
+            scaler.unscale_(optimizers[0])
+        divide = scaler.get_scale() if a.setup == "amp-fused" else 1.0
+        norms.append(reference_norm(params, divide))
+        losses.append(step_loss)
+        if a.clip:
+            torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)  # the script's own clipping
+        for opt in optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / f"reference-{rank}.json").write_text(json.dumps({"grad_norm": norms, "loss": losses}))
+    if a.setup == "ddp":
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
