@@ -32,8 +32,9 @@ class GradwatchCallback(ProbeOptions, TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
-        if self.probe is not None or optimizer is None:
+        if (self.probe is not None and not self.probe.closed) or optimizer is None:
             return
+        self._reset()  # a new train() after an ended one: a new run
         run = self.options["run"] or (args.run_name if args.run_name != args.output_dir else None)
         self.probe = Probe(model, unwrap(optimizer), rank=args.process_index, world_size=args.world_size,
                            on_stop="flag", launch_id=shared_launch_id(),

@@ -36,8 +36,9 @@ class GradwatchCallback(ProbeOptions, pl.Callback):
         return "GradwatchCallback"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None:
-            return  # a second fit() on the same Trainer continues the run
+        if self.probe is not None and not self.probe.closed:
+            return
+        self._reset()  # a new fit() after an ended one: a new run
         self.probe = Probe(pl_module, list(trainer.optimizers), rank=trainer.global_rank,
                            world_size=trainer.world_size, on_stop="flag", measure_in_step_hook=False,
                            launch_id=shared_launch_id(), **self.options)  # type: ignore[arg-type]

@@ -203,6 +203,10 @@ class Probe:
         return self._writer.run_dir
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def dropped(self) -> int:
         """Records lost so far: queue full, spool unwritable, or not encodable."""
         return self._writer.dropped()

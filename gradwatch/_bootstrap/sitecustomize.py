@@ -38,12 +38,13 @@ def _install_after_torch_import() -> None:
             return getattr(self.inner, name)
 
     class WatchTorchImport(importlib.abc.MetaPathFinder):
-        done = False
-
+        # Libraries ask importlib.util.find_spec("torch") before importing it (transformers, lightning):
+        # every answer carries the wrapped loader, and only the import that executes torch installs.
+        # Once torch is in sys.modules (or being imported) this finder steps aside. It stays in
+        # sys.meta_path: removing it during a search is unsafe.
         def find_spec(self, name, path=None, target=None):  # type: ignore[no-untyped-def]
-            if name != "torch" or self.done:
+            if name != "torch" or "torch" in sys.modules:
                 return None
-            self.done = True  # one shot (removing ourselves from sys.meta_path mid-search is unsafe)
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
                     continue

@@ -34,7 +34,9 @@ rules:
 
 
 def run_script(name: str, home: Path, *args: str, timeout: float = 300) -> None:
-    done = subprocess.run([sys.executable, str(SUPPORT / name), *args], capture_output=True, text=True, check=False,
+    """``python tests/support/<name> ARGS`` (or ``python -m ARGS`` when name is "-m"), to its end."""
+    command = [sys.executable, "-m", *args] if name == "-m" else [sys.executable, str(SUPPORT / name), *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0"},
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]

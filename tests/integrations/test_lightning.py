@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import SUPPORT
 from tests.integrations.helpers import ACT_EARLY, acks, records, run_script
 
 
@@ -38,6 +40,21 @@ def test_loss_grad_norm_and_lr_equal_what_lightning_logs(isolated_home: Path, tm
     assert all(r["values"]["batch_size"] == 32 for r in steps)
     assert records(isolated_home, "lightning", kind="layers")  # per-layer statistics every 10 steps
     assert records(isolated_home, "lightning", kind="end")[0]["status"] == "finished"
+
+
+def test_an_unmodified_lightning_script_under_gradwatch_run_records_the_same_values(isolated_home: Path,
+                                                                                     tmp_path: Path) -> None:
+    """No callback: Lightning runs the backward pass inside optimizer.step(closure); the zero-code probe
+    measures the gradients after that step instead of the stale ones before it."""
+    run_script("-m", isolated_home, "gradwatch", "run", "--run", "plain-lightning", "--",
+               sys.executable, str(SUPPORT / "lightning_script.py"), str(tmp_path), "--steps", "10", "--no-callback")
+    logged = lightning_logs(tmp_path)
+    steps = records(isolated_home, "plain-lightning")
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert [r["grad_norm"] for r in steps] == pytest.approx([logged["grad_norm"][s] for s in range(1, 11)], rel=1e-6)
+    assert [r["values"]["loss"] for r in steps] == pytest.approx([logged["train_loss"][s] for s in range(1, 11)],
+                                                                  rel=1e-6)
+    assert [r["lr"][0] for r in steps] == pytest.approx([logged["lr-SGD"][s] for s in range(1, 11)], rel=1e-9)
 
 
 @pytest.mark.integration

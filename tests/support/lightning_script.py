@@ -52,17 +52,18 @@ def main() -> None:
     ap.add_argument("--clip-val", type=float)
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--run", default="lightning")
+    ap.add_argument("--no-callback", action="store_true", help="an unmodified script, for `gradwatch run`")
     a = ap.parse_args()
 
     pl.seed_everything(7, verbose=False)
     x = torch.randn(4096, 16)
     data = torch.utils.data.TensorDataset(x, x[:, :1] * 2 + 0.1 * torch.randn(4096, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
-    callback = GradwatchCallback(run=a.run, rules=a.rules, layer_stats_every=10)
+    callback = None if a.no_callback else GradwatchCallback(run=a.run, rules=a.rules, layer_stats_every=10)
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto", max_steps=a.steps,
         accumulate_grad_batches=a.accumulate, gradient_clip_val=a.clip_val, log_every_n_steps=1,
-        logger=CSVLogger(a.out, name="csv", version=0), callbacks=[callback, LearningRateMonitor("step")],
+        logger=CSVLogger(a.out, name="csv", version=0), callbacks=[c for c in (callback, LearningRateMonitor("step")) if c],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     module = Regressor(a.sleep)
@@ -73,7 +74,7 @@ def main() -> None:
             "global_step": trainer.global_step, "should_stop": trainer.should_stop,
             "gradient_clip_val": trainer.gradient_clip_val, "lr": opt.param_groups[0]["lr"],
             "base_lrs": trainer.lr_scheduler_configs[0].scheduler.base_lrs,
-            "stop_reason": callback.probe.stop_reason,
+            "stop_reason": callback.probe.stop_reason if callback else None,
         }))
 
 

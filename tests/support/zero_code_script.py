@@ -7,6 +7,7 @@
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+# asked before the import, as transformers and lightning do: the launcher must still see the import
+assert importlib.util.find_spec("torch") is not None
 import torch
 
 ap = argparse.ArgumentParser()
