@@ -124,11 +124,6 @@ class ZeroCode:
             self._forward_handle.remove()  # every module call paid for it; the first step ends that
             self._forward_handle = None
 
-    def remove(self) -> None:
-        self._step_handle.remove()
-        if self._forward_handle is not None:
-            self._forward_handle.remove()
-
 
 def _holds_parameters_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
