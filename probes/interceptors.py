@@ -26,9 +26,9 @@ log = logging.getLogger("gradwatch")
 
 _taps: list[StepInputs] = []
 _install_lock = threading.Lock()
+_reported: set[str] = set()
 _installed = False
 _scaled: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None  # last GradScaler.scale: (output, loss)
-_errors = 0
 
 
 class StepInputs:
@@ -167,8 +167,9 @@ def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
 
 
 def _internal_error(where: str, exc: Exception) -> None:
-    global _errors
-    _errors += 1
-    for tap in _taps:
-        if tap.probe is not None:
-            tap.probe._internal_error(where, exc)  # counted and reported once by the probe
+    probes = [tap.probe for tap in _taps if tap.probe is not None]
+    for probe in probes:
+        probe._internal_error(where, exc)  # counted and reported once by the probe
+    if not probes and where not in _reported:  # before the zero-code probe exists
+        _reported.add(where)
+        log.warning("gradwatch: internal error in the %s wrapper (%r); training goes on", where, exc)

@@ -107,3 +107,25 @@ def test_several_optimizers_given_to_attach_share_one_norm_and_list_every_group(
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["grad_norm"] for r in steps] == pytest.approx(expected, rel=1e-6)  # steps counted on `body` only
     assert steps[0]["lr"] == [0.1, 0.2, 0.003]
+
+
+def test_a_bug_in_the_backward_wrapper_never_fails_the_backward(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    def broken(self: object, loss: object) -> None:
+        raise RuntimeError("bug in gradwatch")
+
+    monkeypatch.setattr(interceptors.StepInputs, "on_backward", broken)
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="buggy-wrapper", layer_stats_every=0, autostart_agent=False)
+    inputs = interceptors.listen(probe)
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            assert all(p.grad is not None for p in model.parameters())  # torch's backward still ran
+            opt.step()
+    finally:
+        interceptors.stop_listening(inputs)
+        probe.close()
+    assert probe.internal_errors == 3
+    assert len([r for r in caplog.records if "bug in gradwatch" in r.getMessage()]) == 1
