@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradwatch.agent.ingest import Outgoing
 from gradwatch.agent.state import AgentState
 from gradwatch.rules.engine import Decision
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import read_ids
+from gradwatch.spool.records import AckRecord, AckStatus, CommandRecord, StepRecord, encode_command
 
 log = logging.getLogger("gradwatch.agent")
 MAX_SKIP_EVENTS_PER_RUN = 1000  # a run that skips every step must not fill the disk with events
@@ -60,12 +62,16 @@ class _AppendOnce:
         self.ids = read_ids(path)
 
     def append(self, obj: dict[str, Any]) -> bool:
-        if obj["id"] in self.ids:
+        return self.append_line(obj["id"], (_encode(obj) + "\n").encode())
+
+    def append_line(self, line_id: str, line: bytes) -> bool:
+        """Append one encoded line unless its id is in the file already; True when appended."""
+        if line_id in self.ids:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as f:
-            f.write((_encode(obj) + "\n").encode())
-        self.ids.add(obj["id"])
+            f.write(line)
+        self.ids.add(line_id)
         return True
 
 
@@ -106,20 +112,19 @@ class ActionDispatcher:
             except OSError as exc:
                 self._error(run, exc)
 
-    def dispatch(self, outbox: list[tuple[str, Any]]) -> list[ActionNote]:
+    def dispatch(self, outbox: list[Outgoing]) -> list[ActionNote]:
         """Write events and commands; return the actions newly carried out (for annotations)."""
         notes: list[ActionNote] = []
-        for kind, item in outbox:
-            run = item.run if kind == "decision" else item[0]
+        for item in outbox:
             try:
-                if kind == "decision":
+                if isinstance(item, Decision):
                     self._decision(item)
-                elif kind == "ack":
-                    notes += self._ack(*item)
-                elif kind == "step":
-                    notes += self._skip(*item)
+                elif isinstance(item.record, AckRecord):
+                    notes += self._ack(item.run, item.rank, item.record)
+                else:
+                    notes += self._skip(item.run, item.rank, item.record)
             except OSError as exc:
-                self._error(run, exc)
+                self._error(item.run, exc)
         return notes
 
     def _error(self, run: str, exc: OSError) -> None:
@@ -140,9 +145,10 @@ class ActionDispatcher:
                 log.warning("run %s: rule %s decided %s at step %d, not sent: %s", d.run, d.rule,
                             d.action["type"], d.step, problem)
             else:
-                command = {"id": d.id, "t": self.clock(), "rule": d.rule, "reason": d.reason, "trigger_step": d.step,
-                           "action": d.action, "apply_at_step": apply_at}
-                new = self._file(self._commands, d.run, SpoolLayout.commands_file(run_dir)).append(command)
+                command = CommandRecord(id=d.id, t=self.clock(), rule=d.rule, reason=d.reason, trigger_step=d.step,
+                                        action=d.action, apply_at_step=apply_at)
+                new = self._file(self._commands, d.run, SpoolLayout.commands_file(run_dir)).append_line(
+                    command.id, encode_command(command))
                 event["sent"] = True
                 event["apply_at_step"] = apply_at
                 if new:  # not a decision re-made after a restart
@@ -150,37 +156,33 @@ class ActionDispatcher:
                              d.action["type"], "" if apply_at is None else f" at step {apply_at}")
         self._file(self._events, d.run, SpoolLayout.events_file(run_dir)).append(event)
 
-    def _ack(self, run: str, rank: int, record: dict[str, Any]) -> list[ActionNote]:
-        event = {"id": f"{record.get('id')}/rank-{rank}", "event": "ack", "command": record.get("id"), "rank": rank,
-                 "status": record.get("status"), "step": record["step"], "t": record["t"],
-                 "action": record.get("action"), "rule": record.get("rule"), "detail": record.get("detail"),
-                 "apply_at_step": record.get("apply_at_step")}
-        if record.get("status") == "rejected":
-            log.warning("run %s rank %d refused command %s: %s", run, rank, record.get("id"), record.get("detail"))
+    def _ack(self, run: str, rank: int, ack: AckRecord) -> list[ActionNote]:
+        event = {"id": f"{ack.id}/rank-{rank}", "event": "ack", "command": ack.id, "rank": rank,
+                 "status": ack.status.value, "step": ack.step, "t": ack.t, "action": ack.action, "rule": ack.rule,
+                 "detail": ack.detail, "apply_at_step": ack.apply_at_step}
+        if ack.status is AckStatus.REJECTED:
+            log.warning("run %s rank %d refused command %s: %s", run, rank, ack.id, ack.detail)
         new = self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
         noted = self._noted_commands.setdefault(run, set())
-        command = str(record.get("id"))
-        if not new or record.get("status") not in ("applied", "late") or command in noted:
+        if not new or not ack.status.carried_out or ack.id in noted:
             return []
-        noted.add(command)  # one note per command, from the first rank that carried it out
-        return [ActionNote(id=command, run=run, rank=rank, step=record["step"], t=record["t"],
-                           action=str(record.get("action")), reason=str(record.get("reason") or "command"),
-                           rule=record.get("rule"), detail=str(record.get("detail") or ""))]
+        noted.add(ack.id)  # one note per command, from the first rank that carried it out
+        return [ActionNote(id=ack.id, run=run, rank=rank, step=ack.step, t=ack.t, action=ack.action,
+                           reason=ack.reason or "command", rule=ack.rule or None, detail=ack.detail)]
 
-    def _skip(self, run: str, rank: int, record: dict[str, Any]) -> list[ActionNote]:
+    def _skip(self, run: str, rank: int, step: StepRecord) -> list[ActionNote]:
         count = self._skip_events.get(run, 0)
         if count >= MAX_SKIP_EVENTS_PER_RUN:
             return []  # still counted in gradwatch_actions_total
         self._skip_events[run] = count + 1
-        event = {"id": f"skip@{record['step']}/rank-{rank}", "event": "skip_step", "rank": rank,
-                 "reason": record["skip"], "step": record["step"], "t": record["t"],
-                 "grad_norm": record.get("grad_norm")}
+        event_id = f"skip@{step.step}/rank-{rank}"
+        event = {"id": event_id, "event": "skip_step", "rank": rank, "reason": step.skip, "step": step.step,
+                 "t": step.t, "grad_norm": step.grad_norm}
         new = self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
         if not new or count >= MAX_SKIP_NOTES_PER_RUN:
             return []
-        return [ActionNote(id=event["id"], run=run, rank=rank, step=record["step"], t=record["t"], action="skip_step",
-                           reason=str(record["skip"]), rule=None,
-                           detail=f"update skipped (gradient norm {record.get('grad_norm')})")]
+        return [ActionNote(id=event_id, run=run, rank=rank, step=step.step, t=step.t, action="skip_step",
+                           reason=str(step.skip), rule=None, detail=f"update skipped (gradient norm {step.grad_norm})")]
 
     def _apply_at(self, run: str) -> tuple[int | None, str | None]:
         """(the step after which every rank applies the command, or None: at once; a problem, or None)."""
@@ -188,7 +190,7 @@ class ActionDispatcher:
             ranks = self.state.runs.get(run, {})
             if not ranks:
                 return None, "the run is gone"
-            world = max(int(s.meta.get("world_size", 1)) for s in ranks.values())
+            world = max(s.meta.world_size for s in ranks.values())
             if world <= 1:
                 return None, None
             if len(ranks) < world:

@@ -168,16 +168,15 @@ class AlertTracker:
             {"summary": text,
              "description": (f"Rule {rule.name} ({rule.detect.type} on {rule.metric}, action {rule.action.type}, "
                              f"mode {rule.mode}) fired on run {rank0.run} rank 0 on host "
-                             f"{rank0.meta.get('host', '?')}, last at step {trigger['step']}."),
+                             f"{rank0.meta.host or '?'}, last at step {trigger['step']}."),
              "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
              "step": str(trigger["step"])},
             since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:
-        host = s.meta.get("host", "?")
-        where = f"run {s.run} rank {s.rank} (pid {s.meta.get('pid', '?')} on host {host})"
+        where = f"run {s.run} rank {s.rank} (pid {s.meta.pid or '?'} on host {s.meta.host or '?'})"
         if s.status == RunStatus.STALLED:
-            last = s.last_record_time or float(s.meta.get("start_time", now))
+            last = s.last_record_time or s.meta.start_time or now
             self._put(out, _Condition(
                 self._labels("GradwatchRunStalled", s, "warning"),
                 {"summary": f"Run {s.run} rank {s.rank} has sent nothing for {now - last:.0f} s (step {s.steps_total})",

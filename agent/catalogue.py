@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 RUN_LABELS = ("run", "rank")
 
@@ -22,10 +22,13 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = RUN_LABELS
 
-    def family(self) -> Metric:
+    def family(self) -> Family:
         if self.kind == "counter":
             return CounterMetricFamily(self.name.removesuffix("_total"), self.help, labels=self.labels)
         return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+
+Family = GaugeMetricFamily | CounterMetricFamily
 
 
 def _run(name: str, kind: Literal["gauge", "counter"], help: str, *extra: str) -> MetricSpec:
@@ -163,7 +166,7 @@ def markdown_table() -> str:
     """The catalogue as the Markdown table in docs/metrics.md (``python -m gradwatch.agent.catalogue``)."""
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for spec in ALL:
-        labels = ", ".join(f"`{label}`" for label in spec.labels) or "–"
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
         rows.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help} |")
     return "\n".join(rows)
 

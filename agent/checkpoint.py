@@ -6,6 +6,7 @@ SIGKILL) the agent resumes from a consistent point: nothing lost, nothing counte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -66,7 +67,5 @@ def load_checkpoint(path: Path, state: AgentState, parts: Mapping[str, Part] | N
 def _set_aside(path: Path, why: str) -> None:
     aside = path.with_suffix(".unusable.json")
     log.warning("agent checkpoint %s is %s; moved to %s and re-reading the spool from the start", path, why, aside)
-    try:
+    with contextlib.suppress(OSError):
         path.replace(aside)
-    except OSError:
-        pass

@@ -42,7 +42,7 @@ class AgentCollector(Collector):
         duration.add_metric([], time.perf_counter() - started)
         yield duration
 
-    def _run_families(self) -> list[Metric]:
+    def _run_families(self) -> list[c.Family]:
         now = self.clock()
         f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS}
 
@@ -69,7 +69,7 @@ class AgentCollector(Collector):
                 put(c.LOSS_RECENT_MAX, key, s.recent_max["loss"].value(now))
                 put(c.GRAD_NORM_RECENT_MAX, key, s.recent_max["grad_norm"].value(now))
                 put(c.LAST_STEP_TIMESTAMP, key, s.last_step_time)
-                put(c.RUN_START_TIMESTAMP, key, s.meta.get("start_time"))
+                put(c.RUN_START_TIMESTAMP, key, s.meta.start_time)
                 for state in RunStatus:
                     put(c.RUN_STATE, key + [state.value], 1.0 if s.status is state else 0.0)
                 for name, value in sorted(s.metrics.items()):
@@ -105,11 +105,11 @@ class AgentCollector(Collector):
         users = {}
         for run, ranks in self.state.runs.items():
             for rank, s in ranks.items():
-                if s.meta.get("host") == self.local_host and not s.status.ended and isinstance(s.meta.get("pid"), int):
-                    users[s.meta["pid"]] = (run, str(rank))
+                if s.meta.host == self.local_host and not s.status.ended and s.meta.pid > 0:
+                    users[s.meta.pid] = (run, str(rank))
         return users
 
-    def _gpu_families(self, users: dict[int, tuple[str, str]]) -> list[Metric]:
+    def _gpu_families(self, users: dict[int, tuple[str, str]]) -> list[c.Family]:
         """One series per GPU and gradwatch process on it (run="" rank="" for a GPU none of ours uses)."""
         specs = (c.GPU_UTILIZATION, c.GPU_MEMORY_USED, c.GPU_MEMORY_TOTAL, c.GPU_POWER, c.GPU_TEMPERATURE,
                  c.GPU_SM_CLOCK)
@@ -133,14 +133,14 @@ class AgentCollector(Collector):
     def _add_info(family: Metric, s: RankState) -> None:
         meta = s.meta
         labels = dict(zip(c.RUN_INFO.labels, [
-            s.run, str(s.rank), str(meta.get("host", "")), str(meta.get("pid", "")), str(meta.get("local_rank", "")),
-            str(meta.get("world_size", "")), str(meta.get("torch", "")), str(meta.get("gradwatch", "")),
+            s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
+            meta.gradwatch,
         ], strict=True))
-        for key, value in sorted((meta.get("labels") or {}).items())[:16]:
+        for key, value in sorted(meta.labels.items())[:16]:
             labels["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key))] = str(value)
         family.add_sample(c.RUN_INFO.name, labels, 1.0)
 
-    def _agent_families(self) -> list[Metric]:
+    def _agent_families(self) -> list[c.Family]:
         counters = self.state.counters
         out = []
 
@@ -173,7 +173,7 @@ class AgentCollector(Collector):
         single(c.AGENT_BUILD_INFO, 1.0, [__version__])
         return out
 
-    def _alert_families(self) -> list[Metric]:
+    def _alert_families(self) -> list[c.Family]:
         firing, stats = self.alerting()
         by_severity = c.AGENT_ALERTS_FIRING.family()
         for severity in ("critical", "warning", "info"):

@@ -70,7 +70,8 @@ def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
 
 def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:  # a file stream: YAML's error marks name the file
+            data = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:

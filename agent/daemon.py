@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -31,10 +32,13 @@ from gradwatch.errors import GradwatchError
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.writer import write_json_atomic
 
+fcntl: ModuleType | None
 try:
-    import fcntl
+    import fcntl as _fcntl
+
+    fcntl = _fcntl
 except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 log = logging.getLogger("gradwatch.agent")
 _LOOP_TICK_SECONDS = 0.5
@@ -153,7 +157,7 @@ class Agent:
     def _acquire_lock(self) -> None:
         if fcntl is None:
             return
-        lock = open(self.layout.agent_lock_file, "a+b")  # noqa: SIM115 - held for the agent's lifetime
+        lock = open(self.layout.agent_lock_file, "a+b")  # noqa: SIM115 - held open while the agent runs: it is the flock
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

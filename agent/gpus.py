@@ -8,6 +8,7 @@ GPUs the collector reports "no GPUs" once, at info level, and exports nothing pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,7 +62,9 @@ class GpuCollector:
     def _init(self, nvml: Any) -> str:
         try:
             if nvml is None:
-                import pynvml as nvml  # nvidia-ml-py
+                import pynvml  # nvidia-ml-py
+
+                nvml = pynvml
             nvml.nvmlInit()
             self._count = int(nvml.nvmlDeviceGetCount())
         except ImportError:
@@ -120,10 +123,8 @@ class GpuCollector:
 
     def close(self) -> None:
         if self._nvml is not None:
-            try:
+            with contextlib.suppress(Exception):  # the driver may be gone already; nothing to do about it
                 self._nvml.nvmlShutdown()
-            except Exception:
-                pass
             self._nvml = None
 
 

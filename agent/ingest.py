@@ -5,15 +5,28 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gradwatch.agent.state import AgentState, RankState
 from gradwatch.rules.engine import Decision
 from gradwatch.spool.format import SpoolLayout, parse_rank_file
 from gradwatch.spool.reader import SpoolFormatError, read_meta, read_records
+from gradwatch.spool.records import AckRecord, StepRecord
 
 log = logging.getLogger("gradwatch.agent")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A record the dispatcher acts on: an ack (an event, an annotation) or a skipped step."""
+
+    run: str
+    rank: int
+    record: AckRecord | StepRecord
+
+
+Outgoing = Decision | Seen
 
 
 class SpoolIngestor:
@@ -23,9 +36,9 @@ class SpoolIngestor:
         self.clock = clock
         self._reported: set[str] = set()
         # what the dispatcher turns into events and commands: decisions of rules, acks, skipped steps
-        self.outbox: list[tuple[str, Any]] = []
+        self.outbox: list[Outgoing] = []
 
-    def take_outbox(self) -> list[tuple[str, Any]]:
+    def take_outbox(self) -> list[Outgoing]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -98,25 +111,22 @@ class SpoolIngestor:
             with self.state.lock:
                 rules = self.state.rules.for_run(state.run, state.meta) if state.rank == 0 else None
                 for record in result.records:
-                    state.apply(record)
-                    self._route(state, record, rules.observe(record) if rules is not None else [])
+                    observed = state.apply(record)
+                    if rules is not None and observed:
+                        self.outbox.extend(rules.observe(record.step, record.t, observed))
+                    if isinstance(record, AckRecord) or (isinstance(record, StepRecord) and record.skip is not None):
+                        self.outbox.append(Seen(state.run, state.rank, record))
                 state.offset = result.offset
                 counters = self.state.counters
                 counters.records_ingested += len(result.records)
                 for reason in result.rejected:
                     counters.reject(reason)
                 if result.records:
-                    counters.ingest_lag_seconds = max(0.0, now - float(result.records[-1]["t"]))
+                    counters.ingest_lag_seconds = max(0.0, now - result.records[-1].t)
             if result.rejected:
                 self._report_once(f"rejected:{path}", "%s: %d invalid record line(s) skipped", path,
                                   len(result.rejected))
             applied += len(result.records)
-
-    def _route(self, state: RankState, record: dict[str, Any], decisions: list[Decision]) -> None:
-        self.outbox.extend(("decision", d) for d in decisions)
-        kind = record["kind"]
-        if kind == "ack" or (kind == "step" and isinstance(record.get("skip"), str)):
-            self.outbox.append((kind, (state.run, state.rank, record)))
 
     def _report_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._reported:

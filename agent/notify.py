@@ -10,9 +10,12 @@ Alertmanager's API is state-based, so for it only the newest state of each alert
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from gradwatch import __version__
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
 from gradwatch.agent.config import AgentConfig
+from gradwatch.errors import require_grafana_client
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -64,20 +68,21 @@ class Sink:
 
 
 class _HttpSink(Sink):
-    def __init__(self, url: str) -> None:
-        import niquests  # agent only; the probe never imports this module
+    """POSTs JSON with the standard library: two small posts do not justify an HTTP client in the
+    environments gradwatch is installed into (some replace packages the training process uses)."""
 
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.session = niquests.Session()
-        self.session.headers["User-Agent"] = f"gradwatch-agent/{__version__}"
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"gradwatch-agent/{__version__}"}
 
     def _post(self, url: str, body: Any) -> None:
-        response = self.session.post(url, json=body, timeout=HTTP_TIMEOUT)
-        if not 200 <= (response.status_code or 0) < 300:
-            raise RuntimeError(f"HTTP {response.status_code} from {url}: {(response.text or '')[:200]}")
-
-    def close(self) -> None:
-        self.session.close()
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=self.headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(200).decode("utf-8", "replace")
+            raise RuntimeError(f"HTTP {exc.code} from {url}: {detail}") from None
 
 
 class AlertmanagerSink(_HttpSink):
@@ -170,9 +175,8 @@ class GrafanaSink(Sink):
     kinds = frozenset({"alert", "action"})
 
     def __init__(self, url: str, token: str | None) -> None:
-        from grafana_client import GrafanaApi
-
-        self.api = GrafanaApi.from_url(url, credential=token, timeout=HTTP_TIMEOUT)
+        grafana_api: Any = require_grafana_client("Grafana annotations (grafana_url)")
+        self.api = grafana_api.from_url(url, credential=token, timeout=HTTP_TIMEOUT)
         self.alert_annotations: dict[str, int] = {}  # firing alert key -> annotation id, to close the region
 
     def send(self, items: list[Item]) -> None:
@@ -305,7 +309,7 @@ class DeliveryWorker:
         remaining = list(batch)
         try:
             self.sink.send(remaining)  # a sink that sends one by one removes what went out
-        except Exception as exc:  # noqa: BLE001 - any failure of an endpoint is retried, never fatal
+        except Exception as exc:
             sent = len(batch) - len(remaining)
             self.stats.delivered += sent
             self.stats.failed_attempts += 1

@@ -20,6 +20,7 @@ from watchdog.observers import Observer
 from gradwatch.errors import ConfigError
 from gradwatch.rules.config import RulesConfig, default_rules, parse_rules, read_rules_text, rules_from
 from gradwatch.rules.engine import RunRules
+from gradwatch.spool.records import RunMeta
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -43,13 +44,13 @@ class AgentRules:
         text = read_rules_text(path)
         return cls(parse_rules(text, source=str(path)), path, text)
 
-    def for_run(self, run: str, meta: dict[str, Any]) -> RunRules:
+    def for_run(self, run: str, meta: RunMeta) -> RunRules:
         rules = self.runs.get(run)
         if rules is None:
             config, source = self.config, "agent"
-            if isinstance(meta.get("rules"), dict):
+            if meta.rules is not None:
                 try:
-                    config, source = rules_from(meta["rules"]), "run"
+                    config, source = rules_from(meta.rules), "run"
                 except ConfigError as exc:
                     self.run_rule_errors[run] = str(exc)
                     log.error("run %s: its rules are invalid (%s); it follows the agent's rules", run, exc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gradwatch.agent.detectors import RecentMax
@@ -18,6 +18,18 @@ from gradwatch.agent.rules import AgentRules
 from gradwatch.rules.config import default_rules
 from gradwatch.rules.detectors import EmaZScore
 from gradwatch.spool.proc import process_alive
+from gradwatch.spool.records import (
+    AckRecord,
+    AckStatus,
+    EndRecord,
+    LayersRecord,
+    LogRecord,
+    Record,
+    RunMeta,
+    StepRecord,
+    decode_meta,
+    meta_to_json,
+)
 
 MAX_METRIC_NAMES = 64  # per rank; bounds the cardinality of gradwatch_metric{name=...}
 SPIKE_METRICS = ("loss", "grad_norm")
@@ -37,20 +49,17 @@ class RunStatus(str, enum.Enum):
         return self in (RunStatus.CRASHED, RunStatus.FINISHED)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 @dataclass
 class RankState:
     """One process (one rank) of a run."""
 
     run: str
     rank: int
-    meta: dict[str, Any]
+    meta: RunMeta
     spike_window: float
     offset: int = 0  # bytes of the records file already applied
     steps_total: int = 0
+    last_step: int | None = None  # the step of the newest step record
     records: int = 0
     last_step_time: float | None = None
     last_record_time: float | None = None
@@ -88,41 +97,38 @@ class RankState:
         self.recent_max = {name: RecentMax(self.spike_window) for name in SPIKE_METRICS}
 
     # -- records ---------------------------------------------------------------------------------
-    def apply(self, record: dict[str, Any]) -> None:
-        t = float(record["t"])
+    def apply(self, record: Record) -> dict[str, float]:
+        """Take one record into the state; returns the observations it holds by metric name, for the
+        rules (a metric of a rule file refers to these names)."""
         self.records += 1
+        t = record.t
         self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
-        dropped = record.get("dropped")
-        if isinstance(dropped, int):
-            self.probe_dropped = max(self.probe_dropped, dropped)
-        kind = record["kind"]
-        if kind == "step":
-            self._apply_step(record, t)
-            if "values" in record:  # the scalars logged right after this step, merged by the probe
-                self._apply_log(record, t)
-        elif kind == "log":
-            self._apply_log(record, t)
-        elif kind == "end":
-            status = record.get("status")
-            self.end_status = status if status in ("finished", "stopped") else "failed"
-            self.end_error = record.get("error")
-            self.steps_total = max(self.steps_total, record["step"])
-        elif kind == "ack":
+        self.probe_dropped = max(self.probe_dropped, record.dropped)
+        if isinstance(record, StepRecord):
+            observed = self._apply_step(record)
+            if record.values is not None:  # the scalars logged right after this step, merged by the probe
+                observed.update(self._apply_values(record.values, t, same_step=True))
+            return observed
+        if isinstance(record, LogRecord):
+            # a log record right behind its step's record is that step's values, split by the writer's timing
+            return self._apply_values(record.values, t, same_step=record.step == self.last_step)
+        if isinstance(record, EndRecord):
+            self.end_status = record.status.value
+            self.end_error = record.error
+            self.steps_total = max(self.steps_total, record.step)
+        elif isinstance(record, AckRecord):
             self._apply_ack(record)
-        elif kind == "layers":
+        elif isinstance(record, LayersRecord):
             self._apply_layers(record)
+        return {}
 
-    def _apply_layers(self, record: dict[str, Any]) -> None:
-        names, norms, ratios = record.get("layers"), record.get("grad_norm"), record.get("update_ratio")
-        if isinstance(names, list) and isinstance(norms, list):
-            self.layer_grad_norms = {str(name): v for name, v in zip(names[:MAX_LAYERS], map(_number, norms))
-                                     if v is not None}
-        if isinstance(ratios, dict):
-            for name, ratio in ratios.items():
-                value = _number(ratio)
-                if value is not None and (name in self.layer_update_ratios or len(self.layer_update_ratios) < MAX_LAYERS):
-                    self.layer_update_ratios[str(name)] = value
-        self.layers_step = record["step"]
+    def _apply_layers(self, record: LayersRecord) -> None:
+        self.layer_grad_norms = {name: v for name, v in zip(record.layers[:MAX_LAYERS], record.grad_norm, strict=False)
+                                 if v is not None}
+        for name, ratio in record.update_ratio.items():
+            if name in self.layer_update_ratios or len(self.layer_update_ratios) < MAX_LAYERS:
+                self.layer_update_ratios[name] = ratio
+        self.layers_step = record.step
 
     def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
         key = f"{action}:{reason}"
@@ -138,67 +144,69 @@ class RankState:
         self.recent_actions = (self.recent_actions + [{"step": step, "to_step": step, "count": 1, "action": action,
                                                        "reason": reason, "detail": detail}])[-10:]
 
-    def _apply_ack(self, record: dict[str, Any]) -> None:
-        status = record.get("status")
-        action, detail = str(record.get("action")), str(record.get("detail") or "")
-        if status == "late":
+    def _apply_ack(self, record: AckRecord) -> None:
+        if record.status is AckStatus.LATE:
             self.commands_late += 1
-        if status in ("applied", "late"):
-            self._count_action(action, str(record.get("reason") or "command"), record["step"], detail)
+        if record.status.carried_out:
+            self._count_action(record.action, record.reason or "command", record.step, record.detail)
         else:
-            self._remember(action, "rejected", record["step"], detail)
+            self._remember(record.action, "rejected", record.step, record.detail)
 
-    def _apply_step(self, record: dict[str, Any], t: float) -> None:
+    def _apply_step(self, record: StepRecord) -> dict[str, float]:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.
-        self.steps_total = max(self.steps_total, record["step"])
+        t = record.t
+        self.steps_total = max(self.steps_total, record.step)
+        self.last_step = record.step
         self.last_step_time = t
-        norm = _number(record.get("grad_norm"))
+        observed: dict[str, float] = {}
+        norm = record.grad_norm
         if norm is not None:
             self._observe("grad_norm", norm, t)
-            self.grad_norm = norm
-        lrs = record.get("lr")
-        if isinstance(lrs, list):
-            self.learning_rates = [v for v in (_number(lr) for lr in lrs) if v is not None]
-        self.step_duration = _number(record.get("dur"))
-        if self.step_duration and self.step_duration > 0:
+            self.grad_norm = observed["grad_norm"] = norm
+        self.learning_rates = list(record.lr)
+        if record.lr:
+            observed["lr"] = record.lr[0]
+        self.step_duration = duration = record.dur
+        if duration is not None:
+            observed["step_duration_seconds"] = duration
+        if duration and duration > 0:
             ema = self.step_duration_ema
-            self.step_duration_ema = self.step_duration if ema is None else ema + 0.1 * (self.step_duration - ema)
-        self.data_wait = _number(record.get("wait"))
-        threshold = _number(record.get("clip"))
-        if threshold is not None:
-            self.clip_threshold = threshold
+            self.step_duration_ema = duration if ema is None else ema + 0.1 * (duration - ema)
+            observed["steps_per_second"] = 1.0 / duration
+        self.data_wait = record.wait
+        if record.wait is not None:
+            observed["data_wait_seconds"] = record.wait
+        if record.clip is not None:
+            self.clip_threshold = record.clip
             self.guarded_steps += 1
-            self.clipped_steps += bool(record.get("clipped"))
-        skip = record.get("skip")
-        if isinstance(skip, str):
-            self._count_action("skip_step", skip, record["step"], "update skipped")
-        self.would_skip += isinstance(record.get("would_skip"), str)
-        memory = record.get("cuda_mem")
-        if isinstance(memory, dict):
-            self.cuda_memory = {k: v for k in CUDA_MEMORY_FIELDS if (v := _number(memory.get(k))) is not None}
+            self.clipped_steps += record.clipped
+        if record.skip is not None:
+            self._count_action("skip_step", record.skip, record.step, "update skipped")
+        self.would_skip += record.would_skip is not None
+        if record.cuda_mem is not None:
+            memory = record.cuda_mem
+            self.cuda_memory = {k: v for k in CUDA_MEMORY_FIELDS if (v := getattr(memory, k)) is not None}
+        return observed
 
-    def _apply_log(self, record: dict[str, Any], t: float) -> None:
-        values = record.get("values")
-        if not isinstance(values, dict):
-            return
-        for name, raw in values.items():
-            value = _number(raw)
-            if value is None:
-                continue
+    def _apply_values(self, values: dict[str, float], t: float, same_step: bool) -> dict[str, float]:
+        """Logged scalars; ``same_step``: logged right after the newest step (so samples/s is its rate)."""
+        observed = dict(values)
+        for name, value in values.items():
             if name == "loss":
                 self._observe("loss", value, t)
                 self.loss = value
-            elif name == "batch_size":
+                continue
+            if name == "batch_size":
                 self.samples_total += value
-                if self.step_duration:
-                    self.samples_per_second = value / self.step_duration
-            if name != "loss":
-                if not math.isfinite(value):
-                    self.nonfinite["metric"] += 1
-                if name in self.metrics or len(self.metrics) < MAX_METRIC_NAMES:
-                    self.metrics[name] = value
-                else:
-                    self.metric_names_dropped += 1
+                if same_step and self.step_duration and self.step_duration > 0:
+                    self.samples_per_second = observed["samples_per_second"] = value / self.step_duration
+            if not math.isfinite(value):
+                self.nonfinite["metric"] += 1
+            if name in self.metrics or len(self.metrics) < MAX_METRIC_NAMES:
+                self.metrics[name] = value
+            else:
+                self.metric_names_dropped += 1
+        return observed
 
     def _observe(self, quantity: str, value: float, t: float) -> None:
         if not math.isfinite(value):
@@ -217,12 +225,10 @@ class RankState:
             return self.status
         if self.end_status is not None:
             self._end(RunStatus.CRASHED if self.end_status == "failed" else RunStatus.FINISHED, now)
-        elif self.meta.get("host") == local_host and process_alive(
-            int(self.meta["pid"]), self.meta.get("proc_start_ticks")
-        ) is False:
+        elif self.meta.host == local_host and self.meta.pid > 0 and process_alive(self.meta.pid, self.meta.proc_start_ticks) is False:
             self._end(RunStatus.CRASHED, now)
         else:
-            last = self.last_record_time or float(self.meta.get("start_time", now))
+            last = self.last_record_time or self.meta.start_time or now
             self.status = RunStatus.STALLED if now - last > stall_after else RunStatus.RUNNING
         return self.status
 
@@ -231,31 +237,28 @@ class RankState:
         self.ended_at = now
 
     # -- persistence -----------------------------------------------------------------------------
-    _PLAIN_FIELDS = (
-        "offset", "steps_total", "records", "last_step_time", "last_record_time", "loss", "grad_norm",
-        "learning_rates", "step_duration", "step_duration_ema", "data_wait", "samples_per_second", "samples_total",
-        "probe_dropped",
-        "nonfinite", "spikes", "metrics", "metric_names_dropped", "end_status", "end_error", "ended_at",
-        "actions", "commands_late", "clip_threshold", "clipped_steps", "guarded_steps", "would_skip",
-        "recent_actions", "layer_grad_norms", "layer_update_ratios", "layers_step", "cuda_memory",
-    )
-
     def state_dict(self) -> dict[str, Any]:
-        state = {name: getattr(self, name) for name in self._PLAIN_FIELDS}
+        """Every field (a new field is saved without further ado), the detectors' state, the metadata."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
         state["status"] = self.status.value
+        state["meta"] = meta_to_json(self.meta)
         state["detectors"] = {k: d.state_dict() for k, d in self.detectors.items()}
         state["recent_max"] = {k: m.state_dict() for k, m in self.recent_max.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self._PLAIN_FIELDS:
-            if name in state:
-                setattr(self, name, state[name])
+        """The inverse of state_dict(); fields a checkpoint of an older agent lacks keep their defaults."""
+        for f in fields(self):
+            if f.name not in _NOT_SAVED and f.name not in ("status", "meta") and f.name in state:
+                setattr(self, f.name, state[f.name])
         self.status = RunStatus(state.get("status", RunStatus.RUNNING.value))
         for key, detector in self.detectors.items():
             detector.load_state_dict(state.get("detectors", {}).get(key, {}))
         for key, recent in self.recent_max.items():
             recent.load_state_dict(state.get("recent_max", {}).get(key, []))
+
+
+_NOT_SAVED = frozenset({"run", "rank", "spike_window"})  # the checkpoint's keys and the agent's configuration
 
 
 def run_status(ranks: list[RankState]) -> RunStatus:
@@ -297,7 +300,7 @@ class AgentState:
     def rank(self, run: str, rank: int) -> RankState | None:
         return self.runs.get(run, {}).get(rank)
 
-    def add_rank(self, run: str, rank: int, meta: dict[str, Any]) -> RankState:
+    def add_rank(self, run: str, rank: int, meta: RunMeta) -> RankState:
         state = RankState(run=run, rank=rank, meta=meta, spike_window=self.spike_window)
         self.runs.setdefault(run, {})[rank] = state
         self.rejected_runs.pop(run, None)
@@ -331,7 +334,7 @@ class AgentState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "runs": {run: {str(r): s.state_dict() | {"meta": s.meta} for r, s in ranks.items()}
+            "runs": {run: {str(r): s.state_dict() for r, s in ranks.items()}
                      for run, ranks in self.runs.items()},
             "retired": sorted(self.retired),
             "rules": self.rules.state_dict(),
@@ -341,7 +344,7 @@ class AgentState:
         self.runs.clear()
         for run, ranks in state.get("runs", {}).items():
             for rank, rank_state in ranks.items():
-                self.add_rank(run, int(rank), rank_state["meta"]).load_state_dict(rank_state)
+                self.add_rank(run, int(rank), decode_meta(rank_state["meta"])).load_state_dict(rank_state)
         self.retired = set(state.get("retired", []))
         self.rules.load_state_dict(state.get("rules", {}))
 
@@ -362,10 +365,10 @@ class AgentState:
             out.append({
                 "run": run,
                 "status": run_status(states).value,
-                "world_size": first.meta.get("world_size"),
-                "host": first.meta.get("host"),
-                "start_time": first.meta.get("start_time"),
-                "labels": first.meta.get("labels", {}),
+                "world_size": first.meta.world_size,
+                "host": first.meta.host,
+                "start_time": first.meta.start_time,
+                "labels": first.meta.labels,
                 "rules": None if rules is None else {
                     "source": rules.source, "dry_run": rules.config.dry_run,
                     "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
@@ -373,7 +376,7 @@ class AgentState:
                     "error": self.rules.run_rule_errors.get(run),
                 },
                 "ranks": [{
-                    "rank": s.rank, "status": s.status.value, "pid": s.meta.get("pid"), "steps": s.steps_total,
+                    "rank": s.rank, "status": s.status.value, "pid": s.meta.pid, "steps": s.steps_total,
                     "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
                     "step_duration_seconds": s.step_duration, "data_wait_seconds": s.data_wait,
                     "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -40,7 +41,7 @@ class SpoolWatcher:
         self.restarts = 0
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._observer: BaseObserver | None = None
 
     def start(self) -> None:
         self.runs_dir.mkdir(parents=True, exist_ok=True)

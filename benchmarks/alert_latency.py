@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import SUPPORT, AgentProcess, AlertmanagerServer, WebhookReceiver, free_port  # noqa: E402
+from tests.conftest import SUPPORT, AgentProcess, AlertmanagerServer, WebhookReceiver, free_port
 
 NAN_AT = 60
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from probe_overhead import WORKLOADS, _block  # noqa: I001 - run from the repository root
+from probe_overhead import WORKLOADS, _block
 
 from gradwatch.probes.gradnorm import global_grad_norm, gradients
 from gradwatch.probes.probe import Probe

@@ -128,7 +128,7 @@ def measure(ranks: int, steps: int, rate: float, every: int) -> dict[str, Any]:
         decide_ms.append((d["t_decided"] - d["t"]) * 1000)
     same_step = [len(s) == 1 for s in by_command.values()]
     skips = [e for e in events if e["event"] == "skip_step"]
-    nan_steps = {s for s in range(50, steps + 1, 50)}
+    nan_steps = set(range(50, steps + 1, 50))
     records = []
     for rank in range(ranks):
         records += [json.loads(line) for line in (home / "runs" / "bench" / f"rank-{rank}.records.jsonl").read_text().splitlines()]

@@ -39,10 +39,7 @@ def query(expr: str, legend: str = "", ref: str = "A", *, instant: bool = False,
     q = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(DATASOURCE)
     if legend:
         q = q.legend_format(legend)
-    if instant:
-        q = q.instant()
-    else:
-        q = q.range()
+    q = q.instant() if instant else q.range()
     if table_format:
         q = q.format(prometheus_models.PromQueryFormat.TABLE)
     return q
@@ -131,7 +128,7 @@ def rank_variable() -> dashboard.QueryVariable:
             .current(models.VariableOption(selected=True, text="All", value="$__all")))
 
 
-def annotations(run_scoped: bool) -> list[dashboard.AnnotationQuery]:
+def annotation_queries(run_scoped: bool) -> list[dashboard.AnnotationQuery]:
     """Actions and alerts on every time-series panel: from gradwatch's Grafana annotations (agent
     setting grafana_url), from the action counters, and from Prometheus's alerts."""
     tag = "run:$run" if run_scoped else "gradwatch"
@@ -161,7 +158,7 @@ def run_dashboard() -> dashboard.Dashboard:
     d = (base("gradwatch-run", "gradwatch / Run", "One training run: loss, gradients, learning rate, speed and "
               "GPUs, with gradwatch's actions and alerts as annotations.")
          .with_variable(datasource_variable()).with_variable(run_variable()).with_variable(rank_variable()))
-    for a in annotations(run_scoped=True):
+    for a in annotation_queries(run_scoped=True):
         d = d.annotation(a)
     d = (d.with_row(dashboard.Row("Run"))
          .with_panel(single("State", "Worst state of the run's ranks.", state_code(RUN), mappings=STATE_MAPPINGS,
@@ -271,7 +268,7 @@ def fleet_dashboard() -> dashboard.Dashboard:
     )
     d = (base("gradwatch-fleet", "gradwatch / Fleet", "Every run on every machine: which are running, stalled, "
               "crashed or diverging, and how busy their GPUs are.").with_variable(datasource_variable()))
-    for a in annotations(run_scoped=False):
+    for a in annotation_queries(run_scoped=False):
         d = d.annotation(a)
     return (d.with_row(dashboard.Row("Runs"))
             .with_panel(single("Running", "Runs with a rank still training.",
@@ -308,7 +305,7 @@ def debug_dashboard() -> dashboard.Dashboard:
          .with_variable(datasource_variable()).with_variable(run_variable()).with_variable(rank_variable())
          .with_variable(dashboard.CustomVariable("topk").label("Top layers").values("5,10")
                         .current(models.VariableOption(selected=True, text="10", value="10"))))
-    for a in annotations(run_scoped=True):
+    for a in annotation_queries(run_scoped=True):
         d = d.annotation(a)
     return (d.with_row(dashboard.Row("Layers"))
             .with_panel(series("Gradient norm by layer (top $topk)", "L2 norm of each layer's gradients at the sampled "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.dashboards import load_all
-from gradwatch.errors import GradwatchError
+from gradwatch.errors import ConfigError, GradwatchError, require_grafana_client
 
 FOLDER_UID = "gradwatch"
 _VOLATILE = ("id", "version")  # set by Grafana on every save; not part of what we ship
@@ -41,10 +41,13 @@ def export(directory: Path) -> list[Path]:
 def push(url: str, token: str | None, folder: str = "gradwatch",
          progress: Callable[[PushResult], None] = lambda r: None) -> list[PushResult]:
     """Create or update every dashboard in ``folder``; a dashboard already identical is left alone."""
-    from grafana_client import GrafanaApi
+    try:
+        grafana_api: Any = require_grafana_client("gradwatch dashboards push")
+    except ConfigError as exc:
+        raise PushError(str(exc)) from None
     from grafana_client.client import GrafanaClientError, GrafanaException
 
-    api = GrafanaApi.from_url(url, credential=token)
+    api = grafana_api.from_url(url, credential=token)
     results = []
     try:
         folder_uid = _ensure_folder(api, folder)
@@ -60,8 +63,8 @@ def push(url: str, token: str | None, folder: str = "gradwatch",
         raise PushError(f"Grafana at {url} answered with an error: {exc}") from None
     except OSError as exc:
         raise PushError(f"cannot reach Grafana at {url}: {exc}") from None
-    except Exception as exc:  # niquests' connection errors are not OSErrors
-        if type(exc).__module__.startswith(("niquests", "urllib3")):
+    except Exception as exc:  # the HTTP client's connection errors (niquests, requests) are not OSErrors
+        if type(exc).__module__.startswith(("niquests", "requests", "urllib3")):
             raise PushError(f"cannot reach Grafana at {url}: {exc}") from None
         raise
     return results
@@ -96,5 +99,6 @@ def _push_one(api: Any, model: dict[str, Any], folder_uid: str) -> str:
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    strip = lambda d: {k: v for k, v in d.items() if k not in _VOLATILE}
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in _VOLATILE}
     return strip(a) == strip(b)

@@ -39,17 +39,17 @@ _home_option = click.option(
 
 @cli.command(context_settings=_CONTEXT)
 @_home_option
-@click.option("--host", default=None, help="Address to listen on. [env: GRADWATCH_HOST; default: 127.0.0.1]")
-@click.option("--port", default=None, help="Port for /metrics. [env: GRADWATCH_PORT; default: 9478]")
+@click.option("--host", default=None, metavar="ADDRESS", help="Address to listen on. [env: GRADWATCH_HOST; default: 127.0.0.1]")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port for /metrics. [env: GRADWATCH_PORT; default: 9478]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML file with agent settings. [env: GRADWATCH_CONFIG]")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML rules file, reloaded when it changes. [env: GRADWATCH_RULES_FILE; default: packaged rules]")
-@click.option("--stall-after", "stall_after_seconds", default=None,
+@click.option("--stall-after", "stall_after_seconds", type=float, default=None, metavar="SECONDS",
               help="Seconds without a record before a run counts as stalled. [default: 120]")
-@click.option("--ended-ttl", "ended_ttl_seconds", default=None,
+@click.option("--ended-ttl", "ended_ttl_seconds", type=float, default=None, metavar="SECONDS",
               help="Seconds a finished or crashed run stays exported. [default: 900]")
-@click.option("--exit-when-idle", "exit_when_idle_seconds", default=None,
+@click.option("--exit-when-idle", "exit_when_idle_seconds", type=float, default=None, metavar="SECONDS",
               help="Exit after this many seconds with no running run. [default: never]")
 @click.option("--alertmanager-url", "alertmanager_url", default=None, metavar="URL",
               help="Send step-resolution alerts to this Alertmanager (API v2). [env: GRADWATCH_ALERTMANAGER_URL]")

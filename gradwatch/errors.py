@@ -1,5 +1,9 @@
 """Errors that are the user's to fix: the CLI prints their message as one line, no traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class GradwatchError(Exception):
     """Base of errors with a message that says what is wrong and how to fix it."""
@@ -20,3 +24,18 @@ class StopTraining(SystemExit):  # named for what it asks, like StopIteration
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.code = 0  # stopping early is a successful end of training, not a failure
+
+
+class MissingExtraError(ConfigError):
+    """A feature needs a package of an optional extra that is not installed."""
+
+
+def require_grafana_client(feature: str) -> type[Any]:
+    """``grafana_client.GrafanaApi``, or MissingExtraError saying how to install it. The Grafana client is an
+    extra (``gradwatch[grafana]``): its HTTP stack must not be forced into every training environment."""
+    try:
+        from grafana_client.api import GrafanaApi
+    except ImportError:
+        raise MissingExtraError(f"{feature} needs the grafana-client package: pip install 'gradwatch[grafana]'") \
+            from None
+    return GrafanaApi

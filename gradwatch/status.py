@@ -26,7 +26,7 @@ def agent_url(layout: SpoolLayout) -> str | None:
 
 
 def get_json(url: str, timeout: float = 3.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - local agent URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -129,7 +129,7 @@ def make_console() -> Console:
     """A console that does not squeeze tables into 80 columns when output goes to a file or pipe."""
     console = Console()
     if not console.is_terminal:
-        console = Console(width=160)
+        console = Console(width=220)  # a row with every action listed is ~170 columns
     return console
 
 

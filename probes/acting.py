@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from gradwatch.probes import readback
+from gradwatch.probes.captures import GuardInfo
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
@@ -18,10 +19,6 @@ from gradwatch.probes.optimizers import OptimizerSet
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.rules.config import ReduceLR, Rewind, ScaleClip
 from gradwatch.rules.lr import min_lr_for, reduced_lr
-
-#: What the guards did at one step, as it goes into the step record (values may be deferred):
-#: (clip threshold or None, clipped: bool, skip reason or None, observed skip reason or None)
-GuardInfo = tuple[Any, Any, Any, Any]
 
 
 class Actuator:
@@ -39,7 +36,7 @@ class Actuator:
         self.fast = guards.only_nonfinite_skip
 
     # -- guards, in the pre-step hook -----------------------------------------------------------
-    def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo]:
+    def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo | None]:
         """Apply the guards to this step's gradients; returns the norm to record and what was done."""
         if isinstance(norm, NormOfNorms):
             value = norm.value_now()  # CPU: reading it costs no synchronisation
@@ -89,7 +86,8 @@ class Actuator:
             found = (~torch.isfinite(norm)).float()
             if g.skip_nonfinite == "act" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
                 existing = getattr(self.optimizer, "found_inf", None)
-                self.optimizer.found_inf = found if existing is None else torch.maximum(existing, found)
+                # the fused optimizers skip their update where found_inf is set, as under GradScaler
+                setattr(self.optimizer, "found_inf", found if existing is None else torch.maximum(existing, found))  # noqa: B010 - undeclared attribute
                 self._found_inf_set = existing is None
                 skip = readback.capture(found)
             else:
@@ -103,7 +101,7 @@ class Actuator:
                 p.grad = g
             self._hidden = []
         if self._found_inf_set:
-            del self.optimizer.found_inf
+            delattr(self.optimizer, "found_inf")  # not an attribute torch declares: set above, removed here
             self._found_inf_set = False
         if self.snapshots is not None:
             self.snapshots.maybe_take(step)

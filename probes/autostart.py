@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import ModuleType
 
 from gradwatch.spool.format import SpoolLayout
 
+fcntl: ModuleType | None
 try:
-    import fcntl
+    import fcntl as _fcntl
+
+    fcntl = _fcntl
 except ImportError:  # Windows: no flock; autostart is skipped
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 AUTOSTART_ENV = "GRADWATCH_AUTOSTART"
 IDLE_EXIT_SECONDS = 600
@@ -43,7 +47,7 @@ def agent_running(layout: SpoolLayout) -> bool:
 def spawn_agent(layout: SpoolLayout) -> subprocess.Popen[bytes]:
     """Start ``gradwatch agent`` detached, logging to ``<home>/agent/agent.log``."""
     layout.agent_dir.mkdir(parents=True, exist_ok=True)
-    log = open(layout.agent_log_file, "ab")  # noqa: SIM115 - handed to the child
+    log = open(layout.agent_log_file, "ab")  # noqa: SIM115 - handed to the child; closed after Popen
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "gradwatch", "agent", "--home", str(layout.home),

@@ -21,7 +21,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from gradwatch.rules.config import Action
 from gradwatch.spool.format import SpoolLayout
-from gradwatch.spool.reader import read_ids
+from gradwatch.spool.reader import ACK_MARKER, read_ids
+from gradwatch.spool.records import decode_command
 
 log = logging.getLogger("gradwatch")
 _ACTION = TypeAdapter(Action)
@@ -42,22 +43,19 @@ class Command:
 
 
 def parse_command(obj: Any) -> Command:
-    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-        raise ValueError("not an object with an id")
+    """A command line's object as a Command whose action the rules' models validated; ValueError if not."""
+    record = decode_command(obj)  # RecordError is a ValueError
     try:
-        action = _ACTION.validate_python(obj.get("action"))
+        action = _ACTION.validate_python(record.action)
     except ValidationError as exc:
-        raise ValueError(f"invalid action {obj.get('action')!r}: {exc.errors()[0]['msg']}") from None
-    apply_at = obj.get("apply_at_step")
-    if apply_at is not None and not isinstance(apply_at, int):
-        raise ValueError("apply_at_step must be an integer or null")
-    return Command(id=obj["id"], action=action, apply_at_step=apply_at, trigger_step=int(obj.get("trigger_step", 0)),
-                   rule=str(obj.get("rule", "")), reason=str(obj.get("reason", "")))
+        raise ValueError(f"invalid action {record.action!r}: {exc.errors()[0]['msg']}") from None
+    return Command(id=record.id, action=action, apply_at_step=record.apply_at_step, trigger_step=record.trigger_step,
+                   rule=record.rule, reason=record.reason)
 
 
 def acked_ids(records_file: Path) -> set[str]:
     """Command ids this rank already acknowledged (only non-empty when a probe restarts in a run)."""
-    return read_ids(records_file, only_lines_with=b'"kind":"ack"')
+    return read_ids(records_file, only_lines_with=ACK_MARKER)
 
 
 class CommandReader:

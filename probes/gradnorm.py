@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from gradwatch.probes.optimizers import Optimizers
 from gradwatch.probes.readback import Deferred
 
 
@@ -80,7 +81,7 @@ class GradNormMeter:
     the writer thread finishes.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: Optimizers) -> None:
         self._optimizer = optimizer
         self._params: list[torch.Tensor] = []
         self._shape: tuple[int, ...] = ()
@@ -104,8 +105,8 @@ class GradNormMeter:
         groups = self._optimizer.param_groups
         shape = tuple(len(group["params"]) for group in groups)
         if shape != self._shape:  # a param group was added or changed
-            seen: set[int] = set()  # several optimizers may share a parameter: count it once
-            self._params = [p for group in groups for p in group["params"] if not (id(p) in seen or seen.add(id(p)))]
+            # several optimizers may share a parameter: count it once
+            self._params = list({id(p): p for group in groups for p in group["params"]}.values())
             self._shape = shape
             self._checked_for = -1
         grads = [g for p in self._params if (g := p.grad) is not None]

@@ -38,7 +38,7 @@ class GradwatchCallback(ProbeOptions, TrainerCallback):
         run = self.options["run"] or (args.run_name if args.run_name != args.output_dir else None)
         self.probe = Probe(model, unwrap(optimizer), rank=args.process_index, world_size=args.world_size,
                            on_stop="flag", launch_id=shared_launch_id(),
-                           **{**self.options, "run": run})  # type: ignore[arg-type]
+                           **{**self.options, "run": run})
         self._inputs = interceptors.listen(self.probe)  # the loss and the Trainer's clip_grad_norm_ result
         if lr_scheduler is not None:
             self.probe.watch_schedulers([getattr(lr_scheduler, "scheduler", lr_scheduler)])

@@ -89,7 +89,7 @@ def stop_listening(inputs: StepInputs) -> None:
 
 # -- the wrappers -------------------------------------------------------------------------------
 def _install() -> None:
-    global _installed
+    global _installed  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     with _install_lock:
         if _installed:
             return
@@ -118,9 +118,10 @@ def _install() -> None:
                 _seen_scale(scaled, outputs)
             return scaled
 
-        for wrapper, original in ((backward, original_backward), (clip_grad_norm_, original_clip),
-                                  (scale, original_scale)):
-            wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrappers: tuple[tuple[Any, Any], ...] = ((backward, original_backward), (clip_grad_norm_, original_clip),
+                                                 (scale, original_scale))
+        for wrapper, original in wrappers:
+            wrapper.__wrapped__ = original  # functools.wraps without copying the signature's annotations
             wrapper.__doc__ = original.__doc__
         torch.autograd.backward = backward
         torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
@@ -129,7 +130,7 @@ def _install() -> None:
 
 
 def _seen_backward(tensors: Any) -> None:
-    global _scaled
+    global _scaled  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     try:
         if not isinstance(tensors, torch.Tensor):
             if not isinstance(tensors, (list, tuple)) or len(tensors) != 1:
@@ -159,7 +160,7 @@ def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
 
 
 def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
-    global _scaled
+    global _scaled  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     try:
         _scaled = (weakref.ref(scaled), loss.detach())
     except Exception as exc:

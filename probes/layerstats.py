@@ -11,17 +11,17 @@ synchronisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gradwatch.probes import readback
+from gradwatch.probes.captures import LayersCapture
+from gradwatch.probes.optimizers import Optimizers
 
 DEFAULT_EVERY = 100
 DEFAULT_UPDATE_BUDGET_BYTES = 64 * 2**20
-
-#: Queue item: ("layers", step, t, names, values, n_layers, covered layer indices)
-
 
 def layer_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
     """The layer of each parameter: its module's path, ``(root)`` for the model's own parameters."""
@@ -29,10 +29,11 @@ def layer_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]
     return [by_id.get(id(p), "(not in model)") for p in params]
 
 
-def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-tensor L2 norms as one float32 vector on ``device``."""
+    norms: Sequence[torch.Tensor]
     if all(t.device == device and not t.is_sparse for t in tensors):
-        norms = torch._foreach_norm(tensors, 2.0)
+        norms = torch._foreach_norm(list(tensors), 2.0)
     else:
         norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t, 2.0).to(device)
                  for t in tensors]
@@ -40,7 +41,7 @@ def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 class LayerStats:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: int,
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizers, every: int,
                  update_budget_bytes: int = DEFAULT_UPDATE_BUDGET_BYTES) -> None:
         self.every = every
         self._model = model
@@ -71,14 +72,15 @@ class LayerStats:
         self._layout()
         with torch.no_grad():
             pairs = [(i, p) for i, p in enumerate(self._params) if p.grad is not None]
+            grads = [g for _, p in pairs if (g := p.grad) is not None]
             if not pairs:
                 self._pending = None
                 return
-            device = pairs[0][1].grad.device
+            device = grads[0].device
             n_layers = len(self._names)
             layer_index = torch.tensor([self._layer_of[i] for i, _ in pairs], device=device)
             grad_sq = torch.zeros(n_layers, device=device).index_add_(
-                0, layer_index, _norms([p.grad for _, p in pairs], device).square())
+                0, layer_index, _norms(grads, device).square())
             covered = self._next_layers(pairs)
             chosen = [(i, p) for i, p in pairs if self._layer_of[i] in covered]
             before = [p.detach().clone() for _, p in chosen]
@@ -101,7 +103,7 @@ class LayerStats:
         self._cursor = max(chosen) + 1 if max(chosen) + 1 < len(self._names) else 0
         return chosen
 
-    def after_step(self, step: int, t: float) -> tuple[Any, ...] | None:
+    def after_step(self, step: int, t: float) -> LayersCapture | None:
         """Post-step hook of a sampled step: the queue item for the writer thread, or None."""
         pending, self._pending = self._pending, None
         if pending is None:
@@ -120,14 +122,4 @@ class LayerStats:
                 cover = torch.tensor(covered, device=device)
                 values.append((update_sq[cover] / weight_sq[cover]).sqrt())
             vector = torch.cat(values)
-        return ("layers", step, t, tuple(self._names), readback.capture_vector(vector), n_layers, tuple(covered))
-
-
-def layer_record(item: tuple[Any, ...]) -> dict[str, Any] | None:
-    """The ``layers`` record for a queue item (writer thread), or None while the copy is in flight."""
-    _, step, t, names, vector, n_layers, covered = item
-    values = readback.resolve(vector)
-    if values is readback.NOT_READY:
-        return None
-    return {"kind": "layers", "step": step, "t": t, "layers": list(names), "grad_norm": values[:n_layers],
-            "update_ratio": {names[layer]: ratio for layer, ratio in zip(covered, values[n_layers:])}}
+        return LayersCapture(step, t, tuple(self._names), readback.capture_vector(vector), n_layers, tuple(covered))

@@ -41,11 +41,11 @@ class GradwatchCallback(ProbeOptions, pl.Callback):
         self._reset()  # a new fit() after an ended one: a new run
         self.probe = Probe(pl_module, list(trainer.optimizers), rank=trainer.global_rank,
                            world_size=trainer.world_size, on_stop="flag", measure_in_step_hook=False,
-                           launch_id=shared_launch_id(), **self.options)  # type: ignore[arg-type]
+                           launch_id=shared_launch_id(), **self.options)
         self.probe.watch_schedulers([config.scheduler for config in trainer.lr_scheduler_configs])
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             def scale_trainer_clip(factor: float, low: float, high: float) -> float:
-                trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val) * factor))
+                trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val or 0.0) * factor))
                 return trainer.gradient_clip_val
 
             self.probe.control_clipping(scale_trainer_clip)

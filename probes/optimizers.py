@@ -60,3 +60,7 @@ def unwrap(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
+
+
+#: What the meters read param groups and state dicts from: one optimizer, or several seen as one.
+Optimizers = torch.optim.Optimizer | OptimizerSet

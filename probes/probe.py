@@ -26,6 +26,7 @@ from gradwatch.errors import ConfigError, StopTraining
 from gradwatch.probes import readback
 from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import autostart_enabled, ensure_agent
+from gradwatch.probes.captures import AckCapture, Capture, LayersCapture, LogCapture, StepCapture
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
@@ -34,9 +35,11 @@ from gradwatch.probes.layerstats import DEFAULT_EVERY as DEFAULT_LAYER_STATS_EVE
 from gradwatch.probes.layerstats import LayerStats
 from gradwatch.probes.optimizers import OptimizerSet, unwrap
 from gradwatch.probes.snapshots import Snapshots
-from gradwatch.probes.writer import QueueItem, SpoolWriterThread, WarnOnce
+from gradwatch.probes.warn_once import WarnOnce
+from gradwatch.probes.writer import SpoolWriterThread
 from gradwatch.rules.config import RulesConfig, default_rules, rules_from
 from gradwatch.spool.format import SpoolLayout, default_home
+from gradwatch.spool.records import AckStatus, EndStatus
 
 log = logging.getLogger("gradwatch")
 
@@ -100,7 +103,7 @@ class Probe:
         self.requested_run = run if run is not None else default_run_name(self.identity)
         self.step = 0  # optimizer steps completed since attach
         self.internal_errors = 0
-        self._queue: deque[QueueItem] = deque()
+        self._queue: deque[Capture] = deque()
         self._max_queue = max_queue
         self._queue_dropped = 0
         self._warn = WarnOnce()
@@ -115,7 +118,7 @@ class Probe:
         self.stop_reason: str | None = None
         self._on_stop = on_stop
         self._inbox: deque[Command] = deque()
-        self._held_layers: QueueItem | None = None
+        self._held_layers: LayersCapture | None = None
         self._actuator: Actuator | None = None
         self._measure_in_step_hook = measure_in_step_hook
         self._clip_norm: tuple[torch.Tensor, int] | None = None
@@ -123,9 +126,9 @@ class Probe:
         self._step_inputs: Any = None  # interceptors.StepInputs: the loss when the script does not log it
         self._optimizers = OptimizerSet(optimizers) if optimizers else None
         self._primary = optimizers[0] if optimizers else None
-        optimizer = self._optimizers  # what the meters read: every optimizer's param groups
+        watched = self._optimizers  # what the meters read: every optimizer's param groups
 
-        cuda_device = _cuda_device(optimizer)
+        cuda_device = _cuda_device(watched)
         start_agent = autostart_enabled() if autostart_agent is None else autostart_agent
         self._writer = SpoolWriterThread(
             queue=self._queue,
@@ -139,20 +142,20 @@ class Probe:
             on_agent_needed=ensure_agent if start_agent else None,
             cuda_device=cuda_device,
             inbox=self._inbox,
-            extra_meta={"rules": self.rules.model_dump(mode="json") if explicit_rules else None,
-                        "guards": self.rules.guards.model_dump(mode="json"), "dry_run": self.rules.dry_run,
-                        "on_stop": on_stop},
+            run_settings={"rules": self.rules.model_dump(mode="json") if explicit_rules else None,
+                          "guards": self.rules.guards.model_dump(mode="json"), "dry_run": self.rules.dry_run,
+                          "on_stop": on_stop},
         )
-        self._grad_norm = GradNormMeter(optimizer) if optimizer is not None else None
-        self._layers = LayerStats(model, optimizer, layer_stats_every) \
-            if model is not None and optimizer is not None and layer_stats_every else None
+        self._grad_norm = GradNormMeter(watched) if watched is not None else None
+        self._layers = LayerStats(model, watched, layer_stats_every) \
+            if model is not None and watched is not None and layer_stats_every else None
         self._layer_step = layer_stats_every if self._layers is not None else 0  # next sampled step (0: never)
-        if self._grad_norm is not None:
+        if self._grad_norm is not None and watched is not None:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
             snap = self.rules.guards.snapshots
-            snapshots = Snapshots(model, optimizer, snap.every, snap.keep) if self.rules.snapshots_enabled else None
-            self._actuator = Actuator(self._optimizers, self._grad_norm, guards, snapshots)
-            if guards.needs_host_norm and any(p.is_cuda for g in optimizer.param_groups for p in g["params"]):
+            snapshots = Snapshots(model, watched, snap.every, snap.keep) if self.rules.snapshots_enabled else None
+            self._actuator = Actuator(watched, self._grad_norm, guards, snapshots)
+            if guards.needs_host_norm and any(p.is_cuda for g in watched.param_groups for p in g["params"]):
                 self._warn("guards-sync", "guards %s read the gradient norm on the host: one CUDA synchronisation "
                            "per step (see docs/rules.md)", _host_guards(guards))
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
@@ -185,7 +188,7 @@ class Probe:
                     captured[name] = readback.capture(value)
                 except readback.NotAScalar as exc:
                     self._warn(f"log-{name}", "log(%s=...) ignored: %s", name, exc)
-            item = ("log", self.step, self._wall_offset + time.perf_counter(), captured)
+            item = LogCapture(self.step, self._wall_offset + time.perf_counter(), captured)
             if len(self._queue) < self._max_queue:
                 self._queue.append(item)
             else:
@@ -232,7 +235,7 @@ class Probe:
     def batch_started(self) -> None:
         """Mark the end of the data wait (when no model forward hook can: the framework calls the
         model another way)."""
-        self._on_forward_pre(None, None)  # type: ignore[arg-type]
+        self._on_forward_pre(None, None)
 
     def reuse_clip_norm(self, total_norm: torch.Tensor, n_gradients: int) -> None:
         """The script's own ``clip_grad_norm_`` result on the current gradients (before clipping):
@@ -252,20 +255,23 @@ class Probe:
         if self._actuator is not None:
             self._actuator.external_clip = scale
 
-    def close(self, *, status: str = "finished", error: str | None = None, timeout: float = 10.0) -> None:
-        """Remove the hooks, write what is queued and mark the run finished. Idempotent."""
+    def close(self, *, status: str | EndStatus = EndStatus.FINISHED, error: str | None = None,
+              timeout: float = 10.0) -> None:
+        """Remove the hooks, write what is queued and mark the run ``finished`` (or ``stopped``,
+        ``failed``). Idempotent."""
         if self._closed:
             return
+        end = EndStatus(status)  # a wrong value raises here, before anything is closed
         self._closed = True
-        if status == "finished" and self.should_stop:
-            status, error = "stopped", self.stop_reason  # the run ended because a rule stopped it
+        if end is EndStatus.FINISHED and self.should_stop:
+            end, error = EndStatus.STOPPED, self.stop_reason  # the run ended because a rule stopped it
         if self._held_layers is not None:
             self._enqueue(self._held_layers)
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         _open_probes.discard(self)
-        self._writer.stop(status=status, error=error, final_step=self.step, timeout=timeout)
+        self._writer.stop(status=end, error=error, final_step=self.step, timeout=timeout)
 
     def __enter__(self) -> Probe:
         return self
@@ -274,9 +280,9 @@ class Probe:
         if exc is None:
             self.close()
         elif isinstance(exc, StopTraining):
-            self.close(status="stopped", error=str(exc))
+            self.close(status=EndStatus.STOPPED, error=str(exc))
         else:
-            self.close(status="failed", error=repr(exc))
+            self.close(status=EndStatus.FAILED, error=repr(exc))
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------
     def _on_forward_pre(self, module: torch.nn.Module | None, args: Any) -> None:
@@ -296,7 +302,7 @@ class Probe:
         if self._held_layers is not None:
             self._enqueue(self._held_layers)
             self._held_layers = None
-        if self.step + 1 == self._layer_step:
+        if self.step + 1 == self._layer_step and self._layers is not None:
             try:
                 self._layers.before_step()  # before the guards, which may clip or hide the gradients
             except Exception as exc:
@@ -336,8 +342,9 @@ class Probe:
             self._pending_norm = self._pending_guard = None
             lrs = [lr if lr.__class__ is float else readback.capture(lr)
                    for lr in [group["lr"] for group in self._optimizers.param_groups]]  # type: ignore[union-attr]
-            item = ("step", self.step, self._wall_offset + now, duration, self._data_wait,
-                    norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs, guard)
+            item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait,
+                               norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs,
+                               guard)
             if len(self._queue) < self._max_queue:
                 self._queue.append(item)
             else:
@@ -348,7 +355,7 @@ class Probe:
             if inputs is not None and inputs.loss is not None:
                 self.log(loss=inputs.take_loss())
             if self.step == self._layer_step:
-                self._record_layers(item[2])
+                self._record_layers(item.t)
             if self._actuator is not None:
                 self._actuator.after_step(self.step)
             if self._inbox:
@@ -376,7 +383,7 @@ class Probe:
             if due is not None and due > self.step:
                 continue  # other ranks are not there yet either
             self._inbox.remove(command)
-            status = "late" if due is not None and self.step > due else "applied"
+            status = AckStatus.LATE if due is not None and self.step > due else AckStatus.APPLIED
             try:
                 if command.type == "stop":
                     self.should_stop = True
@@ -391,15 +398,15 @@ class Probe:
                 else:
                     detail = self._actuator.execute(command)
             except ValueError as exc:
-                status, detail = "rejected", str(exc)
-            if status == "late":
+                status, detail = AckStatus.REJECTED, str(exc)
+            if status is AckStatus.LATE:
                 self._warn("late-command", "command %s arrived after its step %s (now %d); applied now, ranks may "
                            "disagree", command.id, due, self.step)
-            self._enqueue(("ack", self.step, time.time(), command, status, detail))
+            self._enqueue(AckCapture(self.step, time.time(), command, status, detail))
         if raise_stop is not None:
             raise raise_stop
 
-    def _enqueue(self, item: QueueItem) -> None:
+    def _enqueue(self, item: Capture) -> None:
         if len(self._queue) < self._max_queue:
             self._queue.append(item)
         else:
@@ -530,7 +537,7 @@ _exit_handlers_installed = False
 
 
 def _install_exit_handlers() -> None:
-    global _exit_handlers_installed
+    global _exit_handlers_installed  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     with _exit_handlers_lock:
         if _exit_handlers_installed:
             return
@@ -551,8 +558,8 @@ def _close_open_probes() -> None:
         if probe.identity.pid != pid:
             continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
         if _uncaught and isinstance(_uncaught[-1], StopTraining):
-            probe.close(status="stopped", error=str(_uncaught[-1]), timeout=5.0)
+            probe.close(status=EndStatus.STOPPED, error=str(_uncaught[-1]), timeout=5.0)
         elif _uncaught:
-            probe.close(status="failed", error=repr(_uncaught[-1]), timeout=5.0)
+            probe.close(status=EndStatus.FAILED, error=repr(_uncaught[-1]), timeout=5.0)
         else:
             probe.close(timeout=5.0)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradwatch.probes.optimizers import Optimizers
+
 
 def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
@@ -26,7 +28,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 class Snapshots:
-    def __init__(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer, every: int,
+    def __init__(self, model: torch.nn.Module | None, optimizer: Optimizers, every: int,
                  keep: int) -> None:
         self.model = model
         self.optimizer = optimizer

@@ -39,7 +39,7 @@ _session: ZeroCode | None = None
 
 def install() -> ZeroCode:
     """Start watching this process's optimizers (idempotent)."""
-    global _session
+    global _session  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     with _lock:
         if _session is None:
             _session = ZeroCode()
@@ -72,7 +72,7 @@ class ZeroCode:
                 pass
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
-        torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
+        torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
 
     def _on_first_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._first_module is None:

@@ -12,6 +12,7 @@ expected, e.g. ``rules.yaml:7: rules[1].detect.patience = 'ten': Input should be
 
 from __future__ import annotations
 
+import io
 import os
 from importlib import resources
 from pathlib import Path
@@ -273,10 +274,16 @@ def rules_from(value: RulesConfig | dict[str, Any] | str | os.PathLike[str] | No
     raise ConfigError(f"rules must be a RulesConfig, a dict or a path to a YAML file, got {type(value).__name__}")
 
 
+def _named_stream(text: str, name: str) -> io.StringIO:
+    stream = io.StringIO(text)
+    stream.name = name  # type: ignore[misc]  # read by YAML's reader for its error marks
+    return stream
+
+
 def parse_rules(text: str, source: str) -> RulesConfig:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+    try:  # a named stream: YAML's error marks then name the file, not "<unicode string>"
+        node = yaml.compose(_named_stream(text, source), Loader=yaml.SafeLoader)
+        data = yaml.safe_load(_named_stream(text, source))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if data is None:

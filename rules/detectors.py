@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,7 +298,7 @@ class ThresholdDetector(Detector):
         return self.streak >= self.spec.patience
 
 
-_DETECTORS: dict[str, type[Detector]] = {
+_DETECTORS: dict[str, Callable[[Any], Detector]] = {
     "nonfinite": NonFiniteDetector, "spike": SpikeDetector, "divergence": DivergenceDetector,
     "plateau": PlateauDetector, "early_stopping": EarlyStoppingDetector, "threshold": ThresholdDetector,
 }

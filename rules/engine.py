@@ -35,38 +35,6 @@ class Decision:
         return asdict(self)
 
 
-def metric_values(record: dict[str, Any]) -> dict[str, float]:
-    """The observations one record holds, by metric name (what a rule's ``metric`` refers to)."""
-    out: dict[str, float] = {}
-    if record.get("kind") == "step":
-        _put(out, "grad_norm", record.get("grad_norm"))
-        lrs = record.get("lr")
-        if isinstance(lrs, list) and lrs:
-            _put(out, "lr", lrs[0])
-        duration = record.get("dur")
-        _put(out, "step_duration_seconds", duration)
-        _put(out, "data_wait_seconds", record.get("wait"))
-        if _is_number(duration) and duration > 0:
-            out["steps_per_second"] = 1.0 / duration
-            batch = (record.get("values") or {}).get("batch_size")
-            if _is_number(batch):
-                out["samples_per_second"] = batch / duration
-    values = record.get("values")
-    if isinstance(values, dict):
-        for name, value in values.items():
-            _put(out, name, value)
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _put(out: dict[str, float], name: str, value: Any) -> None:
-    if _is_number(value):
-        out[name] = float(value)
-
-
 class RuleState:
     """One rule on one run: its detector, how often it fired, and when last."""
 
@@ -122,11 +90,9 @@ class RunRules:
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
         self.load_state_dict(old)
 
-    def observe(self, record: dict[str, Any]) -> list[Decision]:
-        values = metric_values(record)
-        if not values:
-            return []
-        step, t = int(record["step"]), float(record["t"])
+    def observe(self, step: int, t: float, values: dict[str, float]) -> list[Decision]:
+        """Feed one record's observations (metric name -> value, as the agent's state interprets the
+        record) to the rules; returns the decisions they make."""
         out = []
         for name, state in self.states.items():
             rule = state.rule
@@ -143,10 +109,7 @@ class RunRules:
                 continue
             state.fired += 1
             state.last_fired_step = step
-            if self.config.acting(rule):
-                mode = "act"
-            else:
-                mode = "dry_run" if rule.mode == "act" else "observe"
+            mode = "act" if self.config.acting(rule) else "dry_run" if rule.mode == "act" else "observe"
             action = rule.action.model_dump(mode="json")
             key = (name, action["type"], mode)
             self.decisions[key] = self.decisions.get(key, 0) + 1

@@ -17,5 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 bash scripts/setup.sh test
+bash scripts/check.sh  # ruff and mypy: the lint and type gate
 echo "==> running the tests"
 exec .venv/bin/python -m pytest "$@"

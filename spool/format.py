@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from dataclasses import dataclass
@@ -14,16 +13,6 @@ FORMAT_VERSION = "1.2"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(meta\.json|records\.jsonl)$")
-
-
-class RecordKind(str, enum.Enum):
-    """The ``kind`` field of a record line."""
-
-    STEP = "step"  # one optimizer step: grad norm, learning rates, timings
-    LOG = "log"  # scalars passed to Probe.log()
-    END = "end"  # the process closed its probe: status finished | stopped | failed
-    ACK = "ack"  # the probe applied (or refused) a command of the agent (since 1.1)
-    LAYERS = "layers"  # per-layer gradient norms and update/weight ratios of a sampled step (since 1.2)
 
 
 def default_home() -> Path:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, parse_major
+from gradwatch.spool.records import Record, RecordError, RunMeta, decode_line, decode_meta
 
 SUPPORTED_MAJOR = parse_major(FORMAT_VERSION)
+ACK_MARKER = b'"kind":"ack"'  # how an encoded ack record line starts (spool.records.encode)
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 
 
@@ -19,50 +20,37 @@ class SpoolFormatError(Exception):
 
 @dataclass
 class ReadResult:
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     offset: int = 0  # just past the last complete line consumed
     rejected: list[str] = field(default_factory=list)  # one reason per rejected line
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> RunMeta:
     """Load and check a ``rank-<r>.meta.json``; raise SpoolFormatError with a clear message."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SpoolFormatError(f"{path}: cannot read run metadata ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise SpoolFormatError(f"{path}: not gradwatch run metadata (field 'format' must be {FORMAT_NAME!r})")
-    version = str(meta.get("format_version", ""))
+    version = str(obj.get("format_version", ""))
     major = parse_major(version)
     if major is None:
-        raise SpoolFormatError(f"{path}: field 'format_version' is {version!r}, expected 'MAJOR.MINOR'")
+        raise SpoolFormatError(f"{path}: field 'format_version' is {version[:20]!r}, expected 'MAJOR.MINOR'")
     if major > (SUPPORTED_MAJOR or 0):
         raise SpoolFormatError(
             f"{path}: spool format {version} is newer than this agent understands "
             f"({FORMAT_VERSION}); upgrade gradwatch on the agent side (pip install -U gradwatch)"
         )
-    for key, kind in (("run", str), ("rank", int), ("world_size", int)):
-        if not isinstance(meta.get(key), kind):
-            raise SpoolFormatError(f"{path}: field {key!r} missing or not {kind.__name__}")
-    return meta
-
-
-def check_record(obj: Any) -> str | None:
-    """Why a decoded line is not a valid record, or None when it is."""
-    if not isinstance(obj, dict):
-        return "not an object"
-    if not isinstance(obj.get("kind"), str):
-        return "field 'kind' missing or not a string"  # an unknown kind is from a newer minor version: skipped
-    if not isinstance(obj.get("step"), int) or obj["step"] < 0:
-        return "field 'step' missing or not a non-negative integer"
-    if not isinstance(obj.get("t"), (int, float)):
-        return "field 't' missing or not a number"
-    return None
+    try:
+        return decode_meta(obj)
+    except RecordError as exc:
+        raise SpoolFormatError(f"{path}: {exc}") from None
 
 
 def read_ids(path: Path, only_lines_with: bytes = b"") -> set[str]:
     """The ``id`` fields of a JSON-lines file (commands, events, or the ack records of a records file
-    when ``only_lines_with`` is ``b'"kind":"ack"'``). A missing file has none; bad lines are skipped."""
+    when ``only_lines_with`` is ``ACK_MARKER``). A missing file has none; bad lines are skipped."""
     ids: set[str] = set()
     try:
         with open(path, "rb") as f:
@@ -82,7 +70,8 @@ def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) ->
     """Read complete lines of ``path`` from byte ``offset``.
 
     A last line without its newline is being written: it is left for the next read. A line
-    that is not a valid record is rejected (with a reason) and skipped, never retried.
+    that is not a valid record is rejected (with a reason) and skipped, never retried; a record
+    of a kind from a newer minor version is skipped.
     """
     result = ReadResult(offset=offset)
     with open(path, "rb") as f:
@@ -95,14 +84,23 @@ def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) ->
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError:
-            result.rejected.append("malformed")
+            record = decode_line(line)
+        except RecordError as exc:
+            result.rejected.append(exc.reason)
             continue
-        reason = check_record(obj)
-        if reason is None:
-            result.records.append(obj)
-        else:
-            result.rejected.append("invalid")
+        if record is not None:
+            result.records.append(record)
     result.offset = offset + end + 1
     return result
+
+
+def read_all_records(path: Path) -> list[Record]:
+    """Every valid record of a records file (tools and tests; the agent tails with read_records)."""
+    records: list[Record] = []
+    offset = 0
+    while True:
+        result = read_records(path, offset)
+        records += result.records
+        if result.offset == offset:
+            return records
+        offset = result.offset

@@ -67,7 +67,7 @@ class RecordFileWriter:
 
     def append(self, data: bytes) -> None:
         if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches, closed by close()
         self._file.write(data)
         self._file.flush()  # the agent tails the file: hand each batch to the OS now
 

@@ -92,7 +92,7 @@ def test_failed_deliveries_are_retried_until_they_get_through_in_order(webhook_r
     for worker in _worker(WebhookSink(webhook_receiver.url, "alertmanager", "")):
         worker.submit([Item("alert", _alert(run="a"))])
         worker.submit([Item("alert", _alert(run="b"))])
-        wait_until(lambda: worker.stats.delivered == 2, timeout=20, what="delivery after three failures")
+        wait_until(lambda w=worker: w.stats.delivered == 2, timeout=20, what="delivery after three failures")
         assert worker.stats.failed_attempts == 3 and worker.stats.pending == 0
     runs = [a["labels"]["run"] for body in webhook_receiver.bodies() for a in body["alerts"]]
     assert runs == ["a", "b"]  # each once, in order
@@ -102,7 +102,7 @@ def test_a_dead_endpoint_is_retried_within_the_bound_then_given_up(caplog: pytes
     dead = f"http://127.0.0.1:{free_port()}/hook"
     for worker in _worker(WebhookSink(dead, "alertmanager", ""), retry_seconds=1.5):
         worker.submit([Item("alert", _alert())])
-        wait_until(lambda: worker.stats.expired == 1, timeout=20, what="the delivery given up")
+        wait_until(lambda w=worker: w.stats.expired == 1, timeout=20, what="the delivery given up")
         assert worker.stats.failed_attempts >= 2 and worker.stats.delivered == 0 and worker.stats.pending == 0
     assert "cannot deliver to webhook" in caplog.text and "gave up on 1 notification(s) to webhook" in caplog.text
 
@@ -117,7 +117,7 @@ def test_submitting_never_waits_for_a_slow_endpoint(webhook_receiver: WebhookRec
         # had a submit waited for the network, the held request would have completed by now
         assert webhook_receiver.received == [] and worker.stats.pending == 51
         webhook_receiver.release()
-        wait_until(lambda: worker.stats.delivered == 51, what="everything delivered once released")
+        wait_until(lambda w=worker: w.stats.delivered == 51, what="everything delivered once released")
 
 
 def test_alertmanager_gets_only_the_newest_state_of_each_alert(webhook_receiver: WebhookReceiver) -> None:
@@ -271,7 +271,7 @@ def test_the_agent_sends_what_it_sees_to_every_endpoint(tmp_path: Path, grafana:
     agent = Agent(config)
     agent.start()
     try:
-        wait_until(lambda: webhook_receiver.bodies(), what="the slack message")
+        wait_until(webhook_receiver.bodies, what="the slack message")
         wait_until(lambda: len(grafana.annotations) >= 2, what="annotations for the skip and the alert")
         [run] = http_json(agent.url + "/api/runs")["runs"]
         [alert] = run["alerts"]

@@ -29,6 +29,16 @@ def test_help_lists_the_commands_and_how_to_start() -> None:
     assert "GRADWATCH_PORT" in agent_help and "9478" in agent_help and "GRADWATCH_HOME" in agent_help
 
 
+def test_numeric_options_show_as_numbers_in_help_and_a_wrong_one_is_one_line() -> None:
+    help_text = gradwatch("agent", "--help").stdout
+    for option, kind in (("--port", "INTEGER RANGE"), ("--stall-after", "SECONDS"), ("--ended-ttl", "SECONDS"),
+                         ("--exit-when-idle", "SECONDS")):
+        assert f"{option} {kind}" in help_text, option
+    assert "TEXT" not in help_text.split("--home")[1].split("--alertmanager-url")[0]
+    wrong = gradwatch("agent", "--stall-after", "soon")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and "'soon' is not a valid float" in wrong.stderr
+
+
 def test_status_shows_a_table_of_runs_from_the_spool_when_no_agent_runs(isolated_home: Path) -> None:
     spool = SpoolBuilder(isolated_home)
     spool.start("table-run")
@@ -83,7 +93,7 @@ def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch
         out = result.stdout
         assert f"http://127.0.0.1:{port}/metrics" in out
         assert "what the agent exported" in out
-        row = next(line for line in out.splitlines() if line.startswith("│ demo") or " demo " in line and "finished" in line)
+        row = next(line for line in out.splitlines() if line.startswith("│ demo") or (" demo " in line and "finished" in line))
         assert "finished" in row and "200" in row
         spikes = next(line for line in out.splitlines() if line.startswith("Spikes detected"))
         assert "loss 0," not in spikes  # the unstable phase was caught at step resolution

@@ -6,6 +6,7 @@ keeps what was saved, as Grafana does (adding id and version)."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,7 +103,7 @@ def test_push_creates_then_leaves_identical_dashboards_alone_then_updates_change
 
 
 def test_a_bad_token_is_one_clear_error(grafana: GrafanaDashboardsStandIn, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(PushError, match="refused the request: 401.*check --token"):
+    with pytest.raises(PushError, match=r"refused the request: 401.*check --token"):
         push(grafana.url, "wrong")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["dashboards", "push", "--url", grafana.url, "--token", "wrong"])
@@ -112,7 +113,7 @@ def test_a_bad_token_is_one_clear_error(grafana: GrafanaDashboardsStandIn, capsy
 
 
 def test_push_to_nothing_says_it_cannot_reach_grafana() -> None:
-    with pytest.raises(PushError, match="cannot reach Grafana at http://127.0.0.1:9"):
+    with pytest.raises(PushError, match=re.escape("cannot reach Grafana at http://127.0.0.1:9")):
         push("http://127.0.0.1:9", TOKEN)
 
 

@@ -25,7 +25,7 @@ def test_restart_mid_run_loses_nothing_and_counts_nothing_twice(isolated_home: P
     agent.stop(how)  # in the middle of the run (SIGKILL: no final checkpoint)
     wait_until(lambda: (isolated_home / "runs" / "restart" / "rank-0.records.jsonl").stat().st_size > 0, timeout=5)
     restarted = agent_process("--stall-after", "60", port=agent.port)
-    out, err = training.communicate(timeout=300)
+    _, err = training.communicate(timeout=300)
     assert training.returncode == 0, err.decode()
     truth = json.loads(result_file.read_text())
 

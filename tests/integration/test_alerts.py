@@ -7,7 +7,6 @@ training in subprocesses, the agent as a subprocess; the receiver is a local HTT
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, SUPPORT, AgentProcess, WebhookReceiver, free_port, metric, wait_until
+from tests.spool_records import run_records
 
 pytestmark = pytest.mark.integration
 RULES_FILE = REPO / "alerts" / "gradwatch.rules.yml"
@@ -37,9 +37,8 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 240) -> None:
 
 def step_time(home: Path, run: str, step: int) -> float:
     """When the probe recorded ``step`` (the spool's own record of it)."""
-    for line in (home / "runs" / run / "rank-0.records.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "step" and record["step"] == step:
+    for record in run_records(home, run):
+        if record["kind"] == "step" and record["step"] == step:
             return float(record["t"])
     raise AssertionError(f"step {step} not in the spool of {run}")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from gradwatch.spool.format import SpoolLayout
 from tests.conftest import SUPPORT
+from tests.spool_records import run_records
 
 # a rules file making the agent act on each kind of action early in a short run
 ACT_EARLY = """
@@ -43,8 +44,7 @@ def run_script(name: str, home: Path, *args: str, timeout: float = 300) -> None:
 
 
 def records(home: Path, run: str, rank: int = 0, kind: str = "step") -> list[dict[str, Any]]:
-    path = SpoolLayout.records_file(SpoolLayout(home).run_dir(run), rank)
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in run_records(home, run, rank) if r["kind"] == kind]
 
 
 def acks(home: Path, run: str, rank: int = 0) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import pytest
 
 from gradwatch.spool.format import SpoolLayout
 from tests.conftest import SUPPORT, http_json, wait_until
+from tests.spool_records import run_records
 
 SETUPS = SUPPORT / "setups_script.py"
 SCRIPT = SUPPORT / "zero_code_script.py"
@@ -29,13 +30,11 @@ def gradwatch_run(home: Path, *command: str, options: tuple[str, ...] = (), env:
 
 
 def step_records(home: Path, run: str, rank: int = 0) -> list[dict[str, Any]]:
-    path = SpoolLayout.records_file(SpoolLayout(home).run_dir(run), rank)
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "step"]
+    return [r for r in run_records(home, run, rank) if r["kind"] == "step"]
 
 
 def end_record(home: Path, run: str, rank: int = 0) -> dict[str, Any]:
-    path = SpoolLayout.records_file(SpoolLayout(home).run_dir(run), rank)
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "end"][-1]
+    return [r for r in run_records(home, run, rank) if r["kind"] == "end"][-1]
 
 
 def assert_matches_reference(home: Path, out: Path, run: str, rank: int = 0, steps: int = 12) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gradwatch.spool.format import SpoolLayout
+from tests.spool_records import run_records
 
 
 def tiny_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -35,8 +36,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe:
 def read_run(home: Path, run: str, rank: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     run_dir = SpoolLayout(home).run_dir(run)
     meta = json.loads(SpoolLayout.meta_file(run_dir, rank).read_text())
-    lines = SpoolLayout.records_file(run_dir, rank).read_text().splitlines()
-    return meta, [json.loads(line) for line in lines]
+    return meta, run_records(home, run, rank)
 
 
 def logged(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:

@@ -158,7 +158,7 @@ def _train_until(predicate: Any, model: torch.nn.Module, opt: torch.optim.Optimi
 def _handled(probe: gradwatch.Probe, *ids: str) -> Any:
     """A predicate: the probe has read the commands ``ids`` and none of them is still waiting."""
     def predicate() -> bool:
-        reader = probe._writer._commands
+        reader = probe._writer.session.commands
         return (reader is not None and set(ids) <= reader.seen
                 and not any(command.id in ids for command in list(probe._inbox)))
     return predicate

@@ -3,7 +3,6 @@ direct computation on the same training steps."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 import gradwatch
 from gradwatch.probes.layerstats import LayerStats
+from tests.spool_records import run_records
 
 
 def _model() -> torch.nn.Module:
@@ -20,8 +20,7 @@ def _model() -> torch.nn.Module:
 
 
 def _records(home: Path, kind: str) -> list[dict]:
-    lines = (home / "runs" / "layers" / "rank-0.records.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return [r for r in run_records(home, "layers") if r["kind"] == kind]
 
 
 def test_layer_norms_and_update_ratios_match_a_direct_computation(tmp_path: Path) -> None:
@@ -72,7 +71,8 @@ def test_updates_are_measured_a_few_layers_at_a_time_within_the_copy_budget() ->
         stats.before_step()
         optimizer.step()
         item = stats.after_step(step, 0.0)
-        covered.append(item[6])
+        assert item is not None
+        covered.append(item.covered)
         optimizer.zero_grad()
     assert covered == [(0,), (1,), (2,), (0,)]  # rotating through the three layers
 

@@ -159,7 +159,7 @@ def test_runs_with_the_same_name_get_distinct_directories(isolated_home: Path) -
 
 def test_attach_rejects_wrong_arguments_with_a_clear_message() -> None:
     model, opt = tiny_model()
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         gradwatch.attach(model, model)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_queue must be a positive integer"):
         gradwatch.attach(model, opt, max_queue=0)

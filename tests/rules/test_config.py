@@ -52,7 +52,7 @@ def test_a_good_file_loads(tmp_path: Path) -> None:
      ["used twice"]),
     ("rules:\n  - name: t\n    metric: x\n    detect: {type: threshold}\n    action: {type: stop}\n",
      ["line 4", "exactly one of 'above' or 'below'"]),
-    ("rules: [unclosed\n", ["not valid YAML"]),
+    ("rules: [unclosed\n", ["not valid YAML", "line 2"]),
 ])
 def test_errors_name_the_file_the_line_the_field_and_what_was_expected(tmp_path: Path, text: str,
                                                                        expected: list[str]) -> None:
@@ -64,6 +64,7 @@ def test_errors_name_the_file_the_line_the_field_and_what_was_expected(tmp_path:
     assert str(path) in message
     for part in expected:
         assert part in message, f"{part!r} not in: {message}"
+    assert "<unicode string>" not in message
 
 
 def test_unquoted_off_is_read_as_off() -> None:

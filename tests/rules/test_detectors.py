@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from gradwatch.agent.state import RankState
 from gradwatch.probes.guards import AutoClip, GradientGuards, ZClip
 from gradwatch.rules import config as cfg
 from gradwatch.rules.config import parse_rules
@@ -18,6 +19,7 @@ from gradwatch.rules.detectors import (
     ThresholdDetector,
 )
 from gradwatch.rules.engine import RunRules
+from gradwatch.spool.records import LogRecord, Record, RunMeta, StepRecord
 
 
 def _noise(n: int, seed: int = 0, level: float = 1.0) -> list[float]:
@@ -139,8 +141,7 @@ rules:
     rules = RunRules("r", config, "agent")
     fired = []
     for step in range(1, 60):
-        record = {"kind": "step", "step": step, "t": float(step), "values": {"temp": 2.0 if step % 3 == 0 else 0.0}}
-        fired += [d.step for d in rules.observe(record)]
+        fired += [d.step for d in rules.observe(step, float(step), {"temp": 2.0 if step % 3 == 0 else 0.0})]
     assert fired == [3, 15]
     assert rules.decisions == {("hot", "stop", "act"): 2}
 
@@ -156,21 +157,39 @@ rules:
     config = parse_rules(text, "x.yaml")
     first = RunRules("r", config, "agent")
     for step in range(1, 5):
-        first.observe({"kind": "log", "step": step, "t": 0.0, "values": {"val_loss": 1.0}})
+        first.observe(step, 0.0, {"val_loss": 1.0})
     second = RunRules("r", config, "agent")
     second.load_state_dict(first.state_dict())
-    record = {"kind": "log", "step": 5, "t": 0.0, "values": {"val_loss": 1.0}}
-    assert [d.reason for d in second.observe(record)] == ["plateau"]
+    assert [d.reason for d in second.observe(5, 0.0, {"val_loss": 1.0})] == ["plateau"]
     changed = RunRules("r", parse_rules(text.replace("patience: 3", "patience: 30"), "x.yaml"), "agent")
     changed.load_state_dict(first.state_dict())
     assert changed.states["plateau"].detector.num_bad_epochs == 0  # type: ignore[attr-defined]
 
 
-def test_metric_names_cover_record_fields_and_logged_scalars() -> None:
-    from gradwatch.rules.engine import metric_values
+def _observations(*records: Record) -> dict[str, float]:
+    state = RankState(run="r", rank=0, meta=RunMeta(run="r", rank=0, world_size=1), spike_window=60.0)
+    observed: dict[str, float] = {}
+    for record in records:
+        observed.update(state.apply(record))
+    return observed
 
-    values = metric_values({"kind": "step", "step": 3, "t": 0.0, "grad_norm": 2.0, "lr": [0.1, 0.2], "dur": 0.5,
-                            "wait": 0.1, "values": {"loss": 1.5, "batch_size": 32, "val_loss": 1.7}})
-    assert values == {"grad_norm": 2.0, "lr": 0.1, "step_duration_seconds": 0.5, "data_wait_seconds": 0.1,
-                      "steps_per_second": 2.0, "samples_per_second": 64.0, "loss": 1.5, "batch_size": 32.0,
-                      "val_loss": 1.7}
+
+EXPECTED_OBSERVATIONS = {"grad_norm": 2.0, "lr": 0.1, "step_duration_seconds": 0.5, "data_wait_seconds": 0.1,
+                         "steps_per_second": 2.0, "samples_per_second": 64.0, "loss": 1.5, "batch_size": 32.0,
+                         "val_loss": 1.7}
+
+
+def test_metric_names_cover_record_fields_and_logged_scalars() -> None:
+    step = StepRecord(step=3, t=0.0, grad_norm=2.0, lr=[0.1, 0.2], dur=0.5, wait=0.1,
+                      values={"loss": 1.5, "batch_size": 32, "val_loss": 1.7})
+    assert _observations(step) == EXPECTED_OBSERVATIONS
+
+
+def test_a_step_and_its_scalars_in_two_records_give_the_same_observations() -> None:
+    """The writer merges the scalars logged after a step into its record when both are queued; when they are
+    not, the log record that follows means the same to the rules."""
+    step = StepRecord(step=3, t=0.0, grad_norm=2.0, lr=[0.1, 0.2], dur=0.5, wait=0.1)
+    logged = LogRecord(step=3, t=0.0, values={"loss": 1.5, "batch_size": 32, "val_loss": 1.7})
+    assert _observations(step, logged) == EXPECTED_OBSERVATIONS
+    later = LogRecord(step=2, t=0.0, values={"batch_size": 32})  # not this step's: no rate from its duration
+    assert "samples_per_second" not in _observations(step, later)

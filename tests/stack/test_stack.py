@@ -96,7 +96,7 @@ def test_alertmanager_config_passes_amtool(compose: dict[str, Any]) -> None:
 
 def test_grafana_provisioning_is_what_grafana_reads(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
-    mounts = dict((target, source) for source, target in _bind_mounts(grafana))
+    mounts = {target: source for source, target in _bind_mounts(grafana)}
     provisioning = mounts["/etc/grafana/provisioning"]
     datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
     assert datasources["apiVersion"] == 1

@@ -40,7 +40,7 @@ HOME = os.environ.get("GRADWATCH_HOME", "")
 
 
 def main() -> None:
-    global HOME
+    global HOME  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     if "--home" in sys.argv:
         HOME = sys.argv[sys.argv.index("--home") + 1]
     gpus = []

@@ -13,7 +13,6 @@ itself (gradwatch should reuse that result, which is the norm before clipping).
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch

@@ -1,0 +1,110 @@
+"""What the training thread hands the writer thread, and how the writer turns it into records.
+
+The training thread builds one small NamedTuple per record (as cheap as a plain tuple) whose
+numbers may still be on the device (``readback``); the writer thread resolves them into the
+typed records of ``spool.records`` once the copies have landed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from gradwatch.probes import readback
+from gradwatch.spool.records import AckRecord, AckStatus, LayersRecord, LogRecord, Record, StepRecord
+
+#: What the guards did at one step (values may be deferred): (clip threshold or None, clipped,
+#: skip reason or None, observed skip reason or None).
+GuardInfo = tuple[Any, Any, Any, Any]
+
+
+class StepCapture(NamedTuple):
+    step: int
+    t: float
+    dur: float | None
+    wait: float | None
+    grad_norm: Any  # float, None or a readback.Deferred
+    lrs: list[Any]
+    guard: GuardInfo | None
+
+
+class LogCapture(NamedTuple):
+    step: int
+    t: float
+    values: dict[str, Any]  # name -> float or readback.Deferred
+
+
+class AckCapture(NamedTuple):
+    step: int
+    t: float
+    command: Any  # probes.control.Command
+    status: AckStatus
+    detail: str
+
+
+class LayersCapture(NamedTuple):
+    step: int
+    t: float
+    names: tuple[str, ...]
+    vector: readback.Deferred  # n_layers gradient norms, then one update ratio per covered layer
+    n_layers: int
+    covered: tuple[int, ...]
+
+
+Capture = StepCapture | LogCapture | AckCapture | LayersCapture
+
+
+def _resolve_values(values: dict[str, Any]) -> dict[str, float] | None:
+    resolved = {name: readback.resolve(v) for name, v in values.items()}
+    return None if readback.NOT_READY in resolved.values() else resolved
+
+
+def _apply_guard(record: StepRecord, guard: GuardInfo) -> bool:
+    """Put the guard's outcome into the step record; False while a device value is in flight."""
+    threshold, clipped, skip, observed = (readback.resolve(v) for v in guard)
+    if readback.NOT_READY in (threshold, clipped, skip, observed):
+        return False
+    if threshold is not None:
+        record.clip = threshold
+        record.clipped = bool(clipped)
+    if isinstance(skip, float):  # the device path hands over found_inf as 0.0/1.0
+        skip = "nonfinite" if skip else None
+    if isinstance(observed, float):
+        observed = "nonfinite" if observed else None
+    record.skip = skip or None
+    record.would_skip = observed or None
+    return True
+
+
+def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
+    """The record for a queue item (with the scalars logged right after a step merged into it), or None
+    while a device value is still in flight."""
+    if item.__class__ is StepCapture:
+        step: StepCapture = item  # type: ignore[assignment,unused-ignore]  # by the class test
+        norm = readback.resolve(step.grad_norm)
+        lrs = [readback.resolve(lr) for lr in step.lrs]
+        if norm is readback.NOT_READY or readback.NOT_READY in lrs:
+            return None
+        record = StepRecord(step=step.step, t=step.t, grad_norm=norm, lr=lrs, dur=step.dur, wait=step.wait)
+        if step.guard is not None and not _apply_guard(record, step.guard):
+            return None
+        if logged is not None:
+            values = _resolve_values(logged.values)
+            if values is None:
+                return None
+            record.values = values
+        return record
+    if isinstance(item, LogCapture):
+        values = _resolve_values(item.values)
+        return None if values is None else LogRecord(step=item.step, t=item.t, values=values)
+    if isinstance(item, AckCapture):
+        c = item.command
+        return AckRecord(step=item.step, t=item.t, id=c.id, action=c.type, rule=c.rule, reason=c.reason,
+                         apply_at_step=c.apply_at_step, status=item.status, detail=item.detail)
+    if isinstance(item, LayersCapture):
+        vector = readback.resolve(item.vector)
+        if vector is readback.NOT_READY:
+            return None
+        names, n = item.names, item.n_layers
+        return LayersRecord(step=item.step, t=item.t, layers=list(names), grad_norm=vector[:n],
+                            update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[n:], strict=False)})
+    raise TypeError(f"not a capture: {type(item).__name__}")
