@@ -276,7 +276,7 @@ def rules_from(value: RulesConfig | dict[str, Any] | str | os.PathLike[str] | No
 
 def _named_stream(text: str, name: str) -> io.StringIO:
     stream = io.StringIO(text)
-    stream.name = name  # type: ignore[misc]  # read by YAML's reader for its error marks
+    stream.name = name  # read by YAML's reader for its error marks
     return stream
 
 
