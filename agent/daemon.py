@@ -20,14 +20,14 @@ from gradwatch.agent.actions import ActionDispatcher, ActionNote
 from gradwatch.agent.alerts import Alert, AlertTracker
 from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
 from gradwatch.agent.collector import AgentCollector
-from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.notify import DeliveryStats, Notifier
-from gradwatch.agent.rules import AgentRules, RulesFileWatcher
+from gradwatch.agent.rules import AgentRules
 from gradwatch.agent.server import HttpServer, build_app
+from gradwatch.agent.settings import AgentConfig
 from gradwatch.agent.state import AgentState
-from gradwatch.agent.watcher import SpoolWatcher
+from gradwatch.agent.watcher import RulesFileWatcher, SpoolWatcher
 from gradwatch.errors import GradwatchError
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.writer import write_json_atomic

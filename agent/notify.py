@@ -25,7 +25,7 @@ from typing import Any, Literal
 from gradwatch import __version__
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
-from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.settings import AgentConfig
 from gradwatch.errors import require_grafana_client
 
 log = logging.getLogger("gradwatch.agent")

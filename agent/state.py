@@ -13,10 +13,10 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gradwatch.agent.detectors import RecentMax
+from gradwatch.agent.recent_max import RecentMax
 from gradwatch.agent.rules import AgentRules
 from gradwatch.rules.config import default_rules
-from gradwatch.rules.detectors import EmaZScore
+from gradwatch.rules.ema import EmaZScore
 from gradwatch.spool.proc import process_alive
 from gradwatch.spool.records import (
     AckRecord,

@@ -1,4 +1,4 @@
-"""Wake the ingest loop when spool files change (watchdog), defensively.
+"""Wake the ingest loop when spool files or the rules file change (watchdog), defensively.
 
 A watchdog handler that raises kills its observer thread silently, so the handler only
 records which run changed and never raises; the daemon checks the observer is alive and
@@ -88,3 +88,60 @@ class SpoolWatcher:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
         return dirty
+
+
+_WRITE_EVENTS = {"modified", "created", "moved", "closed"}  # "closed": closed after writing
+
+
+class RulesFileWatcher:
+    """Notes when the rules file is written, replaced or moved into place (watchdog), and wakes the
+    agent's loop. Its modification time is compared too, in case an event is lost."""
+
+    def __init__(self, path: Path, wake: threading.Event | None = None) -> None:
+        self.path = path.resolve()
+        self.changed = threading.Event()
+        self.wake = wake
+        self._observer: BaseObserver | None = None
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        try:
+            st = self.path.stat()
+            return st.st_mtime, st.st_size
+        except OSError:
+            return None
+
+    def take_change(self) -> bool:
+        stamp = self._file_stamp()
+        changed = self.changed.is_set() or stamp != self._stamp
+        self.changed.clear()
+        self._stamp = stamp
+        return changed and stamp is not None
+
+    def start(self) -> None:
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in _WRITE_EVENTS:
+                    return  # reading the file (opened, closed_no_write) is not a change: it would loop
+                try:
+                    paths = {event.src_path, getattr(event, "dest_path", "")}
+                    if any(p and Path(str(p)).resolve() == watcher.path for p in paths):
+                        watcher.changed.set()
+                        if watcher.wake is not None:
+                            watcher.wake.set()
+                except Exception:  # never let an exception reach watchdog's thread
+                    watcher.changed.set()
+
+        observer = Observer()
+        observer.schedule(Handler(), str(self.path.parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)

@@ -69,8 +69,8 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
     Settings come from defaults, then --config, then GRADWATCH_<SETTING> environment
     variables, then these options.
     """
-    from gradwatch.agent.config import load_agent_config
     from gradwatch.agent.daemon import Agent, AgentAlreadyRunning
+    from gradwatch.agent.settings import load_agent_config
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {p.name: p.opts[0] for p in click.get_current_context().command.params if p.name and p.opts}

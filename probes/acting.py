@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,8 +17,10 @@ from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.optimizers import OptimizerSet
 from gradwatch.probes.snapshots import Snapshots
-from gradwatch.rules.config import ReduceLR, Rewind, ScaleClip
 from gradwatch.rules.lr import min_lr_for, reduced_lr
+
+if TYPE_CHECKING:
+    from gradwatch.rules.config import ReduceLR
 
 
 class Actuator:
@@ -110,6 +112,8 @@ class Actuator:
     def execute(self, command: Command) -> str:
         """Carry out one command (not stop: the probe does that); returns a short description.
         ValueError: refused, nothing changed."""
+        from gradwatch.rules.config import ReduceLR, Rewind, ScaleClip  # loaded by attach(); kept off import
+
         action = command.action
         if isinstance(action, ReduceLR):
             return self._reduce_lr(action)

@@ -10,22 +10,24 @@ same run directory) are skipped: each command is applied once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
-
-from gradwatch.rules.config import Action
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import ACK_MARKER, read_ids
 from gradwatch.spool.records import decode_command
 
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
+    from gradwatch.rules.config import Action
+
 log = logging.getLogger("gradwatch")
-_ACTION = TypeAdapter(Action)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,23 @@ class Command:
         return self.action.type
 
 
+@functools.cache
+def _action_model() -> TypeAdapter[Action]:
+    """The rules' action models, built at the first command (pydantic stays off the probe's import)."""
+    from pydantic import TypeAdapter
+
+    from gradwatch.rules.config import Action
+
+    return TypeAdapter(Action)
+
+
 def parse_command(obj: Any) -> Command:
     """A command line's object as a Command whose action the rules' models validated; ValueError if not."""
+    from pydantic import ValidationError
+
     record = decode_command(obj)  # RecordError is a ValueError
     try:
-        action = _ACTION.validate_python(record.action)
+        action = _action_model().validate_python(record.action)
     except ValidationError as exc:
         raise ValueError(f"invalid action {record.action!r}: {exc.errors()[0]['msg']}") from None
     return Command(id=record.id, action=action, apply_at_step=record.apply_at_step, trigger_step=record.trigger_step,

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from gradwatch.rules.config import RulesConfig
-
 if TYPE_CHECKING:
     from gradwatch.probes.probe import Probe
+    from gradwatch.rules.config import RulesConfig
 
 
 class ProbeOptions:

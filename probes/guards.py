@@ -16,9 +16,12 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gradwatch.rules.config import ClipGuard, Guards
-from gradwatch.rules.detectors import EmaZScore
+from gradwatch.rules.ema import EmaZScore
+
+if TYPE_CHECKING:  # pydantic is loaded at attach(), not when the probe is imported
+    from gradwatch.rules.config import ClipGuard, Guards
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6)
 

@@ -47,7 +47,7 @@ class StepInputs:
 
     def bind(self, probe: Probe) -> None:
         self.probe = probe
-        probe._step_inputs = self
+        probe.use_step_inputs(self)
         if self._clip is not None:
             probe.reuse_clip_norm(*self._clip)
             self._clip = None
@@ -57,7 +57,7 @@ class StepInputs:
         self.loss = loss if self.loss is None else self.loss + loss
         # new gradients: an earlier clip result no longer describes them
         if self.probe is not None:
-            self.probe._clip_norm = None
+            self.probe.forget_clip_norm()
         self._clip = None
 
     def on_clip(self, total_norm: torch.Tensor, n_gradients: int) -> None:
@@ -170,7 +170,7 @@ def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
 def _internal_error(where: str, exc: Exception) -> None:
     probes = [tap.probe for tap in _taps if tap.probe is not None]
     for probe in probes:
-        probe._internal_error(where, exc)  # counted and reported once by the probe
+        probe.report_internal_error(where, exc)  # counted and reported once by the probe
     if not probes and where not in _reported:  # before the zero-code probe exists
         _reported.add(where)
         log.warning("gradwatch: internal error in the %s wrapper (%r); training goes on", where, exc)

@@ -19,7 +19,6 @@ import torch
 
 from gradwatch.probes.framework import ProbeOptions
 from gradwatch.probes.identity import shared_launch_id
-from gradwatch.probes.optimizers import unwrap
 from gradwatch.probes.probe import Probe
 
 
@@ -59,7 +58,7 @@ class GradwatchCallback(ProbeOptions, pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         probe = self.probe
-        if probe is not None and unwrap(optimizer) is probe._primary:
+        if probe is not None and probe.steps_with(optimizer):
             probe.measure_gradients()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

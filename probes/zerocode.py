@@ -30,6 +30,8 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gradwatch.probes.runtime import ProcessRuntime, process_runtime
+
 log = logging.getLogger("gradwatch")
 
 ENV_FLAG = "GRADWATCH_ZERO_CODE"
@@ -47,7 +49,8 @@ def install() -> ZeroCode:
 
 
 class ZeroCode:
-    def __init__(self) -> None:
+    def __init__(self, runtime: ProcessRuntime | None = None) -> None:
+        self.runtime = runtime if runtime is not None else process_runtime()  # the process's open probes
         self.probe: Any = None
         self.failed = False
         self._first_module: weakref.ref[torch.nn.Module] | None = None
@@ -81,11 +84,11 @@ class ZeroCode:
     def _on_any_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         probe = self.probe
         if probe is not None:
-            if optimizer is not probe._primary:
+            if optimizer is not probe.primary_optimizer:
                 try:
                     probe.add_optimizer(optimizer)  # no-op once known
                 except Exception as exc:
-                    probe._internal_error("zero-code", exc)
+                    probe.report_internal_error("zero-code", exc)
             return
         if self.failed:
             return
@@ -97,9 +100,9 @@ class ZeroCode:
 
     def _start(self, optimizer: torch.optim.Optimizer) -> None:
         from gradwatch.probes import interceptors
-        from gradwatch.probes.probe import Probe, _open_probes
+        from gradwatch.probes.probe import Probe
 
-        if any(probe.identity.pid == os.getpid() for probe in list(_open_probes)):
+        if self.runtime.has_open_probe():
             # the script attached its own probe (gradwatch.attach, the Lightning or Transformers callback):
             # it records the run; `gradwatch run` only passed the settings on
             self.failed = True
@@ -113,7 +116,8 @@ class ZeroCode:
         # the probe's own step hooks, registered now, run for this very step (after the global ones)
         others = [o for ref in self._created if (o := ref()) is not None and o is not optimizer]
         self._created.clear()
-        self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise")
+        self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
+                           runtime=self.runtime)
         self.inputs.bind(self.probe)
         log.info("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,
                  self.probe.identity.rank, self.probe.identity.world_size,

@@ -16,7 +16,7 @@ import io
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -105,7 +105,9 @@ class Threshold(_Model):
         return self
 
 
-Detector = Annotated[NonFinite | Spike | Divergence | Plateau | EarlyStopping | Threshold, Field(discriminator="type")]
+DetectorSpecs = NonFinite | Spike | Divergence | Plateau | EarlyStopping | Threshold
+DETECTOR_SPECS: tuple[type[_Model], ...] = (NonFinite, Spike, Divergence, Plateau, EarlyStopping, Threshold)
+DetectorSpec = Annotated[DetectorSpecs, Field(discriminator="type")]
 
 
 # -- actions --------------------------------------------------------------------------------------
@@ -150,13 +152,14 @@ class Rewind(_Model):
     min_back_steps: int = Field(50, ge=1)
 
 
+ACTION_SPECS: tuple[type[_Model], ...] = (Stop, ReduceLR, ScaleClip, Rewind)
 Action = Annotated[Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
 
 
 class Rule(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     metric: str = Field(min_length=1, max_length=100)
-    detect: Detector
+    detect: DetectorSpec
     action: Action
     mode: Mode = "observe"
     max_actions: int | None = Field(None, ge=1, description="the rule acts at most this often per run")
@@ -200,7 +203,7 @@ class ClipGuard(_Model):
         return self
 
 
-class Snapshots(_Model):
+class SnapshotSettings(_Model):
     every: int = Field(100, ge=1, description="steps between in-memory snapshots (for rewind)")
     keep: int = Field(2, ge=1, le=16, description="snapshots kept; memory is keep x (model + optimizer state)")
     enabled: bool | None = Field(None, description="default: on when a rewind rule acts")
@@ -209,7 +212,7 @@ class Snapshots(_Model):
 class Guards(_Model):
     skip: SkipGuard = SkipGuard()
     clip: ClipGuard = ClipGuard()
-    snapshots: Snapshots = Snapshots()
+    snapshots: SnapshotSettings = SnapshotSettings()
 
 
 class RulesConfig(_Model):
@@ -304,7 +307,7 @@ def _validate(data: dict[str, Any], source: str, node: yaml.Node | None) -> Rule
 
 def _describe(err: Any, source: str, node: yaml.Node | None) -> str:
     # pydantic adds the discriminator's tag to the location (rules.0.detect.plateau.patience): drop it
-    loc = [part for part in err["loc"] if not (isinstance(part, str) and part in _UNION_TAGS)]
+    loc = [part for part in err["loc"] if not (isinstance(part, str) and (part in _UNION_TAGS or _is_wrapper(part)))]
     path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
     line = _line_of(node, loc)
     where = f"line {line}: " if line is not None else ""
@@ -321,8 +324,13 @@ def _describe(err: Any, source: str, node: yaml.Node | None) -> str:
     return f"{where}{path}{shown}: {msg}"
 
 
-_UNION_TAGS = {"nonfinite", "spike", "divergence", "plateau", "early_stopping", "threshold", "stop", "reduce_lr",
-               "scale_clip", "rewind", "function-after[_one_bound(), Threshold]"}
+# the `type` tags of the discriminated unions: pydantic puts the chosen tag into an error's location
+_UNION_TAGS = frozenset(get_args(spec.model_fields["type"].annotation)[0] for spec in DETECTOR_SPECS + ACTION_SPECS)
+
+
+def _is_wrapper(part: str) -> bool:
+    """A location part naming a validator wrapper (pydantic's ``function-after[...]`` and kin), not a field."""
+    return part.startswith("function-") and part.endswith("]")
 
 
 def _short(value: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradwatch.agent.catalogue import markdown_table
-from gradwatch.agent.config import DEFAULT_PORT
+from gradwatch.agent.settings import DEFAULT_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.daemon import Agent, AgentAlreadyRunning
+from gradwatch.agent.settings import AgentConfig
 from gradwatch.errors import GradwatchError
 from tests.agent.helpers import SpoolBuilder
 from tests.conftest import http_get, http_json, metric, parse_metrics, wait_until

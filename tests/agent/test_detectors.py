@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import random
 
-from gradwatch.agent.detectors import RecentMax
-from gradwatch.rules.detectors import EmaZScore as SpikeDetector
+from gradwatch.agent.recent_max import RecentMax
+from gradwatch.rules.ema import EmaZScore as SpikeDetector
 
 
 def _warmed(values: int = 50, seed: int = 0) -> SpikeDetector:

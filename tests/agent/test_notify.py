@@ -19,7 +19,6 @@ import pytest
 
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
-from gradwatch.agent.config import AgentConfig, load_agent_config
 from gradwatch.agent.daemon import Agent
 from gradwatch.agent.notify import (
     AlertmanagerSink,
@@ -29,6 +28,7 @@ from gradwatch.agent.notify import (
     Notifier,
     WebhookSink,
 )
+from gradwatch.agent.settings import AgentConfig, load_agent_config
 from gradwatch.errors import ConfigError
 from gradwatch.status import fetch_runs, print_runs
 from tests.agent.helpers import SpoolBuilder

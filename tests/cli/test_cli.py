@@ -60,7 +60,7 @@ def test_status_with_no_runs_says_how_to_add_one() -> None:
 
 @pytest.mark.parametrize("args, env, message", [
     (["agent"], {"GRADWATCH_PORT": "nine"}, "port = 'nine' (environment variable GRADWATCH_PORT)"),
-    (["agent", "--stall-after", "-1"], {}, "stall_after_seconds = '-1' (option --stall-after)"),
+    (["agent", "--stall-after", "-1"], {}, "stall_after_seconds = -1.0 (option --stall-after)"),
     (["status", "--url", "http://127.0.0.1:9"], {}, "no gradwatch agent answers at http://127.0.0.1:9"),
     (["demo", "--steps", "3"], {}, "Invalid value for '--steps'"),
     (["agent", "--port", "0", "--rules", "/nonexistent/rules.yaml"], {},

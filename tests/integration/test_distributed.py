@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.daemon import Agent
+from gradwatch.agent.settings import AgentConfig
 from tests.conftest import free_port, http_json, wait_until
 
 pytestmark = pytest.mark.integration

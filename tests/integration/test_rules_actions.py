@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.daemon import Agent
+from gradwatch.agent.settings import AgentConfig
 from gradwatch.spool.format import SpoolLayout
 from tests.conftest import SUPPORT, http_get, http_json, metric, parse_metrics, wait_until
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.daemon import Agent
+from gradwatch.agent.settings import AgentConfig
 from gradwatch.spool.format import SpoolLayout
 from tests.conftest import SUPPORT, free_port, http_json, wait_until
 

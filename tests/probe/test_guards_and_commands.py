@@ -160,7 +160,7 @@ def _handled(probe: gradwatch.Probe, *ids: str) -> Any:
     def predicate() -> bool:
         reader = probe._writer.session.commands
         return (reader is not None and set(ids) <= reader.seen
-                and not any(command.id in ids for command in list(probe._inbox)))
+                and not any(command.id in ids for command in list(probe._commands.inbox)))
     return predicate
 
 

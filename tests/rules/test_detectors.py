@@ -193,3 +193,15 @@ def test_a_step_and_its_scalars_in_two_records_give_the_same_observations() -> N
     assert _observations(step, logged) == EXPECTED_OBSERVATIONS
     later = LogRecord(step=2, t=0.0, values={"batch_size": 32})  # not this step's: no rate from its duration
     assert "samples_per_second" not in _observations(step, later)
+
+
+def test_every_kind_of_detector_spec_has_its_detector() -> None:
+    from typing import get_args
+
+    from gradwatch.rules.detectors import DETECTORS, make_detector
+
+    assert set(DETECTORS) == set(cfg.DETECTOR_SPECS)
+    for spec in cfg.DETECTOR_SPECS:
+        tag = get_args(spec.model_fields["type"].annotation)[0]
+        made = make_detector(spec.model_validate({"type": tag, **({"above": 1.0} if tag == "threshold" else {})}))
+        assert type(made) is DETECTORS[spec]

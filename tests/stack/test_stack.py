@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from gradwatch.agent.config import DEFAULT_PORT
+from gradwatch.agent.settings import DEFAULT_PORT
 from gradwatch.dashboards import NAMES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integrations.helpers import ACT_EARLY, acks, records, run_script
+from tests.frameworks.helpers import ACT_EARLY, acks, records, run_script
 
 
 def test_loss_grad_norm_and_lr_equal_the_trainers_log_with_accumulation(isolated_home: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SUPPORT
-from tests.integrations.helpers import ACT_EARLY, acks, records, run_script
+from tests.frameworks.helpers import ACT_EARLY, acks, records, run_script
 
 
 def lightning_logs(out: Path) -> dict[str, dict[int, float]]:

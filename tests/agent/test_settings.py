@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.agent.config import DEFAULT_PORT, load_agent_config
+from gradwatch.agent.settings import DEFAULT_PORT, load_agent_config
 from gradwatch.errors import ConfigError
 
 
