@@ -1,14 +1,16 @@
 """What a tracker costs a training step, median and tail: the same loop in fresh processes, bare and with
 gradwatch (or another tracker, where installed), logging six values per step.
 
-    python benchmarks/step_cost.py                 # bare vs gradwatch, 6 processes each, ~2 minutes
+    python benchmarks/step_cost.py                 # bare vs gradwatch, 6 processes, ~2 minutes
     python benchmarks/step_cost.py --trackers gradwatch tensorboard --rounds 8
 
-The loop: an MLP 784-256-256-10, batch 64, SGD with momentum, CPU, 2 intra-op threads; every step
+The loop: an MLP 784-128-10, batch 64 (about 0.6 ms a step here), SGD with momentum, CPU, 2 intra-op threads; every step
 ``zero_grad, forward, backward, step`` and then six scalars logged (loss as a tensor, five floats). Each
-process warms up, then times every step with ``perf_counter``; the variants alternate process by process
-so slow phases of the machine hit them alike. Reported per variant: the median over processes of the
-median step and of the p99 step. Cost = median step - the bare loop's median step.
+process warms up, then times every step with ``perf_counter``. Each tracker runs in its own processes,
+and each process runs both copies of the loop, bare and tracked, alternating in blocks of 200 steps, so
+slow phases of the machine hit them alike. Reported per tracker, as the median over processes: the
+median step of each copy, the cost (tracked median - bare median, paired within a process), the p99
+steps and their ratio.
 
 Targets (issue 15): gradwatch's cost <= 30 us per step; its p99 step <= 1.2 x the bare loop's p99.
 gradwatch includes its fused gradient-norm pass (what clip_grad_norm_ costs), which the others do not
@@ -30,39 +32,61 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def worker(tracker: str, steps: int, warmup: int, home: str) -> dict[str, float]:
+def worker(tracker: str, steps: int, warmup: int, home: str, block: int = 200) -> dict[str, dict[str, float]]:
+    """One process: two copies of the loop, bare and tracked, alternating in blocks of ``block`` steps, so
+    that what slows this process (the VM, caches, the other core) slows both alike."""
     import time
 
     import torch
 
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
-    log = _tracker(tracker, model, opt, home)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        log(i, loss)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    closer = getattr(log, "close", None)
+    loops = {"bare": (*make(), lambda step, loss: None)}
+    model, opt = make()
+    loops[tracker] = (model, opt, _tracker(tracker, model, opt, home))
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    done = dict.fromkeys(loops, 0)
+    while min(done.values()) < warmup + steps:
+        for name, (model, opt, log) in loops.items():
+            for _ in range(block):
+                i = done[name]
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                log(i, loss)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+                done[name] = i + 1
+    closer = getattr(loops[tracker][2], "close", None)
     if closer is not None:
         closer()
-    times.sort()
-    return {"median_us": statistics.median(times) * 1e6, "p99_us": times[int(0.99 * len(times))] * 1e6,
-            "mean_us": statistics.fmean(times) * 1e6}
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_us": statistics.median(ts) * 1e6, "p99_us": ts[int(0.99 * len(ts))] * 1e6,
+                     "mean_us": statistics.fmean(ts) * 1e6}
+    return out
 
 
 def _tracker(name: str, model: object, opt: object, home: str):  # type: ignore[no-untyped-def]
+    import torch
+
     if name == "bare":
         return lambda step, loss: None
+    if name == "norm-only":  # what every gradient-norm tracker pays: torch's own fused norm, read back
+        params = list(model.parameters())  # type: ignore[attr-defined]
+
+        def log(step: int, loss: object) -> None:
+            torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+        return log
     if name == "gradwatch":
         import gradwatch
 
@@ -73,7 +97,7 @@ def _tracker(name: str, model: object, opt: object, home: str):  # type: ignore[
         log.close = probe.close  # type: ignore[attr-defined]
         return log
     if name == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         writer = SummaryWriter(log_dir=home)
 
@@ -83,7 +107,11 @@ def _tracker(name: str, model: object, opt: object, home: str):  # type: ignore[
                 writer.add_scalar(key, value, step)
         log.close = writer.close  # type: ignore[attr-defined]
         return log
-    raise SystemExit(f"unknown tracker {name!r}; choose bare, gradwatch or tensorboard")
+    raise SystemExit(f"unknown tracker {name!r}; choose gradwatch, norm-only or tensorboard")
+
+
+def _median(paired: list[dict[str, dict[str, float]]], loop: str, key: str) -> float:
+    return statistics.median(p[loop][key] for p in paired)
 
 
 def main() -> None:
@@ -98,28 +126,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as home:
             print(json.dumps(worker(args.worker, args.steps, args.warmup, home)))
         return
-    variants = ["bare", *args.trackers]
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     env = {**os.environ, "GRADWATCH_AUTOSTART": "0"}
-    for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for variant in order:
-            print(f"\r  round {r + 1}/{args.rounds}: {variant:12}", end="", file=sys.stderr, flush=True)
-            out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(args.steps),
+    rows = []
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {t: [] for t in args.trackers}
+    for tracker in args.trackers:
+        for r in range(args.rounds):
+            print(f"\r  {tracker}: process {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--worker", tracker, "--steps", str(args.steps),
                                   "--warmup", str(args.warmup)], capture_output=True, text=True, check=True,
                                  env=env, timeout=600)
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[tracker].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        paired = runs[tracker]
+        cost = statistics.median(p[tracker]["median_us"] - p["bare"]["median_us"] for p in paired)
+        ratio = statistics.median(p[tracker]["p99_us"] / p["bare"]["p99_us"] for p in paired)
+        rows.append((tracker, _median(paired, "bare", "median_us"), _median(paired, tracker, "median_us"), cost,
+                     _median(paired, "bare", "p99_us"), _median(paired, tracker, "p99_us"), ratio))
     print(file=sys.stderr)
-    summary = {v: {k: statistics.median(run[k] for run in rs) for k in ("median_us", "p99_us", "mean_us")}
-               for v, rs in runs.items()}
-    bare = summary["bare"]
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"{args.rounds} processes per variant x {args.steps} steps\n")
-    print("| variant | median step | p99 step | cost (median - bare median) | p99 / bare p99 |")
+          f"{args.rounds} processes per tracker, {args.steps} timed steps of each loop per process\n")
+    print("| tracker | median step, bare / tracked | cost per step (paired) | p99 step, bare / tracked | p99 ÷ bare p99 |")
     print("|---|---|---|---|---|")
-    for v, s in summary.items():
-        print(f"| {v} | {s['median_us']:.0f} µs | {s['p99_us']:.0f} µs | {s['median_us'] - bare['median_us']:+.0f} µs "
-              f"| {s['p99_us'] / bare['p99_us']:.2f} |")
+    for tracker, bare_med, med_t, cost, bare_p99, p99_t, ratio in rows:
+        print(f"| {tracker} | {bare_med:.0f} / {med_t:.0f} µs | {cost:+.0f} µs | {bare_p99:.0f} / {p99_t:.0f} µs "
+              f"| {ratio:.2f} |")
+    summary = {r[0]: {"bare_median_us": r[1], "median_us": r[2], "cost_us": r[3], "bare_p99_us": r[4],
+                      "p99_us": r[5], "p99_ratio": r[6]} for r in rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "step_cost.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
 

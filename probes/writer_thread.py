@@ -2,8 +2,13 @@
 and polls the agent's commands.
 
 Everything slow or fallible happens here, never on the training thread. Failures are counted as
-dropped records and reported once; the thread never dies from them. It holds the GIL in short
-slices (``_SLICE`` records, then it yields), so the training thread never waits behind a burst.
+dropped records and reported once; the thread never dies from them.
+
+It holds the GIL in slices of ``_SLICE`` records and yields between them. How often it drains while
+the run is stepping (``_BUSY_TICK_SECONDS``) trades the median step against the tail: draining every
+50 ms costs the training thread one burst of ~50 ms worth of records (p99 step 1.9x the bare loop's
+on a 0.7 ms MLP step), 10 ms ticks of 4-record slices 1.6x, but +30 % on the median overhead
+(docs/benchmarks.md, issue 15). The median wins for now; the cure for the tail is less work per record.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from gradwatch.spool.records import CudaMemory, EndRecord, EndStatus, Record, Ru
 # Once the run has a control directory (the agent acts on it), latency matters more than wake-ups: poll
 # for commands every 10 ms and flush records every 20 ms (benchmarks/rule_latency.py).
 _CONTROL_POLL_SECONDS = 0.01
-_ACTING_FLUSH_SECONDS = 0.02
+_BUSY_TICK_SECONDS = 0.05
 _FINAL_DEVICE_WAIT_SECONDS = 5.0
 _CUDA_MEMORY_EVERY_SECONDS = 1.0
 _SLICE = 16  # records encoded between two yields of the GIL
@@ -66,6 +71,7 @@ class SpoolWriterThread(threading.Thread):
         self._end: tuple[EndStatus, str | None, int] = (EndStatus.FINISHED, None, 0)
         self._seq = 0
         self._held: Capture | None = None  # a step waiting one drain for the scalars logged after it
+        self._busy = False  # the last drain found records: the run is stepping, drain again soon
         self.session = SpoolSession(layout, run_name, identity, self._meta, warn, on_agent_needed,
                                     read_commands=inbox is not None)
         self.ready = threading.Event()  # set once the run directory and metadata exist
@@ -91,18 +97,19 @@ class SpoolWriterThread(threading.Thread):
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
         self._guarded(self._open)  # create the run directory (and start an agent) before the first record
-        next_flush = time.monotonic() + self._interval
-        fast = False
+        acting = False  # the agent acts on this run: read its commands often
+        next_poll = 0.0
         while True:
-            # the agent creates control/ for runs it acts on; it never goes away, so check until it exists
+            idle_wait = min(self._interval, _CONTROL_POLL_SECONDS) if acting else self._interval
+            stopping = self._stop_event.wait(min(idle_wait, _BUSY_TICK_SECONDS) if self._busy else idle_wait)
             commands = self.session.commands
-            fast = fast or (commands is not None and commands.path.parent.is_dir())
-            stopping = self._stop_event.wait(min(self._interval, _CONTROL_POLL_SECONDS) if fast else self._interval)
-            if commands is not None and self._inbox is not None and not stopping:
+            if commands is not None and self._inbox is not None and not stopping and time.monotonic() >= next_poll:
+                # the agent creates control/ for runs it acts on; it never goes away, so check until it exists
+                acting = acting or commands.path.parent.is_dir()
                 self._guarded(self._poll_commands)
-            if stopping or time.monotonic() >= next_flush or not fast:
-                self._guarded(self._drain, final=stopping)
-                next_flush = time.monotonic() + (min(self._interval, _ACTING_FLUSH_SECONDS) if fast else self._interval)
+                next_poll = time.monotonic() + idle_wait
+            self._busy = False
+            self._guarded(self._drain, final=stopping)
             if stopping:
                 break
         self._guarded(self._write_end)
@@ -160,6 +167,7 @@ class SpoolWriterThread(threading.Thread):
                 queue.popleft()
             records.append(record)
         if records:
+            self._busy = True
             self._add_cuda_memory(records)
             self._write(records)
         return bool(records) and len(records) == _SLICE and bool(queue)
