@@ -11,7 +11,7 @@ py=.venv/bin/python
 echo "==> ruff"
 $py -m ruff check .
 echo "==> mypy (on the built wheel)"
-rm -rf build/typecheck
+rm -rf build/typecheck build/lib build/bdist.*  # setuptools reuses build/lib: stale modules would enter the wheel
 mkdir -p build/typecheck
 $py -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir build/typecheck/dist . >/dev/null
 $py -m pip install --quiet --no-deps --target build/typecheck/site build/typecheck/dist/*.whl
