@@ -29,7 +29,11 @@ def test_the_agent_runs_without_torch(isolated_home: Path, tmp_path: Path) -> No
                           f"'--port', '{port}'])\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        samples = wait_until(lambda: parse_metrics(http_get(f"http://127.0.0.1:{port}/metrics").decode()), timeout=30)
+        # The endpoint answers before the first scan has ingested the spool: wait for the run, not the server.
+        samples = wait_until(
+            lambda: (s := parse_metrics(http_get(f"http://127.0.0.1:{port}/metrics").decode()))
+            and metric(s, "gradwatch_steps_total", run="no-torch", rank="0") == 4 and s,
+            timeout=30, what="the agent to ingest the no-torch run")
         assert metric(samples, "gradwatch_loss", run="no-torch", rank="0") == 0.5
         status = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "from gradwatch.cli import main\nmain(['status'])"],
                                 capture_output=True, text=True, timeout=60)
