@@ -62,14 +62,19 @@ class NormOfNorms(Deferred):
         return _norm_of_norms(list(self.norms))
 
     def resolve(self) -> float:
-        return self.tensor().item()
+        """The global norm as a float. Few tensors are read one by one and combined in Python (float64):
+        several times cheaper than stacking them (this runs on the writer thread, holding the GIL)."""
+        norms = self.norms
+        if len(norms) > _FEW_TENSORS:
+            return self.tensor().item()
+        parts = [n.item() for n in norms]
+        total = math.hypot(*parts)
+        if total == math.inf and any(p != p for p in parts):
+            return math.nan  # torch's norm of [inf, nan] is nan; hypot's is inf
+        return total
 
     def value_now(self) -> float:
-        """The global norm on the training thread (for the guards): few tensors are read one by one
-        and combined in Python (float64), which is several times cheaper than stacking them."""
-        norms = self.norms
-        if len(norms) <= _FEW_TENSORS:
-            return math.hypot(*[n.item() for n in norms])
+        """The global norm on the training thread (for the guards): the same number the record gets."""
         return self.resolve()
 
 

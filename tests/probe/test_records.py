@@ -51,6 +51,20 @@ def test_fused_norm_matches_torch_for_mixed_devices_and_dtypes() -> None:
     assert global_grad_norm([]) is None
 
 
+@pytest.mark.parametrize("n_tensors", [3, 40])  # read one by one and combined in Python; stacked in torch
+def test_the_writer_combines_cpu_norms_as_torch_does(n_tensors: int) -> None:
+    from gradwatch.probes.gradnorm import NormOfNorms
+
+    grads = [torch.randn(17) * (i + 1) for i in range(n_tensors)]
+    norms = torch._foreach_norm(grads, 2.0)
+    assert NormOfNorms(norms).resolve() == pytest.approx(torch.nn.utils.get_total_norm(grads).item(), rel=1e-6)
+    with_inf = [*norms[:-2], torch.tensor(math.inf), torch.tensor(1.0)]
+    assert NormOfNorms(with_inf).resolve() == math.inf
+    with_nan = [*norms[:-2], torch.tensor(math.inf), torch.tensor(math.nan)]  # torch: nan, not hypot's inf
+    assert math.isnan(NormOfNorms(with_nan).resolve())
+    assert math.isnan(torch.nn.utils.get_total_norm([*grads[:-2], torch.tensor([math.inf]), torch.tensor([math.nan])]))
+
+
 def test_learning_rate_of_every_param_group(isolated_home: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.01}])
