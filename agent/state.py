@@ -160,6 +160,10 @@ class RankState:
         self.last_step_time = t
         observed: dict[str, float] = {}
         norm = record.grad_norm
+        if record.skip == "amp":
+            # GradScaler found inf/NaN in the scaled gradients and skipped the update: its calibration, not a
+            # divergence of the run (a healthy fp16 run has a few); counted as a skipped step, not as non-finite
+            norm = None
         if norm is not None:
             self._observe("grad_norm", norm, t)
             self.grad_norm = observed["grad_norm"] = norm
@@ -180,7 +184,10 @@ class RankState:
             self.clip_threshold = record.clip
             self.guarded_steps += 1
             self.clipped_steps += record.clipped
-        if record.skip is not None:
+        if record.skip == "amp":
+            scale = "" if record.loss_scale is None else f", loss scale {record.loss_scale:g}"
+            self._count_action("skip_step", "amp", record.step, f"GradScaler skipped the update (inf/NaN gradients{scale})")
+        elif record.skip is not None:
             self._count_action("skip_step", record.skip, record.step, "update skipped")
         self.would_skip += record.would_skip is not None
         if record.cuda_mem is not None:
@@ -385,6 +392,7 @@ class AgentState:
                     "probe_dropped": s.probe_dropped, "error": s.end_error, "end_status": s.end_status,
                     "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
                     "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
+                    "steps_from": s.meta.steps_from,
                 } for s in states],
             })
         for run, reason in sorted(self.rejected_runs.items()):

@@ -94,7 +94,8 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
                 str(r["steps"]),
                 _fmt(r["loss"]),
                 _fmt(r["grad_norm"]),
-                _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs else "-",
+                _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs
+                else ("none*" if r.get("steps_from") == "backward" else "-"),
                 "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
                 _fmt(r["samples_per_second"], ".1f"),
                 actions_text(r),
@@ -139,6 +140,9 @@ def print_runs(runs: list[dict[str, Any]], source: str) -> None:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return
     console.print(runs_table(runs, "gradwatch runs"))
+    if any(r.get("steps_from") == "backward" for run in runs for r in run["ranks"]):
+        console.print("[dim]* no torch.optim optimizer: the script updates its parameters by hand, so there is no "
+                      "learning rate to read, and each backward pass counts as a step[/]", soft_wrap=True)
     alerts = [a for r in runs for a in r.get("alerts") or []]
     if alerts:
         colour = {"critical": "red", "warning": "yellow"}

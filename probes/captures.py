@@ -25,6 +25,8 @@ class StepCapture(NamedTuple):
     grad_norm: Any  # float, None or a readback.Deferred
     lrs: list[Any]
     guard: GuardInfo | None
+    script_clip: float | None = None  # max_norm of the script's clip_grad_norm_ whose result is grad_norm
+    loss_scale: Any = None  # GradScaler's scale (maybe deferred), on the steps it skipped
 
 
 class LogCapture(NamedTuple):
@@ -97,8 +99,18 @@ def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
         if norm is readback.NOT_READY or readback.NOT_READY in lrs:
             return None
         record = StepRecord(step=step.step, t=step.t, grad_norm=norm, lr=lrs, dur=step.dur, wait=step.wait)
-        if step.guard is not None and not _apply_guard(record, step.guard):
-            return None
+        if step.guard is not None:
+            if not _apply_guard(record, step.guard):
+                return None
+        elif step.script_clip is not None:
+            record.clip = step.script_clip
+            # torch scales the gradients by max_norm / (norm + 1e-6) when that is below 1
+            record.clipped = isinstance(norm, float) and norm + 1e-6 > step.script_clip
+        if step.loss_scale is not None:
+            scale = readback.resolve(step.loss_scale)
+            if scale is readback.NOT_READY:
+                return None
+            record.loss_scale = scale
         if logged is not None:
             values = _resolve_values(logged.values)
             if values is None:

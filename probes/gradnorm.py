@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from gradwatch.probes.optimizers import Optimizers
+from gradwatch.probes.optimizers import GradientSource
 from gradwatch.probes.readback import Deferred
 
 
@@ -86,7 +86,7 @@ class GradNormMeter:
     the writer thread finishes.
     """
 
-    def __init__(self, optimizer: Optimizers) -> None:
+    def __init__(self, optimizer: GradientSource) -> None:
         self._optimizer = optimizer
         self._params: list[torch.Tensor] = []
         self._shape: tuple[int, ...] = ()

@@ -1,8 +1,10 @@
-"""What a script's own calls tell the probe when nobody calls ``probe.log``: the loss (the scalar
-tensor the backward pass starts from), the result of its ``clip_grad_norm_`` call, and the
-GradScaler's scaling of the loss.
+"""What a script's own calls tell the probe: the loss (the scalar tensor the backward pass starts
+from) when nobody calls ``probe.log``, the end of each backward pass (the steps of a script that
+updates its parameters by hand), the result and threshold of its ``clip_grad_norm_`` call and the
+norm before its ``clip_grad_value_`` (the recorded norm is the one before clipping), the GradScaler's
+scaling of the loss, and the steps GradScaler skips.
 
-Used by the zero-code launcher and the Transformers callback. The wrappers are installed once per
+Used by ``attach`` (without the loss), the zero-code launcher and the Transformers callback. The wrappers are installed once per
 process and stay; with no probe listening they cost one list check. Each wrapper calls torch's
 original unchanged; our part runs under ``try`` and can never fail the call.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,42 +42,71 @@ class StepInputs:
     mean loss of the step.
     """
 
-    def __init__(self, probe: Probe | None = None) -> None:
+    def __init__(self, probe: Probe | None = None, *, record_loss: bool = True) -> None:
         self.probe = probe
+        self.record_loss = record_loss  # False under attach: the script logs its loss itself
         self.loss: Any = None
-        self._clip: tuple[torch.Tensor, int] | None = None  # held until a probe exists (zero-code's first step)
+        self.backward_passes = 0
+        self._first_loss_only = False  # within optimizer.step(closure)
+        self.unbound_backward: Callable[[], None] | None = None  # zero-code: a backward pass before any probe
+        # zero-code: GradScaler skipped the first step (fp16 runs often start so), before any probe
+        self.unbound_scaler_step: Callable[[torch.optim.Optimizer, torch.amp.GradScaler], None] | None = None
+        # held until a probe exists (zero-code's first step): (norm, gradients, max_norm or None)
+        self._clip: tuple[torch.Tensor, int, float | None] | None = None
 
     def bind(self, probe: Probe) -> None:
         self.probe = probe
-        probe.use_step_inputs(self)
+        if self.record_loss:
+            probe.use_step_inputs(self)
         if self._clip is not None:
             probe.reuse_clip_norm(*self._clip)
             self._clip = None
 
+    def start_closure_step(self) -> None:
+        """``optimizer.step(closure)`` begins: the step's loss is its closure's first one (what ``step()``
+        returns; LBFGS evaluates the closure again on each iteration), not their sum."""
+        self.loss = None
+        self._first_loss_only = True
+
     def on_backward(self, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.loss = loss if self.loss is None else self.loss + loss
+        if self.record_loss and not (self._first_loss_only and self.loss is not None):
+            loss = loss.detach()
+            self.loss = loss if self.loss is None else self.loss + loss
         # new gradients: an earlier clip result no longer describes them
         if self.probe is not None:
             self.probe.forget_clip_norm()
         self._clip = None
 
-    def on_clip(self, total_norm: torch.Tensor, n_gradients: int) -> None:
+    def on_backward_done(self) -> None:
+        self.backward_passes += 1
         if self.probe is not None:
-            self.probe.reuse_clip_norm(total_norm, n_gradients)
+            self.probe.backward_done()
+        elif self.unbound_backward is not None:
+            self.unbound_backward()
+
+    def on_clip(self, total_norm: torch.Tensor, n_gradients: int, max_norm: float | None) -> None:
+        if self.probe is not None:
+            self.probe.reuse_clip_norm(total_norm, n_gradients, max_norm)
         else:
-            self._clip = (total_norm, n_gradients)
+            self._clip = (total_norm, n_gradients, max_norm)
+
+    def on_scaler_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stepped_before: int) -> None:
+        if self.probe is not None:
+            self.probe.scaler_stepped(optimizer, scaler, stepped_before)
+        elif self.unbound_scaler_step is not None:
+            self.unbound_scaler_step(optimizer, scaler)
 
     def take_loss(self) -> Any:
         loss, self.loss = self.loss, None
+        self._first_loss_only = False
         return loss
 
 
-def listen(probe: Probe | None = None) -> StepInputs:
+def listen(probe: Probe | None = None, *, record_loss: bool = True) -> StepInputs:
     """Collect the loss and clip results of this process's training (installs the wrappers), for
     ``probe``, or for the probe bound later with ``StepInputs.bind``."""
     _install()
-    inputs = StepInputs()
+    inputs = StepInputs(record_loss=record_loss)
     _taps.append(inputs)
     if probe is not None:
         inputs.bind(probe)
@@ -96,12 +127,18 @@ def _install() -> None:
         _installed = True
         original_backward = torch.autograd.backward
         original_clip = torch.nn.utils.clip_grad.clip_grad_norm_
+        original_clip_value = torch.nn.utils.clip_grad.clip_grad_value_
         original_scale = torch.amp.GradScaler.scale
+        original_scaler_step = torch.amp.GradScaler.step
 
         def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if _taps and grad_tensors is None:
-                _seen_backward(tensors)
-            return original_backward(tensors, grad_tensors, *args, **kwargs)
+            if not _taps or grad_tensors is not None:
+                return original_backward(tensors, grad_tensors, *args, **kwargs)
+            is_loss = _seen_backward(tensors)
+            result = original_backward(tensors, grad_tensors, *args, **kwargs)
+            if is_loss:
+                _seen_backward_done()
+            return result
 
         def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
@@ -109,8 +146,15 @@ def _install() -> None:
                 return original_clip(parameters, max_norm, norm_type, *args, **kwargs)
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
             total = original_clip(parameters, max_norm, norm_type, *args, **kwargs)
-            _seen_clip(total, parameters)
+            _seen_clip(total, parameters, max_norm)
             return total
+
+        def clip_grad_value_(parameters: Any, clip_value: float, *args: Any, **kwargs: Any) -> Any:
+            if not _taps:
+                return original_clip_value(parameters, clip_value, *args, **kwargs)
+            parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            _seen_clip_value(parameters)  # the norm before the values are clamped
+            return original_clip_value(parameters, clip_value, *args, **kwargs)
 
         def scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
             scaled = original_scale(self, outputs)
@@ -118,26 +162,39 @@ def _install() -> None:
                 _seen_scale(scaled, outputs)
             return scaled
 
-        wrappers: tuple[tuple[Any, Any], ...] = ((backward, original_backward), (clip_grad_norm_, original_clip),
-                                                 (scale, original_scale))
+        def scaler_step(self: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if not _taps:
+                return original_scaler_step(self, optimizer, *args, **kwargs)
+            before = [tap.probe.step if tap.probe is not None else 0 for tap in _taps]
+            result = original_scaler_step(self, optimizer, *args, **kwargs)
+            _seen_scaler_step(self, optimizer, before)
+            return result
+
+        wrappers: tuple[tuple[Any, Any], ...] = (
+            (backward, original_backward), (clip_grad_norm_, original_clip), (clip_grad_value_, original_clip_value),
+            (scale, original_scale), (scaler_step, original_scaler_step))
         for wrapper, original in wrappers:
             wrapper.__wrapped__ = original  # functools.wraps without copying the signature's annotations
             wrapper.__doc__ = original.__doc__
         torch.autograd.backward = backward
         torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
         torch.nn.utils.clip_grad.clip_grad_norm_ = clip_grad_norm_
+        torch.nn.utils.clip_grad_value_ = clip_grad_value_
+        torch.nn.utils.clip_grad.clip_grad_value_ = clip_grad_value_
         torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
+        torch.amp.GradScaler.step = scaler_step  # type: ignore[method-assign]
 
 
-def _seen_backward(tensors: Any) -> None:
+def _seen_backward(tensors: Any) -> bool:
+    """A backward pass starts; True when it starts from a scalar loss (a training step's backward)."""
     global _scaled  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     try:
         if not isinstance(tensors, torch.Tensor):
             if not isinstance(tensors, (list, tuple)) or len(tensors) != 1:
-                return
+                return False
             tensors = tensors[0]
         if tensors.numel() != 1 or not tensors.is_floating_point():
-            return
+            return False
         loss = tensors
         if _scaled is not None:
             output, unscaled = _scaled
@@ -146,17 +203,49 @@ def _seen_backward(tensors: Any) -> None:
             _scaled = None
         for tap in _taps:
             tap.on_backward(loss)
+        return True
     except Exception as exc:  # never fail the script's backward
+        _internal_error("backward", exc)
+        return False
+
+
+def _seen_backward_done() -> None:
+    try:
+        for tap in list(_taps):
+            tap.on_backward_done()
+    except Exception as exc:
         _internal_error("backward", exc)
 
 
-def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
+def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor], max_norm: Any) -> None:
     try:
         n_gradients = sum(1 for p in parameters if p.grad is not None)
+        threshold = float(max_norm) if max_norm is not None and not isinstance(max_norm, torch.Tensor) else None
         for tap in _taps:
-            tap.on_clip(total, n_gradients)
+            tap.on_clip(total, n_gradients, threshold)
     except Exception as exc:
         _internal_error("clip_grad_norm_", exc)
+
+
+def _seen_clip_value(parameters: list[torch.Tensor]) -> None:
+    try:
+        from gradwatch.probes.gradnorm import global_grad_norm
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        total = global_grad_norm(grads)
+        if total is not None:
+            for tap in _taps:
+                tap.on_clip(total, len(grads), None)
+    except Exception as exc:
+        _internal_error("clip_grad_value_", exc)
+
+
+def _seen_scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, before: list[int]) -> None:
+    try:
+        for tap, stepped_before in zip(list(_taps), before, strict=False):
+            tap.on_scaler_step(optimizer, scaler, stepped_before)
+    except Exception as exc:
+        _internal_error("GradScaler.step", exc)
 
 
 def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
@@ -168,7 +257,7 @@ def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
 
 
 def _internal_error(where: str, exc: Exception) -> None:
-    probes = [tap.probe for tap in _taps if tap.probe is not None]
+    probes = list({id(tap.probe): tap.probe for tap in _taps if tap.probe is not None}.values())  # each once
     for probe in probes:
         probe.report_internal_error(where, exc)  # counted and reported once by the probe
     if not probes and where not in _reported:  # before the zero-code probe exists

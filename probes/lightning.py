@@ -59,7 +59,9 @@ class GradwatchCallback(ProbeOptions, pl.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         probe = self.probe
         if probe is not None and probe.steps_with(optimizer):
-            probe.measure_gradients()
+            probe.measure_gradients()  # before the Trainer clips: the recorded norm is the unclipped one
+            if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
+                probe.clips_at(float(trainer.gradient_clip_val))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

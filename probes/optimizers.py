@@ -62,5 +62,18 @@ def unwrap(optimizer: Any) -> Any:
     return optimizer
 
 
+class ModelParameters:
+    """The parameters of a model whose script updates them by hand (``p.data.add_(-lr * p.grad)``, no
+    torch.optim optimizer), as one param group without a learning rate: what the gradient norm reads."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
+
+
 #: What the meters read param groups and state dicts from: one optimizer, or several seen as one.
 Optimizers = torch.optim.Optimizer | OptimizerSet
+GradientSource = Optimizers | ModelParameters

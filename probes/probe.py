@@ -28,7 +28,8 @@ from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.layerstats import LayerStats
-from gradwatch.probes.optimizers import OptimizerSet, unwrap
+from gradwatch.probes.model_hook import ForwardPreHook
+from gradwatch.probes.optimizers import GradientSource, ModelParameters, OptimizerSet, unwrap
 from gradwatch.probes.record_queue import RecordQueue
 from gradwatch.probes.runtime import ProcessRuntime, process_runtime
 from gradwatch.probes.settings import (
@@ -103,16 +104,21 @@ class Probe:
         self._data_wait: float | None = None
         self._awaiting_forward = False
         self._held_layers: LayersCapture | None = None
-        self._clip_norm: tuple[torch.Tensor, int] | None = None
+        self._clip_norm: tuple[torch.Tensor, int, float | None] | None = None  # the script's clip_grad_norm_
+        self._pending_script_clip: float | None = None  # its max_norm, when its result is the recorded norm
         self._closure_step = False
         self._measure_in_step_hook = settings.measure_in_step_hook  # read per step: one attribute, not two
         self._step_inputs: StepInputs | None = None  # the loss when the script does not log it
+        self._listening: StepInputs | None = None  # attach(): the script's clip, GradScaler and backward calls
 
         optimizers = settings.optimizers
         self._optimizers = OptimizerSet(optimizers) if optimizers else None  # what the meters read
         self.primary_optimizer = optimizers[0] if optimizers else None  # whose steps are counted
         watched = self._optimizers
-        self._grad_norm = GradNormMeter(watched) if watched is not None else None
+        # without an optimizer, each backward pass is a step (backward_done) measured on the model's gradients
+        source: GradientSource | None = watched if watched is not None else \
+            ModelParameters(model) if model is not None else None
+        self._grad_norm = GradNormMeter(source) if source is not None else None
         self._layers = LayerStats(model, watched, settings.layer_stats_every) \
             if model is not None and watched is not None and settings.layer_stats_every else None
         self._layer_step = settings.layer_stats_every if self._layers is not None else 0  # next sampled (0: never)
@@ -133,14 +139,14 @@ class Probe:
             labels=settings.labels, queue_dropped=lambda: self._queue.dropped, warn=self._warn,
             flush_interval=settings.flush_interval,
             on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_device=_cuda_device(watched),
-            inbox=inbox, run_settings=settings.run_metadata())
+            inbox=inbox, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward"})
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
         self._wall_offset = time.time() - time.perf_counter()
         if self.primary_optimizer is not None:
             self._hooks.append(self.primary_optimizer.register_step_pre_hook(self._on_step_pre))
             self._hooks.append(self.primary_optimizer.register_step_post_hook(self._on_step_post))
         if model is not None:
-            self._hooks.append(model.register_forward_pre_hook(self._on_forward_pre))
+            self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))  # invisible to copies
         self._writer.start()
         self._runtime.opened(self)
 
@@ -212,10 +218,16 @@ class Probe:
         if not self._closed:
             self._before_step()
 
+    def clips_at(self, max_norm: float) -> None:
+        """The framework clips this step's gradients by norm at ``max_norm`` after :meth:`measure_gradients`:
+        recorded with the step, with whether it clipped."""
+        if self._pending_guard is None:
+            self._pending_script_clip = float(max_norm)
+
     def batch_started(self) -> None:
         """Mark the end of the data wait (when no model forward hook can: the framework calls the
         model another way)."""
-        self._on_forward_pre(None, None)
+        self._on_forward_pre()
 
     def steps_with(self, optimizer: Any) -> bool:
         """Whether ``optimizer`` (or the framework's wrapper of it) is the one whose steps the probe counts."""
@@ -229,10 +241,45 @@ class Probe:
         """New gradients since the script's clip_grad_norm_: its result no longer describes them."""
         self._clip_norm = None
 
-    def reuse_clip_norm(self, total_norm: torch.Tensor, n_gradients: int) -> None:
+    def reuse_clip_norm(self, total_norm: torch.Tensor, n_gradients: int, max_norm: float | None = None) -> None:
         """The script's own ``clip_grad_norm_`` result on the current gradients (before clipping):
-        recorded instead of computing the same norm again, if it covered all of them."""
-        self._clip_norm = (total_norm, n_gradients)
+        recorded instead of computing the same norm again, if it covered all of them; ``max_norm``,
+        its threshold, is recorded with whether the step was clipped."""
+        self._clip_norm = (total_norm, n_gradients, max_norm)
+
+    def backward_done(self) -> None:
+        """A backward pass from a scalar loss ended (interceptors). Without an optimizer (a script that
+        updates its parameters by hand) each one is a step: its gradients are measured now."""
+        if self.primary_optimizer is not None or self._closed or self._grad_norm is None or _is_compiling():
+            return
+        self._before_step()
+        self._record_step()
+
+    def scaler_stepped(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stepped_before: int) -> None:
+        """``GradScaler.step(optimizer)`` returned. If the optimizer did not step (inf/NaN gradients), record
+        the skipped step: the gradients' non-finite norm and the loss scale that overflowed."""
+        if self._closed or self.step != stepped_before or not self.steps_with(optimizer):
+            return
+        try:
+            reuse, self._clip_norm = self._clip_norm, None
+            norm = self._grad_norm(reuse[:2] if reuse else None) if self._grad_norm is not None else None
+            scale = getattr(scaler, "_scale", None)  # the tensor itself: get_scale() would synchronise
+            self._pending_norm = norm
+            self._pending_script_clip = None
+            self._pending_guard = (None, False, "amp", None)
+            self._record_step(loss_scale=readback.capture(scale) if isinstance(scale, torch.Tensor) else None,
+                              skipped=True)
+        except Exception as exc:
+            self.report_internal_error("GradScaler.step", exc)
+
+    def listen_to_script(self) -> None:
+        """Hear the script's own calls (interceptors): its ``clip_grad_norm_`` result, the norm before its
+        ``clip_grad_value_``, the steps GradScaler skips and, without an optimizer, its backward passes.
+        The loss stays the script's to log."""
+        from gradwatch.probes import interceptors
+
+        if self._listening is None and not self._closed:
+            self._listening = interceptors.listen(self, record_loss=False)
 
     def watch_schedulers(self, schedulers: Sequence[Any]) -> None:
         """LR schedulers of the watched optimizers: an LR reduction also scales their base
@@ -262,6 +309,11 @@ class Probe:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._listening is not None:
+            from gradwatch.probes import interceptors
+
+            interceptors.stop_listening(self._listening)
+            self._listening = None
         self._runtime.closed(self)
         self._writer.stop(status=end, error=error, final_step=self.step, timeout=timeout)
 
@@ -277,7 +329,7 @@ class Probe:
             self.close(status=EndStatus.FAILED, error=repr(exc))
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------
-    def _on_forward_pre(self, module: torch.nn.Module | None, args: Any) -> None:
+    def _on_forward_pre(self) -> None:
         if self._awaiting_forward and not _is_compiling():
             self._awaiting_forward = False
             if self._last_step_end is not None:
@@ -287,6 +339,8 @@ class Probe:
         if self._measure_in_step_hook and not _is_compiling():
             if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
                 self._closure_step = True  # step(closure) computes the gradients itself: measure after it
+                if self._step_inputs is not None:
+                    self._step_inputs.start_closure_step()
             else:
                 self._before_step()
 
@@ -301,7 +355,8 @@ class Probe:
                 self.report_internal_error("layer_stats", exc)
         try:
             reuse, self._clip_norm = self._clip_norm, None
-            norm = self._grad_norm(reuse) if self._grad_norm is not None else None
+            norm = self._grad_norm(reuse[:2] if reuse else None) if self._grad_norm is not None else None
+            self._pending_script_clip = reuse[2] if reuse is not None and norm is reuse[0] else None
             grad_scale = getattr(self.primary_optimizer, "grad_scale", None)
             if grad_scale is not None and norm is not None:
                 # GradScaler hands fused optimizers scaled gradients and the scale, to unscale in the kernel
@@ -323,6 +378,9 @@ class Probe:
                        "them after the step, so guards cannot act on them (with Lightning, use "
                        "gradwatch.probes.lightning.GradwatchCallback)")
             self._before_step()
+        self._record_step()
+
+    def _record_step(self, loss_scale: Any = None, *, skipped: bool = False) -> None:
         try:
             now = time.perf_counter()
             self.step += 1
@@ -332,19 +390,26 @@ class Probe:
             self._last_step_end = now
             norm, guard = self._pending_norm, self._pending_guard
             self._pending_norm = self._pending_guard = None
-            lrs = [lr if lr.__class__ is float else readback.capture(lr)
-                   for lr in [group["lr"] for group in self._optimizers.param_groups]]  # type: ignore[union-attr]
+            optimizers = self._optimizers
+            lrs = [] if optimizers is None else [lr if lr.__class__ is float else readback.capture(lr)
+                                                 for lr in [group["lr"] for group in optimizers.param_groups]]
             item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait,
                                norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs,
-                               guard)
+                               guard, self._pending_script_clip, loss_scale)
+            self._pending_script_clip = None
             self._queue.put(item)
             self._data_wait = None
             self._awaiting_forward = True
             inputs = self._step_inputs
-            if inputs is not None and inputs.loss is not None:
-                self.log(loss=inputs.take_loss())
+            if inputs is not None:
+                loss = inputs.take_loss()
+                if loss is not None:
+                    self.log(loss=loss)
             if self.step == self._layer_step:
-                self._record_layers(item.t)
+                if skipped:  # the layers were not measured before this step: sample the next one instead
+                    self._layer_step += self._layers.every  # type: ignore[union-attr]
+                else:
+                    self._record_layers(item.t)
             if self._actuator is not None:
                 self._actuator.after_step(self.step)
             if self._commands.inbox:
@@ -412,9 +477,11 @@ def attach(
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
     """
-    return Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
-                 max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
-                 on_stop=on_stop, layer_stats_every=layer_stats_every)
+    probe = Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
+                  max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
+                  on_stop=on_stop, layer_stats_every=layer_stats_every)
+    probe.listen_to_script()
+    return probe
 
 
 def _cuda_device(optimizer: OptimizerSet | None) -> int | None:

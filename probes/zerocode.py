@@ -61,6 +61,8 @@ class ZeroCode:
         from gradwatch.probes import interceptors
 
         self.inputs = interceptors.listen()  # from the start: the first step's loss comes before the probe
+        self.inputs.unbound_backward = self._on_backward_without_probe
+        self.inputs.unbound_scaler_step = self._on_skipped_first_step
 
     def _wrap_optimizer_init(self) -> None:
         original = torch.optim.Optimizer.__init__
@@ -98,7 +100,32 @@ class ZeroCode:
             self.failed = True
             log.error("gradwatch: could not start watching this script (%s); it runs on unobserved", exc)
 
-    def _start(self, optimizer: torch.optim.Optimizer) -> None:
+    def _on_backward_without_probe(self) -> None:
+        """A backward pass ended and no optimizer has stepped. If the script created none, it updates its
+        parameters by hand: watch it with the backward passes as steps (no learning rate to read)."""
+        if self.probe is not None or self.failed or any(ref() is not None for ref in self._created):
+            return
+        try:
+            probe = self._start(None)
+        except Exception as exc:
+            self.failed = True
+            log.error("gradwatch: could not start watching this script (%s); it runs on unobserved", exc)
+            return
+        if probe is not None:
+            probe.backward_done()  # this backward pass is the first step
+
+    def _on_skipped_first_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """GradScaler skipped the script's first step(s): its optimizer never stepped, so no probe exists yet.
+        Start it now, so that the skipped step is recorded."""
+        if self.probe is not None or self.failed:
+            return
+        self._on_any_step_pre(optimizer, (), {})
+        probe: Any = self.probe  # set by the call above, when it could start
+        if probe is not None:
+            probe.scaler_stepped(optimizer, scaler, 0)
+
+    def _start(self, optimizer: torch.optim.Optimizer | None) -> Any:
+        """Create the probe (returned; None when the script attached its own or no model can be measured)."""
         from gradwatch.probes import interceptors
         from gradwatch.probes.probe import Probe
 
@@ -109,9 +136,19 @@ class ZeroCode:
             interceptors.stop_listening(self.inputs)
             self._remove_forward_hook()
             log.info("gradwatch: the script attaches its own probe; gradwatch run adds none")
-            return
+            return None
         self._remove_forward_hook()
         candidate = self._first_module() if self._first_module is not None else None
+        if optimizer is None:  # parameters updated by hand: the model is all there is to measure
+            if candidate is None or not any(p.grad is not None for p in candidate.parameters()):
+                return None  # a backward pass outside any model we saw: wait for one that is
+            self.probe = Probe(candidate, None, on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
+                               runtime=self.runtime)
+            self.inputs.bind(self.probe)
+            log.info("gradwatch: watching run %s (rank %d of %d); no torch.optim optimizer, so each backward pass "
+                     "counts as a step and there is no learning rate", self.probe.requested_run,
+                     self.probe.identity.rank, self.probe.identity.world_size)
+            return self.probe
         model = candidate if candidate is not None and _holds_parameters_of(candidate, optimizer) else None
         # the probe's own step hooks, registered now, run for this very step (after the global ones)
         others = [o for ref in self._created if (o := ref()) is not None and o is not optimizer]
@@ -122,6 +159,7 @@ class ZeroCode:
         log.info("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,
                  self.probe.identity.rank, self.probe.identity.world_size,
                  "" if model is not None else "; model not found, so no data-wait time or per-layer statistics")
+        return self.probe
 
     def _remove_forward_hook(self) -> None:
         if self._forward_handle is not None:

@@ -94,9 +94,10 @@ class StepRecord:
     values: dict[str, float] | None = None
     clip: float | None = None  # clipping threshold in force (1.1)
     clipped: bool = False
-    skip: str | None = None  # the update was skipped: nonfinite, spike, rewind (1.1)
+    skip: str | None = None  # the update was skipped: nonfinite, spike, rewind (1.1); amp: by GradScaler (1.3)
     would_skip: str | None = None  # an observing skip guard would have skipped it (1.1)
     cuda_mem: CudaMemory | None = None  # (1.2), at most once a second
+    loss_scale: float | None = None  # (1.3) GradScaler's scale, on the steps it skipped (skip "amp")
     seq: int = 0
     dropped: int = 0
 
@@ -201,6 +202,7 @@ class RunMeta:
     guards: dict[str, Any] | None = None  # (1.1) the guards in force in the process
     dry_run: bool = False
     on_stop: str = "flag"
+    steps_from: str = "optimizer"  # (1.3) what a step is: "optimizer" steps, or "backward" passes (no optimizer)
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -250,6 +252,8 @@ def _step_json(r: StepRecord) -> dict[str, Any]:
         out["skip"] = r.skip
     if r.would_skip is not None:
         out["would_skip"] = r.would_skip
+    if r.loss_scale is not None:
+        out["loss_scale"] = r.loss_scale
     if r.cuda_mem is not None:
         m = r.cuda_mem
         out["cuda_mem"] = {"allocated": m.allocated, "reserved": m.reserved, "peak": m.peak, "total": m.total}
@@ -271,6 +275,7 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         "world_size": meta.world_size, "start_time": meta.start_time, "launch_key": meta.launch_key,
         "argv": meta.argv, "python": meta.python, "torch": meta.torch, "gradwatch": meta.gradwatch,
         "rules": meta.rules, "guards": meta.guards, "dry_run": meta.dry_run, "on_stop": meta.on_stop,
+        "steps_from": meta.steps_from,
     }
 
 
@@ -333,7 +338,7 @@ def _decode_step(obj: dict[str, Any], step: int, t: float, seq: int, dropped: in
         skip=_text(obj.get("skip"), 40), would_skip=_text(obj.get("would_skip"), 40),
         cuda_mem=CudaMemory(*(_number(memory.get(k)) for k in ("allocated", "reserved", "peak", "total")))
         if isinstance(memory, dict) else None,
-        seq=seq, dropped=dropped)
+        loss_scale=_number(obj.get("loss_scale")), seq=seq, dropped=dropped)
 
 
 def _decode_ack(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> AckRecord:
@@ -443,7 +448,8 @@ def decode_meta(obj: Any) -> RunMeta:
         gradwatch=_text(obj.get("gradwatch"), 40) or "",
         rules=obj["rules"] if isinstance(obj.get("rules"), dict) else None,
         guards=obj["guards"] if isinstance(obj.get("guards"), dict) else None,
-        dry_run=obj.get("dry_run") is True, on_stop=_text(obj.get("on_stop"), 20) or "flag")
+        dry_run=obj.get("dry_run") is True, on_stop=_text(obj.get("on_stop"), 20) or "flag",
+        steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer")
 
 
 def merge_logged(records: list[Record]) -> list[Record]:

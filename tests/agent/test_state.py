@@ -56,6 +56,22 @@ def test_nonfinite_values_are_counted_per_quantity(env) -> None:  # type: ignore
     assert state.rank("r", 0).nonfinite == {"loss": 4, "grad_norm": 1, "metric": 1}  # type: ignore[union-attr]
 
 
+def test_a_step_gradscaler_skipped_is_a_skipped_step_not_a_divergence(env) -> None:  # type: ignore[no-untyped-def]
+    """fp16 runs overflow now and then while GradScaler calibrates: no non-finite count (the alerts and the
+    nonfinite rule read it), one skipped step with the scale in its detail."""
+    spool, state, ingest, _ = env
+    spool.start("r")
+    spool.steps("r", 0, 1, 3)
+    spool.append("r", 0, {"kind": "step", "step": 4, "t": 1_000_003.0, "grad_norm": float("inf"), "lr": [0.1],
+                          "skip": "amp", "loss_scale": 65536.0, "values": {"loss": 0.5}})
+    ingest.scan_all()
+    s = state.rank("r", 0)
+    assert s.nonfinite.get("grad_norm", 0) == 0 and s.grad_norm == 2.0  # type: ignore[union-attr]
+    assert s.actions == {"skip_step:amp": 1}  # type: ignore[union-attr]
+    assert "loss scale 65536" in s.recent_actions[-1]["detail"]  # type: ignore[union-attr]
+    assert s.steps_total == 4  # type: ignore[union-attr]
+
+
 def test_states_running_stalled_running_finished(env) -> None:  # type: ignore[no-untyped-def]
     spool, state, ingest, clock = env
     spool.start("r", t=clock.now)

@@ -22,6 +22,8 @@ def test_loss_grad_norm_and_lr_equal_the_trainers_log_with_accumulation(isolated
     # the Trainer's loss: the mean over the step's micro-batches; its grad_norm: before clipping to 1.0
     assert [r["values"]["loss"] for r in steps] == pytest.approx([e["loss"] for e in history], rel=1e-6)
     assert [r["grad_norm"] for r in steps] == pytest.approx([e["grad_norm"] for e in history], rel=1e-6)
+    assert all(r["clip"] == 1.0 for r in steps)  # the Trainer's max_grad_norm, and which steps it clipped
+    assert [r["clipped"] for r in steps] == [e["grad_norm"] + 1e-6 > 1.0 for e in history]
     assert [r["lr"][0] for r in steps] == pytest.approx([e["learning_rate"] for e in history], rel=1e-9, abs=1e-12)
     assert records(isolated_home, "hf", kind="layers")
 

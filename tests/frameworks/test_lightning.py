@@ -57,6 +57,24 @@ def test_an_unmodified_lightning_script_under_gradwatch_run_records_the_same_val
     assert [r["lr"][0] for r in steps] == pytest.approx([logged["lr-SGD"][s] for s in range(1, 11)], rel=1e-9)
 
 
+@pytest.mark.parametrize("attached", ["callback", "gradwatch-run"])
+def test_with_the_trainers_clipping_the_recorded_norm_is_the_one_before_it(attached: str, isolated_home: Path,
+                                                                           tmp_path: Path) -> None:
+    args = (str(tmp_path), "--steps", "10", "--clip-val", "0.1")
+    if attached == "callback":
+        run = "lightning"
+        run_script("lightning_script.py", isolated_home, *args)
+    else:
+        run = "clipped-lightning"
+        run_script("-m", isolated_home, "gradwatch", "run", "--run", run, "--", sys.executable,
+                   str(SUPPORT / "lightning_script.py"), *args, "--no-callback")
+    logged = lightning_logs(tmp_path)["grad_norm"]  # lightning's grad_norm in on_before_optimizer_step
+    steps = records(isolated_home, run)
+    assert [r["grad_norm"] for r in steps] == pytest.approx([logged[s] for s in range(1, 11)], rel=1e-6)
+    assert all(r["grad_norm"] > 0.1 for r in steps)  # not the clipped 0.1
+    assert all(r["clip"] == 0.1 and r["clipped"] for r in steps)
+
+
 @pytest.mark.integration
 def test_ddp_with_accumulation_records_the_global_norm_at_each_optimizer_step(isolated_home: Path,
                                                                                tmp_path: Path) -> None:

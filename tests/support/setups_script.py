@@ -2,12 +2,15 @@
 ``gradwatch run``; it writes, per rank, the reference values the test compares gradwatch's with:
 torch's own ``clip_grad_norm_`` result on the gradients each optimizer step applies, and the loss.
 
-    python setups_script.py SETUP OUT_DIR [--clip] [--steps N]
+    python setups_script.py SETUP OUT_DIR [--clip | --clip-value] [--nan-at STEP] [--attach] [--steps N]
 
 SETUP: fp32, amp (GradScaler, explicit unscale_), amp-fused (fused Adam: GradScaler hands the
 optimizer scaled gradients), accumulate (4 micro-batches per step), multi-opt (two optimizers,
 three param groups), ddp (under torchrun, gloo). --clip: the script clips with clip_grad_norm_
-itself (gradwatch should reuse that result, which is the norm before clipping).
+itself (gradwatch should reuse that result, which is the norm before clipping); --clip-value: it
+clamps the gradients with clip_grad_value_ (the recorded norm is the one before). --nan-at: the
+loss of that step is NaN (GradScaler then skips the step; the reference marks it). --attach: the
+script attaches gradwatch itself and logs the loss, instead of running under ``gradwatch run``.
 """
 
 import argparse
@@ -40,6 +43,9 @@ def main():
     ap.add_argument("setup")
     ap.add_argument("out")
     ap.add_argument("--clip", action="store_true")
+    ap.add_argument("--clip-value", action="store_true")
+    ap.add_argument("--nan-at", type=int, default=0)
+    ap.add_argument("--attach", action="store_true")
     ap.add_argument("--steps", type=int, default=12)
     a = ap.parse_args()
 
@@ -69,15 +75,22 @@ def main():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if a.setup.startswith("amp") else None
     micro = 4 if a.setup == "accumulate" else 1
     params = list(model.parameters())
+    probe = None
+    if a.attach:
+        import gradwatch
 
-    norms, losses = [], []
-    for _ in range(a.steps):
+        probe = gradwatch.attach(net, optimizers if len(optimizers) > 1 else optimizers[0])
+
+    norms, losses, skipped, clipped = [], [], [], []
+    for step in range(1, a.steps + 1):
         step_loss = 0.0
         for _ in range(micro):
             x = torch.randn(8, 16)
             y = torch.randn(8, 4)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaler is not None):
                 loss = F.mse_loss(net(x).float(), y) / micro
+            if step == a.nan_at:
+                loss = loss * float("nan")  # a bad batch
             step_loss += loss.item()
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if a.setup == "amp":
@@ -86,7 +99,11 @@ def main():
         norms.append(reference_norm(params, divide))
         losses.append(step_loss)
         if a.clip:
-            torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)  # the script's own clipping
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)  # the script's own clipping
+            clipped.append(bool(total + 1e-6 > 0.5))
+        if a.clip_value:
+            torch.nn.utils.clip_grad_value_(params, clip_value=0.01)
+        scale = scaler.get_scale() if scaler is not None else None
         for opt in optimizers:
             if scaler is not None:
                 scaler.step(opt)
@@ -94,11 +111,17 @@ def main():
                 opt.step()
         if scaler is not None:
             scaler.update()
+            skipped.append(scale if scaler.get_scale() < scale else None)  # GradScaler halves the scale on a skip
+        if probe is not None:
+            probe.log(loss=step_loss)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+    if probe is not None:
+        probe.close()
 
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / f"reference-{rank}.json").write_text(json.dumps({"grad_norm": norms, "loss": losses}))
+    (Path(a.out) / f"reference-{rank}.json").write_text(json.dumps(
+        {"grad_norm": norms, "loss": losses, "skipped_scale": skipped, "clipped": clipped}))
     if a.setup == "ddp":
         torch.distributed.destroy_process_group()
 

@@ -1,0 +1,69 @@
+"""The recorded gradient norm is the one before the script's own clipping, in the usual set-ups and in
+both ways of attaching; the script's threshold and which steps it clipped are recorded; steps that
+GradScaler skips are recorded as skipped, with their non-finite norm and the scale that overflowed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SUPPORT
+from tests.spool_records import run_records
+
+SETUPS = SUPPORT / "setups_script.py"
+MODES = ["attach", "gradwatch-run"]
+
+
+def run_setup(home: Path, out: Path, setup: str, mode: str, *flags: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    command = [sys.executable, str(SETUPS), setup, str(out), *flags]
+    if mode == "attach":
+        command.append("--attach")
+    else:
+        command = [sys.executable, "-m", "gradwatch", "run", "--home", str(home), "--run", setup, "--", *command]
+    env = {**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_RUN": setup}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    reference: dict[str, Any] = json.loads((out / "reference-0.json").read_text())
+    steps = [r for r in run_records(home, setup) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, len(reference["grad_norm"]) + 1))
+    return steps, reference
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("setup", ["fp32", "amp", "accumulate", "multi-opt"])
+def test_the_norm_before_the_scripts_clip_grad_norm_and_its_threshold(setup: str, mode: str, isolated_home: Path,
+                                                                      tmp_path: Path) -> None:
+    steps, reference = run_setup(isolated_home, tmp_path / "out", setup, mode, "--clip")
+    assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert [r["values"]["loss"] for r in steps] == pytest.approx(reference["loss"], rel=1e-5)
+    assert all(r["clip"] == 0.5 for r in steps)
+    assert [r["clipped"] for r in steps] == reference["clipped"]
+    assert any(reference["clipped"])  # the check is not vacuous: these norms are above 0.5
+    assert max(r["grad_norm"] for r in steps) > 0.5 + 1e-3  # a spike stays visible, not flattened to max_norm
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_norm_before_the_scripts_clip_grad_value(mode: str, isolated_home: Path, tmp_path: Path) -> None:
+    steps, reference = run_setup(isolated_home, tmp_path / "out", "fp32", mode, "--clip-value")
+    assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert all("clip" not in r for r in steps)  # a value clamp has no norm threshold to report
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad_step", [1, 4])  # 1: before any optimizer step ran (fp16 runs often start so)
+def test_a_step_gradscaler_skips_is_recorded_as_skipped(bad_step: int, mode: str, isolated_home: Path,
+                                                        tmp_path: Path) -> None:
+    steps, reference = run_setup(isolated_home, tmp_path / "out", "amp", mode, "--clip", "--nan-at", str(bad_step))
+    skipped = [i + 1 for i, scale in enumerate(reference["skipped_scale"]) if scale is not None]
+    assert skipped == [bad_step]  # the reference agrees GradScaler skipped that step, and only it
+    record = steps[bad_step - 1]
+    assert record["skip"] == "amp" and math.isnan(record["grad_norm"]) and record["loss_scale"] == 1024.0
+    assert all("skip" not in r for r in steps if r["step"] != bad_step)
+    assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5, nan_ok=True)

@@ -1,0 +1,92 @@
+"""Scripts written the way people write them, run under ``gradwatch.attach`` and under ``gradwatch run``:
+nothing gradwatch puts on the model breaks copying or saving it, scripts without an optimizer are
+recorded, and the recorded gradient norm is the one before the script's own clipping.
+
+Each script (tests/support/user_scripts) writes its own reference: torch's ``clip_grad_norm_`` result or
+``get_total_norm`` of each update, and the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.spool.format import SpoolLayout
+from tests.conftest import SUPPORT
+from tests.spool_records import run_records
+
+SCRIPTS = SUPPORT / "user_scripts"
+MODES = ["attach", "gradwatch-run"]
+
+#: name -> (script, its arguments, max_norm of the script's clip_grad_norm_ or None, steps by hand)
+SHAPES: dict[str, tuple[str, tuple[str, ...], float | None, bool]] = {
+    "rnn-lm-by-hand": ("rnn_lm.py", ("--optimizer", "by-hand"), 0.12, True),
+    "rnn-lm-adamw": ("rnn_lm.py", ("--optimizer", "adamw"), 0.12, False),
+    "regression": ("regression.py", (), None, True),
+    "lbfgs": ("lbfgs.py", (), None, False),
+    "ema": ("averaging.py", ("ema",), 1.0, False),
+    "swa": ("averaging.py", ("swa",), 1.0, False),
+}
+
+
+def run_script(home: Path, out: Path, shape: str, mode: str) -> dict[str, Any]:
+    script, args, _, _ = SHAPES[shape]
+    command = [sys.executable, str(SCRIPTS / script), str(out), *args]
+    env = {**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_RUN": shape}
+    if mode == "attach":
+        command.append("--attach")
+    else:
+        command = [sys.executable, "-m", "gradwatch", "run", "--home", str(home), "--run", shape, "--", *command]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    reference: dict[str, Any] = json.loads((out / "reference.json").read_text())
+    return reference
+
+
+def loads_without_gradwatch(path: str) -> subprocess.CompletedProcess[str]:
+    """Load a whole-model file in a process where gradwatch cannot be imported, and run it forward."""
+    code = ("import sys, torch\nsys.modules['gradwatch'] = None\n"
+            # the model's class was defined in the script's __main__, as in the examples
+            "sys.path.insert(0, '.')\nimport __main__, rnn_lm\n__main__.RNNModel = rnn_lm.RNNModel\n"
+            f"model = torch.load({path!r}, weights_only=False)\nmodel.eval()\n"
+            "inner = getattr(model, 'module', model)\n"
+            "first = next(m for m in inner.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))\n"
+            "x = torch.randint(0, 50, (4, 2)) if isinstance(first, torch.nn.Embedding) else torch.randn(4, first.in_features)\n"
+            "out = model(x, model.init_hidden(2)) if hasattr(model, 'init_hidden') else model(x)\n"
+            "print('loaded', type(model).__name__)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=SCRIPTS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_everyday_script_runs_and_records_what_torch_computes(shape: str, mode: str, isolated_home: Path,
+                                                               tmp_path: Path) -> None:
+    reference = run_script(isolated_home, tmp_path / "out", shape, mode)
+    _, _, max_norm, by_hand = SHAPES[shape]
+    records = run_records(isolated_home, shape)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, len(reference["grad_norm"]) + 1))
+    assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5)  # before clipping
+    assert [r["values"]["loss"] for r in steps] == pytest.approx(reference["loss"], rel=1e-5)
+    assert records[-1]["kind"] == "end" and records[-1]["status"] == "finished"
+    meta = json.loads(SpoolLayout.meta_file(SpoolLayout(isolated_home).run_dir(shape), 0).read_text())
+    if by_hand:  # no optimizer: every backward pass is a step, and there is no learning rate
+        assert meta["steps_from"] == "backward" and all(r["lr"] == [] for r in steps)
+    else:
+        assert meta["steps_from"] == "optimizer" and all(r["lr"] for r in steps)
+    if max_norm is not None and not by_hand:  # the script's own threshold, and which steps it clipped
+        assert all(r["clip"] == max_norm for r in steps)
+        assert [r["clipped"] for r in steps] == [n + 1e-6 > max_norm for n in reference["grad_norm"]]
+        assert any(r["clipped"] for r in steps) or shape in ("ema", "swa")
+    if "saved" in reference:  # the whole model, saved under gradwatch, loads where gradwatch is not installed
+        assert b"gradwatch" not in Path(reference["saved"]).read_bytes()
+        loaded = loads_without_gradwatch(reference["saved"])
+        assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr
