@@ -6,15 +6,32 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Probe", "RulesConfig", "StopTraining", "__version__", "attach"]
+__all__ = ["Probe", "RulesConfig", "StopTraining", "__version__", "attach", "log"]
 
 if TYPE_CHECKING:
     from gradwatch.errors import StopTraining
     from gradwatch.probes import Probe, attach
     from gradwatch.rules import RulesConfig
+
+
+def log(**scalars: Any) -> None:
+    """Record named scalars for the current step of this process's run: ``gradwatch.log(val_loss=v)``.
+
+    The same as ``probe.log(...)`` on the probe this process attached last, however it was attached
+    (``attach``, a framework callback, ``gradwatch run``); does nothing when none is open, so one line
+    serves a script that runs with or without gradwatch. Under ``gradwatch run`` the probe starts at
+    the first optimizer step: scalars logged before it are not recorded.
+    """
+    runtime = sys.modules.get("gradwatch.probes.runtime")  # never loaded: no probe was ever opened here
+    if runtime is None:
+        return
+    probe = runtime.process_runtime().current()
+    if probe is not None:
+        probe.log(**scalars)
 
 
 def __getattr__(name: str) -> Any:

@@ -84,6 +84,13 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
         raise
 
 
+def _batch_size(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    text = value.strip().lower()
+    if text in ("auto", "off") or (text.isdigit() and int(text) > 0):
+        return text
+    raise click.BadParameter(f"{value!r}: expected auto, off or a positive number of samples")
+
+
 @cli.command("run", context_settings={**_CONTEXT, "allow_interspersed_args": False})
 @click.option("--run", "run_name", default=None, metavar="NAME",
               help="Run name (label `run`). [default: <script>-<6 hex>]")
@@ -93,26 +100,36 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
 @click.option("--on-stop", type=click.Choice(["raise", "flag"]), default="raise", show_default=True,
               help="When a rule stops the run: raise gradwatch.StopTraining from optimizer.step() (ends an "
                    "unmodified script with exit status 0), or only set the probe's flag.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="auto|off|N", callback=_batch_size,
+              help="Samples per training forward pass, for samples/s: auto reads it from the model's first "
+                   "input tensor (docs/attaching.md), N fixes it, off records none.")
+@click.option("--batch-dim", type=click.IntRange(min=0), default=None, metavar="DIM",
+              help="The dimension of the model's input that is the batch. [default: 0, or 1 for models whose "
+                   "RNN/Transformer layers are not batch_first]")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing of our own.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
-def run_cmd(run_name: str | None, rules_file: Path | None, home: Path | None, on_stop: str, quiet: bool,
-            command: tuple[str, ...]) -> None:
+def run_cmd(run_name: str | None, rules_file: Path | None, home: Path | None, on_stop: str, batch_size: str,
+            batch_dim: int | None, quiet: bool, command: tuple[str, ...]) -> None:
     """Run a training command, unmodified, with gradwatch watching it.
 
     \b
       gradwatch run -- python train.py --lr 3e-4
       gradwatch run --run sweep-7 --rules rules.yaml -- torchrun --nproc-per-node 8 train.py
 
-    Every optimizer the script steps is found through torch's optimizer hooks; the loss is
-    the scalar its backward pass starts from; a clip_grad_norm_ result is reused, and AMP's
-    GradScaler is undone for the norm. Rank and world size come from torchrun's environment.
+    Every optimizer the script steps is found through torch's optimizer hooks (without one,
+    each backward pass is a step); the loss is the scalar its backward pass starts from; a
+    clip_grad_norm_ result is reused (the norm before clipping), AMP's GradScaler is undone for
+    the norm and the steps it skips are recorded; samples come from the model's input.
+    gradwatch.log(val_loss=...) in the script records other scalars. Rank and world size come
+    from torchrun's environment.
     A stop decision raises gradwatch.StopTraining (a SystemExit with status 0) from
     optimizer.step(): catch it to save a checkpoint. The command's exit status is passed through.
     """
     from gradwatch.launch import CommandNotFound, launch
 
     try:
-        code = launch(command, run=run_name, rules=rules_file, home=home, on_stop=on_stop, quiet=quiet)
+        code = launch(command, run=run_name, rules=rules_file, home=home, on_stop=on_stop, quiet=quiet,
+                      batch_size=batch_size, batch_dim=batch_dim)
     except CommandNotFound as exc:
         click.echo(f"gradwatch: error: {exc}", err=True)
         code = 127  # what a shell answers

@@ -34,11 +34,15 @@ def default_run_name(command: Sequence[str]) -> str:
 
 
 def child_environment(run: str, rules: Path | None, home: Path | None, on_stop: str,
-                      base: dict[str, str] | None = None) -> dict[str, str]:
+                      base: dict[str, str] | None = None, batch_size: str = "auto",
+                      batch_dim: int | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["GRADWATCH_ZERO_CODE"] = "1"
     env["GRADWATCH_RUN"] = run  # every rank and process of the command joins one run
     env["GRADWATCH_ON_STOP"] = on_stop
+    env["GRADWATCH_BATCH_SIZE"] = batch_size
+    if batch_dim is not None:
+        env["GRADWATCH_BATCH_DIM"] = str(batch_dim)
     if rules is not None:
         env["GRADWATCH_RULES_FILE"] = str(rules.resolve())
     if home is not None:
@@ -73,7 +77,7 @@ def run_command(command: Sequence[str], env: dict[str, str]) -> int:
 
 
 def launch(command: Sequence[str], *, run: str | None, rules: Path | None, home: Path | None,
-           on_stop: str, quiet: bool = False) -> int:
+           on_stop: str, quiet: bool = False, batch_size: str = "auto", batch_dim: int | None = None) -> int:
     from gradwatch.probes.autostart import autostart_enabled, ensure_agent
     from gradwatch.rules.config import rules_from
     from gradwatch.spool.format import SpoolLayout, default_home
@@ -81,7 +85,7 @@ def launch(command: Sequence[str], *, run: str | None, rules: Path | None, home:
     if rules is not None:
         rules_from(rules)  # a bad rules file is reported now, not from inside every rank
     run = run or default_run_name(command)
-    env = child_environment(run, rules, home, on_stop)
+    env = child_environment(run, rules, home, on_stop, batch_size=batch_size, batch_dim=batch_dim)
     layout = SpoolLayout(Path(env.get("GRADWATCH_HOME") or default_home()).expanduser())
     started = ensure_agent(layout) if autostart_enabled() else False
     if not quiet:

@@ -29,13 +29,13 @@ class ForwardPreHook:
 
     __slots__ = ("__weakref__", "_callback", "_home")
 
-    def __init__(self, callback: Callable[[], None], hooks: dict[int, Any]) -> None:
+    def __init__(self, callback: Callable[[torch.nn.Module, Any], None], hooks: dict[int, Any]) -> None:
         self._callback = weakref.WeakMethod(callback)  # a bound method of the probe
         self._home = weakref.ref(hooks)  # OrderedDict is weak-referenceable
 
     @classmethod
-    def register(cls, module: torch.nn.Module, callback: Callable[[], None]) -> RemovableHandle:
-        """Call ``callback()`` before every forward of ``module`` (not of its copies)."""
+    def register(cls, module: torch.nn.Module, callback: Callable[[torch.nn.Module, Any], None]) -> RemovableHandle:
+        """Call ``callback(module, args)`` before every forward of ``module`` (not of its copies)."""
         hook = cls(callback, module._forward_pre_hooks)
         return module.register_forward_pre_hook(hook)
 
@@ -49,7 +49,7 @@ class ForwardPreHook:
             return
         callback = self._callback()
         if callback is not None:
-            callback()
+            callback(module, args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ForwardPreHook:
         return self  # inert in the copy, and gone after its first forward

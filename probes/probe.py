@@ -22,6 +22,7 @@ from gradwatch.errors import StopTraining
 from gradwatch.probes import readback
 from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import ensure_agent
+from gradwatch.probes.batch_size import SampleCounter
 from gradwatch.probes.captures import LayersCapture, LogCapture, StepCapture
 from gradwatch.probes.commands import CommandApplier
 from gradwatch.probes.control import Command
@@ -110,6 +111,7 @@ class Probe:
         self._measure_in_step_hook = settings.measure_in_step_hook  # read per step: one attribute, not two
         self._step_inputs: StepInputs | None = None  # the loss when the script does not log it
         self._listening: StepInputs | None = None  # attach(): the script's clip, GradScaler and backward calls
+        self._sample_counter: SampleCounter | None = None  # gradwatch run: batch_size from the model's inputs
 
         optimizers = settings.optimizers
         self._optimizers = OptimizerSet(optimizers) if optimizers else None  # what the meters read
@@ -145,9 +147,11 @@ class Probe:
         if self.primary_optimizer is not None:
             self._hooks.append(self.primary_optimizer.register_step_pre_hook(self._on_step_pre))
             self._hooks.append(self.primary_optimizer.register_step_post_hook(self._on_step_post))
+        self._model_hooked = model is not None
         if model is not None:
             self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))  # invisible to copies
         self._writer.start()
+        self.opened_at = time.monotonic()
         self._runtime.opened(self)
 
     # -- public API ---------------------------------------------------------------------------
@@ -217,6 +221,20 @@ class Probe:
         ``measure_in_step_hook=False``."""
         if not self._closed:
             self._before_step()
+
+    def adopt_model(self, model: torch.nn.Module) -> None:
+        """The model, found after the probe started (``gradwatch run`` with ``step(closure)``): its forward
+        passes give data-wait time and samples from now on."""
+        if self._closed or self._model_hooked:
+            return
+        self._model_hooked = True
+        if self._sample_counter is not None:
+            self._sample_counter.use_model(model)
+        self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))
+
+    def count_samples(self, counter: SampleCounter | None) -> None:
+        """Log ``batch_size`` with each step the script does not log, from the model's forward inputs."""
+        self._sample_counter = counter
 
     def clips_at(self, max_norm: float) -> None:
         """The framework clips this step's gradients by norm at ``max_norm`` after :meth:`measure_gradients`:
@@ -329,7 +347,9 @@ class Probe:
             self.close(status=EndStatus.FAILED, error=repr(exc))
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------
-    def _on_forward_pre(self) -> None:
+    def _on_forward_pre(self, module: torch.nn.Module | None = None, args: Any = None) -> None:
+        if module is not None and self._sample_counter is not None:
+            self._sample_counter.on_forward(module, args)
         if self._awaiting_forward and not _is_compiling():
             self._awaiting_forward = False
             if self._last_step_end is not None:
@@ -401,10 +421,16 @@ class Probe:
             self._data_wait = None
             self._awaiting_forward = True
             inputs = self._step_inputs
-            if inputs is not None:
+            if inputs is not None:  # the script does not log: what the interceptors and the forwards saw
+                logged: dict[str, Any] = {}
                 loss = inputs.take_loss()
                 if loss is not None:
-                    self.log(loss=loss)
+                    logged["loss"] = loss
+                samples = self._sample_counter.take() if self._sample_counter is not None else 0
+                if samples:
+                    logged["batch_size"] = samples
+                if logged:
+                    self.log(**logged)
             if self.step == self._layer_step:
                 if skipped:  # the layers were not measured before this step: sample the next one instead
                     self._layer_step += self._layers.every  # type: ignore[union-attr]

@@ -33,6 +33,12 @@ class ProcessRuntime:
     def closed(self, probe: Probe) -> None:
         self._open.discard(probe)
 
+    def current(self) -> Probe | None:
+        """The probe this process opened last and has not closed (``gradwatch.log`` records into it)."""
+        pid = os.getpid()
+        mine = [probe for probe in list(self._open) if probe.identity.pid == pid]
+        return max(mine, key=lambda probe: probe.opened_at) if mine else None
+
     def has_open_probe(self) -> bool:
         """Whether this process (not a forked parent's copy) has an open probe."""
         pid = os.getpid()

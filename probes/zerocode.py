@@ -30,6 +30,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gradwatch.probes.batch_size import BatchSizeSettingError, SampleCounter, counter_from_environment
 from gradwatch.probes.runtime import ProcessRuntime, process_runtime
 
 log = logging.getLogger("gradwatch")
@@ -54,6 +55,8 @@ class ZeroCode:
         self.probe: Any = None
         self.failed = False
         self._first_module: weakref.ref[torch.nn.Module] | None = None
+        self._samples = self._sample_counter()  # the first module's training samples, until the probe's hook counts
+        self._model_steps_left = 0  # a step(closure) script calls its model inside the first step: adopt it later
         self._step_handle = register_optimizer_step_pre_hook(self._on_any_step_pre)
         self._forward_handle: Any = register_module_forward_pre_hook(self._on_first_forward)
         self._created: list[weakref.ref[torch.optim.Optimizer]] = []  # in creation order: the LR label order
@@ -82,10 +85,24 @@ class ZeroCode:
     def _on_first_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._first_module is None:
             self._first_module = weakref.ref(module)
+            if self._samples is not None:
+                self._samples.use_model(module)
+        if self._samples is not None and self._first_module() is module:
+            self._samples.on_forward(module, args)  # the forward passes the probe's own hook does not see yet
+
+    @staticmethod
+    def _sample_counter() -> SampleCounter | None:
+        try:
+            return counter_from_environment()
+        except BatchSizeSettingError as exc:
+            log.error("gradwatch: %s; samples per second are not recorded", exc)
+            return None
 
     def _on_any_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         probe = self.probe
         if probe is not None:
+            if self._model_steps_left:
+                self._adopt_model(probe, optimizer)
             if optimizer is not probe.primary_optimizer:
                 try:
                     probe.add_optimizer(optimizer)  # no-op once known
@@ -137,13 +154,14 @@ class ZeroCode:
             self._remove_forward_hook()
             log.info("gradwatch: the script attaches its own probe; gradwatch run adds none")
             return None
-        self._remove_forward_hook()
         candidate = self._first_module() if self._first_module is not None else None
         if optimizer is None:  # parameters updated by hand: the model is all there is to measure
             if candidate is None or not any(p.grad is not None for p in candidate.parameters()):
                 return None  # a backward pass outside any model we saw: wait for one that is
+            self._remove_forward_hook()
             self.probe = Probe(candidate, None, on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                                runtime=self.runtime)
+            self.probe.count_samples(self._samples)
             self.inputs.bind(self.probe)
             log.info("gradwatch: watching run %s (rank %d of %d); no torch.optim optimizer, so each backward pass "
                      "counts as a step and there is no learning rate", self.probe.requested_run,
@@ -155,11 +173,27 @@ class ZeroCode:
         self._created.clear()
         self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                            runtime=self.runtime)
+        self.probe.count_samples(self._samples)
+        if model is not None:
+            self._remove_forward_hook()
+        else:  # keep looking (and counting samples) through the first steps
+            self._model_steps_left = 3
         self.inputs.bind(self.probe)
         log.info("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,
                  self.probe.identity.rank, self.probe.identity.world_size,
                  "" if model is not None else "; model not found, so no data-wait time or per-layer statistics")
         return self.probe
+
+    def _adopt_model(self, probe: Any, optimizer: torch.optim.Optimizer) -> None:
+        """The first step ran without a model (its closure made the first forward pass): take the module
+        called first as the model now, or give up after a few steps (the global hook costs every call)."""
+        self._model_steps_left -= 1
+        module = self._first_module() if self._first_module is not None else None
+        if module is not None and _holds_parameters_of(module, optimizer):
+            probe.adopt_model(module)
+            self._model_steps_left = 0
+        if not self._model_steps_left:
+            self._remove_forward_hook()
 
     def _remove_forward_hook(self) -> None:
         if self._forward_handle is not None:

@@ -155,3 +155,22 @@ def test_a_stop_decision_ends_the_script_with_status_0(catch: bool, agent_proces
                      timeout=30, what="the agent to see the run end")
     assert run["ranks"][0]["end_status"] == "stopped"
     assert run["ranks"][0]["actions"] == {"stop:patience_exhausted": 1}
+
+
+# -- throughput without probe.log(batch_size=...) ----------------------------------------------------
+@pytest.mark.parametrize(("options", "expected"), [((), 32), (("--batch-size", "5"), 20), (("--batch-size", "off"), None),
+                                                   (("--batch-dim", "1"), 64)])
+def test_samples_per_step_come_from_the_models_inputs(options: tuple[str, ...], expected: int | None,
+                                                      isolated_home: Path, tmp_path: Path) -> None:
+    """4 micro-batches of 8 samples (16 features) per step: 32 samples, each training forward adding its
+    input's leading dimension; a fixed per-forward size; none; another dimension (16 features x 4)."""
+    done = gradwatch_run(isolated_home, sys.executable, str(SETUPS), "accumulate", str(tmp_path / "out"),
+                         options=("--run", "samples", *options))
+    assert done.returncode == 0, done.stderr
+    assert [r["values"].get("batch_size") for r in step_records(isolated_home, "samples")] == [expected] * 12
+
+
+def test_a_bad_batch_size_flag_is_one_line(isolated_home: Path) -> None:
+    done = gradwatch_run(isolated_home, sys.executable, "-c", "pass", options=("--batch-size", "lots"))
+    assert done.returncode == 2 and "expected auto, off or a positive number" in done.stderr
+    assert "Traceback" not in done.stderr

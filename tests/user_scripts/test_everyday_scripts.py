@@ -35,6 +35,10 @@ SHAPES: dict[str, tuple[str, tuple[str, ...], float | None, bool]] = {
 }
 
 
+#: samples in each training forward pass of each shape
+SAMPLES = {"rnn-lm-by-hand": 10, "rnn-lm-adamw": 10, "regression": 32, "lbfgs": 64, "ema": 16, "swa": 16}
+
+
 def run_script(home: Path, out: Path, shape: str, mode: str) -> dict[str, Any]:
     script, args, _, _ = SHAPES[shape]
     command = [sys.executable, str(SCRIPTS / script), str(out), *args]
@@ -53,8 +57,7 @@ def run_script(home: Path, out: Path, shape: str, mode: str) -> dict[str, Any]:
 def loads_without_gradwatch(path: str) -> subprocess.CompletedProcess[str]:
     """Load a whole-model file in a process where gradwatch cannot be imported, and run it forward."""
     code = ("import sys, torch\nsys.modules['gradwatch'] = None\n"
-            # the model's class was defined in the script's __main__, as in the examples
-            "sys.path.insert(0, '.')\nimport __main__, rnn_lm\n__main__.RNNModel = rnn_lm.RNNModel\n"
+            "sys.path.insert(0, '.')\n"  # the model's own module (lm_model.py), as with the example's model.py
             f"model = torch.load({path!r}, weights_only=False)\nmodel.eval()\n"
             "inner = getattr(model, 'module', model)\n"
             "first = next(m for m in inner.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))\n"
@@ -86,7 +89,26 @@ def test_everyday_script_runs_and_records_what_torch_computes(shape: str, mode: 
         assert all(r["clip"] == max_norm for r in steps)
         assert [r["clipped"] for r in steps] == [n + 1e-6 > max_norm for n in reference["grad_norm"]]
         assert any(r["clipped"] for r in steps) or shape in ("ema", "swa")
+    if mode == "gradwatch-run":  # samples per step from the model's inputs (rnn_lm's LSTM takes (seq, batch))
+        samples = [r["values"].get("batch_size") for r in steps]
+        per_forward = SAMPLES[shape]
+        assert all(n is not None and n % per_forward == 0 for n in samples), samples
+        if shape != "lbfgs":  # LBFGS evaluates its closure (a forward pass) several times per step
+            assert set(samples) == {per_forward}
+    if shape.startswith("rnn-lm"):  # gradwatch.log(val_loss=...) after each epoch, with or without attach
+        val = [r for r in records if "val_loss" in r.get("values", {})]
+        assert len(val) == 3 and [r["step"] for r in val] == [7, 14, 21]
     if "saved" in reference:  # the whole model, saved under gradwatch, loads where gradwatch is not installed
         assert b"gradwatch" not in Path(reference["saved"]).read_bytes()
         loaded = loads_without_gradwatch(reference["saved"])
         assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr
+
+
+def test_gradwatch_log_does_nothing_without_a_probe(tmp_path: Path) -> None:
+    """The same script, plainly run: its ``gradwatch.log(val_loss=...)`` line is a no-op, nothing is written."""
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "rnn_lm.py"), str(tmp_path / "out"), "--epochs", "1"],
+                          env={**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert not home.exists()

@@ -5,7 +5,8 @@ annealed by hand, and the whole model saved with ``torch.save(model, f)`` whenev
 
     python rnn_lm.py OUT_DIR [--optimizer by-hand|adamw] [--attach] [--epochs 3]
 
-Without ``--attach`` it has no gradwatch in it (run it under ``gradwatch run``). It writes
+Without ``--attach`` its only gradwatch line is ``gradwatch.log(val_loss=...)`` (run it under
+``gradwatch run``, or plainly: then that line does nothing). It writes
 ``OUT_DIR/reference.json``: the clip result of each update (the norm before clipping), the loss, and
 where the model was saved.
 """
@@ -17,26 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from lm_model import RNNModel  # in its own file, as the example's model.py: torch.save pickles a reference to it
 
-
-class RNNModel(nn.Module):
-    def __init__(self, ntoken, ninp=16, nhid=16, nlayers=2, dropout=0.2):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.encoder = nn.Embedding(ntoken, ninp)
-        self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
-        self.decoder = nn.Linear(nhid, ntoken)
-        self.nhid, self.nlayers = nhid, nlayers
-
-    def forward(self, input, hidden):
-        emb = self.drop(self.encoder(input))
-        output, hidden = self.rnn(emb, hidden)
-        decoded = self.decoder(self.drop(output)).view(-1, self.decoder.out_features)
-        return nn.functional.log_softmax(decoded, dim=1), hidden
-
-    def init_hidden(self, bsz):
-        weight = next(self.parameters())
-        return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
+import gradwatch  # the one line a script adds for its validation loss: a no-op when nothing watches it
 
 
 def batchify(data, bsz):
@@ -72,11 +56,7 @@ def main():
     criterion = nn.NLLLoss()
     lr, clip = 5.0 if args.optimizer == "by-hand" else 0.01, 0.12  # some updates clipped, some not
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr) if args.optimizer == "adamw" else None
-    probe = None
-    if args.attach:
-        import gradwatch
-
-        probe = gradwatch.attach(model, optimizer)
+    probe = gradwatch.attach(model, optimizer) if args.attach else None
 
     norms, losses = [], []
 
@@ -112,8 +92,7 @@ def main():
             if probe is not None:
                 probe.log(loss=loss)
         val_loss = evaluate(val_data)
-        if probe is not None:
-            probe.log(val_loss=val_loss)
+        gradwatch.log(val_loss=val_loss)
         if not best_val_loss or val_loss < best_val_loss:
             with open(save, "wb") as f:
                 torch.save(model, f)
