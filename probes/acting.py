@@ -133,6 +133,10 @@ class Actuator:
             return f"restored the snapshot of step {restored}; skipping the next {action.skip_steps} updates"
         raise ValueError(f"unknown action {command.type!r}")
 
+    def learning_rates(self) -> list[float]:
+        """The LR of every watched param group, as set now."""
+        return [float(group["lr"]) for group in self.optimizers.param_groups]
+
     def _reduce_lr(self, action: ReduceLR) -> str:
         changes = []
         for i, group in enumerate(self.optimizers.param_groups):
@@ -156,5 +160,9 @@ class Actuator:
             for j, candidate in enumerate(groups):
                 if candidate is group and j < len(scheduler.base_lrs):
                     scheduler.base_lrs[j] *= ratio
-                    if "initial_lr" in group:
-                        group["initial_lr"] *= ratio
+                    max_lrs = getattr(scheduler, "max_lrs", None)  # CyclicLR's upper bounds
+                    if isinstance(max_lrs, list) and j < len(max_lrs):
+                        max_lrs[j] *= ratio
+        for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR computes the LR from these
+            if self.schedulers and isinstance(group.get(key), float):
+                group[key] *= ratio

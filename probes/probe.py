@@ -324,6 +324,7 @@ class Probe:
             end, error = EndStatus.STOPPED, self.stop_reason  # the run ended because a rule stopped it
         if self._held_layers is not None:
             self._queue.put(self._held_layers)
+        self._commands.lr_in_effect()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -356,6 +357,8 @@ class Probe:
                 self._data_wait = time.perf_counter() - self._last_step_end
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._commands.awaiting_lr:
+            self._commands.lr_in_effect()  # LR changes of the last boundary, with the LR this step uses
         if self._measure_in_step_hook and not _is_compiling():
             if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
                 self._closure_step = True  # step(closure) computes the gradients itself: measure after it

@@ -60,7 +60,9 @@ class ZeroCode:
         self._step_handle = register_optimizer_step_pre_hook(self._on_any_step_pre)
         self._forward_handle: Any = register_module_forward_pre_hook(self._on_first_forward)
         self._created: list[weakref.ref[torch.optim.Optimizer]] = []  # in creation order: the LR label order
+        self._schedulers: list[weakref.ref[Any]] = []  # LR schedulers the script created, for LR cuts to stick
         self._wrap_optimizer_init()
+        self._wrap_scheduler_init()
         from gradwatch.probes import interceptors
 
         self.inputs = interceptors.listen()  # from the start: the first step's loss comes before the probe
@@ -81,6 +83,33 @@ class ZeroCode:
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
         torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
+
+    def _wrap_scheduler_init(self) -> None:
+        """Keep a weak reference to every LR scheduler: an LR cut scales their base LRs, so that a schedule
+        that recomputes the LR each step (LambdaLR, OneCycleLR, cosine) keeps it, as the callbacks do."""
+        from torch.optim.lr_scheduler import LRScheduler
+
+        original = LRScheduler.__init__
+        session = self
+
+        def __init__(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+            original(scheduler, *args, **kwargs)
+            try:
+                session._scheduler_created(scheduler)
+            except Exception as exc:  # never fail the script's scheduler
+                log.debug("gradwatch: could not watch a scheduler (%r)", exc)
+
+        __init__.__wrapped__ = original  # type: ignore[attr-defined]
+        LRScheduler.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
+
+    def _scheduler_created(self, scheduler: Any) -> None:
+        if len(self._schedulers) < 64:  # bounded, as the optimizers
+            self._schedulers.append(weakref.ref(scheduler))
+        if self.probe is not None:
+            self._hand_schedulers(self.probe)
+
+    def _hand_schedulers(self, probe: Any) -> None:
+        probe.watch_schedulers([s for ref in self._schedulers if (s := ref()) is not None])
 
     def _on_first_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._first_module is None:
@@ -174,6 +203,7 @@ class ZeroCode:
         self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                            runtime=self.runtime)
         self.probe.count_samples(self._samples)
+        self._hand_schedulers(self.probe)
         if model is not None:
             self._remove_forward_hook()
         else:  # keep looking (and counting samples) through the first steps

@@ -100,7 +100,9 @@ def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch
         did = out.split("What gradwatch did:")[1].split("Next:")[0]
         assert "skip_step  nonfinite" in did  # the NaN batch at 25 %
         assert "rewind     spike" in did and "restored the snapshot of step 50" in did  # the 80x jump at 45 %
-        assert "reduce_lr  spike" in did and "lr 0.01->0.005" in did  # after the rewind restored 0.01
+        # the LR in effect before (the jump's 0.8) and after (the rewind restored 0.01, the cut halved it)
+        assert "reduce_lr  spike" in did and "lr 0.8->0.005" in did
+        assert "skipping the next 20 updates; lr 0.8->0.005" in did
         alerts = out.split("Alerts firing")[1].split("Next:")[0]
         assert "GradwatchRewindOnSpike: Run demo: loss spiked" in alerts  # and a person would have been told
     finally:
