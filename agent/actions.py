@@ -142,6 +142,10 @@ class ActionDispatcher:
             if problem:
                 event["sent"] = False
                 event["note"] = problem
+                with self.state.lock:  # no command, so no acknowledgement will come: the rule decides again
+                    rules = self.state.rules.runs.get(d.run)
+                    if rules is not None:
+                        rules.acknowledged(d.id)
                 log.warning("run %s: rule %s decided %s at step %d, not sent: %s", d.run, d.rule,
                             d.action["type"], d.step, problem)
             else:

@@ -114,6 +114,8 @@ class SpoolIngestor:
                     observed = state.apply(record)
                     if rules is not None and observed:
                         self.outbox.extend(rules.observe(record.step, record.t, observed))
+                    if rules is not None and isinstance(record, AckRecord):
+                        rules.acknowledged(record.id)
                     if isinstance(record, AckRecord) or (isinstance(record, StepRecord) and record.skip is not None):
                         self.outbox.append(Seen(state.run, state.rank, record))
                 state.offset = result.offset

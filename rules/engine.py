@@ -72,6 +72,11 @@ class RuleState:
         return True
 
 
+#: Actions that change the run's trajectory: until the probe acknowledges one, the records still come
+#: from before it, and deciding on them again would apply it twice (two rewinds for one spike).
+TRAJECTORY_ACTIONS = frozenset({"rewind", "reduce_lr"})
+
+
 class RunRules:
     """The rules of one run, fed with the records of its rank 0."""
 
@@ -82,6 +87,7 @@ class RunRules:
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
         self.decisions: dict[tuple[str, str, str], int] = {}  # (rule, action, mode) -> count
         self.recent: list[dict[str, Any]] = []  # the newest decisions, for `gradwatch status`
+        self.awaiting: dict[str, str] = {}  # rule -> id of its trajectory command the probe has not acknowledged
 
     def reconfigure(self, config: RulesConfig) -> None:
         """New rules (a reloaded file): unchanged rules keep their state, changed ones restart."""
@@ -105,8 +111,8 @@ class RunRules:
                 continue
             state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
                                   "details": dict(trigger.details)}
-            if state.quiet(step):
-                continue
+            if state.quiet(step) or name in self.awaiting:
+                continue  # awaiting: this record is from before the rule's last action took effect
             state.fired += 1
             state.last_fired_step = step
             mode = "act" if self.config.acting(rule) else "dry_run" if rule.mode == "act" else "observe"
@@ -118,12 +124,22 @@ class RunRules:
                                 mode=mode, reason=trigger.reason, step=step, t=t, details=details)
             self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
                                            "reason": trigger.reason, "step": step}])[-10:]
+            if decision.acts and action["type"] in TRAJECTORY_ACTIONS:
+                self.awaiting[name] = decision.id
             out.append(decision)
         return out
 
+    def acknowledged(self, command_id: str) -> None:
+        """The probe acknowledged a command (applied, late or rejected): the records that follow come from
+        after it, and its rule decides again."""
+        for name, awaited in list(self.awaiting.items()):
+            if awaited == command_id:
+                del self.awaiting[name]
+
     def state_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rules": {name: s.state_dict() for name, s in self.states.items()},
-                "decisions": [[*key, n] for key, n in sorted(self.decisions.items())], "recent": self.recent}
+                "decisions": [[*key, n] for key, n in sorted(self.decisions.items())], "recent": self.recent,
+                "awaiting": dict(self.awaiting)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, rule_state in state.get("rules", {}).items():
@@ -131,3 +147,6 @@ class RunRules:
                 self.states[name].load_state_dict(rule_state)
         self.decisions = {(r, a, m): int(n) for r, a, m, n in state.get("decisions", [])}
         self.recent = list(state.get("recent", []))
+        awaiting = state.get("awaiting")
+        self.awaiting = {str(k): str(v) for k, v in awaiting.items() if k in self.states} \
+            if isinstance(awaiting, dict) else {}

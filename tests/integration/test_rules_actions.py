@@ -4,6 +4,7 @@ reloads; and exactly-once commands across an agent killed with SIGKILL."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -192,6 +193,37 @@ def test_a_severe_spike_rewinds_to_a_snapshot_and_the_run_recovers(agent: Any, i
     assert losses[-1] < 2 * min(losses[:150]), "and recovered"
     assert result["lrs"][-1] == 0.05, "the snapshot restored the learning rate before the jump"
     assert run["ranks"][0]["actions"] == {"rewind:spike": 1, "skip_step:rewind": 10}
+
+
+REWIND_NO_LIMIT = REWIND.replace("    max_actions: 1\n", "")  # cooldown 0, no max: only the acks pace it
+
+
+def test_one_spike_one_rewind_the_rule_waits_for_the_acknowledgement(agent: Any, isolated_home: Path,
+                                                                     tmp_path: Path) -> None:
+    """The spike lasts several records before the probe applies the rewind: deciding again on those
+    pre-rewind records would rewind twice and skip twice the updates."""
+    daemon = agent()
+    train(isolated_home, tmp_path, "--steps", "260", "--lr-jump-at", "150", "--lr-jump", "30", rules=REWIND_NO_LIMIT)
+    run = settled(daemon)
+    rewinds = acted(isolated_home, "rewind")
+    assert len(rewinds) == 1, [(d["step"], a["step"]) for d, a in rewinds]
+    decisions = [e for e in events(isolated_home) if e["event"] == "decision" and e["rule"] == "rewind"]
+    assert len(decisions) == 1
+    assert run["ranks"][0]["actions"] == {"rewind:spike": 1, "skip_step:rewind": 10}
+
+
+SPIKE_CUT_NO_LIMIT = SPIKE_CUT.replace("    cooldown_steps: 5\n    max_actions: 2\n", "")
+
+
+def test_an_lr_cut_is_not_decided_again_on_records_from_before_it_took_effect(agent: Any, isolated_home: Path,
+                                                                              tmp_path: Path) -> None:
+    daemon = agent()
+    train(isolated_home, tmp_path, "--steps", "260", "--lr-jump-at", "150", "--lr-jump", "20", rules=SPIKE_CUT_NO_LIMIT)
+    settled(daemon)
+    cuts = acted(isolated_home, "reduce_lr")
+    assert cuts
+    for (_, earlier_ack), (later, _) in itertools.pairwise(cuts):
+        assert later["step"] > earlier_ack["step"], "a second cut decided on records from before the first applied"
 
 
 GUARDS = """

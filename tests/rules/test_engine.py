@@ -1,0 +1,33 @@
+"""RunRules: a rule whose action changes the run's trajectory waits for its acknowledgement."""
+
+from __future__ import annotations
+
+from gradwatch.rules.config import RulesConfig
+from gradwatch.rules.engine import RunRules
+
+
+def _rules(action: dict[str, object]) -> RunRules:
+    config = RulesConfig.model_validate({"rules": [{"name": "r", "metric": "loss", "action": action, "mode": "act",
+                                                    "detect": {"type": "threshold", "above": 10.0}}]})
+    return RunRules("run", config, "run")
+
+
+LOSSES = [50.0, 1.0, 50.0, 1.0, 50.0]  # the threshold detector triggers on each crossing
+
+
+def test_a_rewind_is_decided_once_until_the_probe_acknowledges_it() -> None:
+    rules = _rules({"type": "rewind", "skip_steps": 1, "min_back_steps": 1})
+    decided = [d.step for step, loss in enumerate(LOSSES, 1) for d in rules.observe(step, float(step), {"loss": loss})]
+    assert decided == [1]  # the records up to 5 are from before the rewind took effect
+    restored = RunRules("run", rules.config, "run")
+    restored.load_state_dict(rules.state_dict())  # an agent restart keeps the wait
+    assert restored.observe(6, 6.0, {"loss": 1.0}) == [] and restored.observe(7, 7.0, {"loss": 50.0}) == []
+    restored.acknowledged("r@1")
+    restored.observe(8, 8.0, {"loss": 1.0})
+    assert [d.id for d in restored.observe(9, 9.0, {"loss": 50.0})] == ["r@9"]
+
+
+def test_a_stop_does_not_wait() -> None:
+    rules = _rules({"type": "stop"})
+    decided = [d.step for step, loss in enumerate(LOSSES, 1) for d in rules.observe(step, float(step), {"loss": loss})]
+    assert decided == [1, 3, 5]
