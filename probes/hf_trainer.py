@@ -6,7 +6,8 @@ it logs as ``grad_norm``). The loss is the scalar the Trainer backpropagates (su
 accumulation steps, which it divides by their number); the learning rate is read at the optimizer
 step, before the scheduler moves it (what it logs as ``learning_rate``). Actions go through
 ``TrainerControl``: a stop sets ``control.should_training_stop``; an LR reduction also scales the
-scheduler's base LRs; a clip-threshold change scales ``args.max_grad_norm``.
+scheduler's base LRs; a clip-threshold change scales ``args.max_grad_norm``. Every other scalar the
+Trainer logs is forwarded (``on_log``): ``eval_loss`` (also as ``val_loss``), ``eval_*``, ``epoch``...
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from gradwatch.probes.framework import ProbeOptions
 from gradwatch.probes.identity import shared_launch_id
 from gradwatch.probes.optimizers import unwrap
 from gradwatch.probes.probe import Probe
+
+#: Recorded at each optimizer step by the probe itself (the Trainer logs them every logging_steps).
+_PER_STEP = frozenset({"loss", "grad_norm", "learning_rate"})
 
 
 class GradwatchCallback(ProbeOptions, TrainerCallback):
@@ -57,6 +61,22 @@ class GradwatchCallback(ProbeOptions, TrainerCallback):
         probe.log(batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps)
         if probe.should_stop:
             control.should_training_stop = True  # every rank gets the stop after the same step
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Every scalar the Trainer logs (``eval_loss`` and the other ``eval_*`` after each evaluation, the
+        train logs), under its names; ``eval_loss`` also as ``val_loss``, the metric of the shipped
+        validation rules. What the probe records per step (loss, grad_norm, learning_rate) is left out."""
+        probe = self.probe
+        if probe is None or probe.closed or not logs:
+            return
+        values = {name: float(value) for name, value in logs.items()
+                  if isinstance(name, str) and name not in _PER_STEP
+                  and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if "eval_loss" in values:
+            values["val_loss"] = values["eval_loss"]
+        if values:
+            probe.log(**values)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

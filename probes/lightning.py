@@ -1,106 +1,17 @@
-"""PyTorch Lightning: ``Trainer(callbacks=[GradwatchCallback()])``.
+"""PyTorch Lightning (``lightning.pytorch``): ``Trainer(callbacks=[GradwatchCallback()])``.
 
-Records what ``gradwatch.attach`` records, at the points Lightning defines: the gradient norm in
-``on_before_optimizer_step`` (after the backward pass and AMP's unscaling, before Lightning clips;
-Lightning runs the backward pass inside ``optimizer.step(closure)``, too late for the step hook), the
-loss ``training_step`` returned, the batch size and data-wait time from ``on_train_batch_start``.
-Actions go through the Trainer: a stop sets ``trainer.should_stop`` (on every rank after the same
-step), an LR reduction also scales the base LRs of the Trainer's schedulers, and a clip-threshold
-change scales ``trainer.gradient_clip_val`` when Lightning does the clipping.
+The hooks are in :mod:`gradwatch.probes.lightning_hooks`; for the ``pytorch_lightning`` package use
+:mod:`gradwatch.probes.pytorch_lightning`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import lightning.pytorch as pl
-import torch
 
-from gradwatch.probes.framework import ProbeOptions
-from gradwatch.probes.identity import shared_launch_id
-from gradwatch.probes.probe import Probe
+from gradwatch.probes.lightning_hooks import LightningHooks, batch_size
+
+__all__ = ["GradwatchCallback", "batch_size"]
 
 
-class GradwatchCallback(ProbeOptions, pl.Callback):
+class GradwatchCallback(LightningHooks, pl.Callback):
     """Watch a Lightning run with gradwatch; the arguments are those of :func:`gradwatch.attach`."""
-
-    def _reset(self) -> None:
-        self._loss: Any = None
-        self._samples = 0
-        self._last_step = 0
-
-    @property
-    def state_key(self) -> str:
-        return "GradwatchCallback"
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None and not self.probe.closed:
-            return
-        self._reset()  # a new fit() after an ended one: a new run
-        self.probe = Probe(pl_module, list(trainer.optimizers), rank=trainer.global_rank,
-                           world_size=trainer.world_size, on_stop="flag", measure_in_step_hook=False,
-                           launch_id=shared_launch_id(), **self.options)
-        self.probe.watch_schedulers([config.scheduler for config in trainer.lr_scheduler_configs])
-        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
-            def scale_trainer_clip(factor: float, low: float, high: float) -> float:
-                trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val or 0.0) * factor))
-                return trainer.gradient_clip_val
-
-            self.probe.control_clipping(scale_trainer_clip)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if self.probe is not None:
-            self.probe.batch_started()
-            self._samples += batch_size(batch)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        probe = self.probe
-        if probe is not None and probe.steps_with(optimizer):
-            probe.measure_gradients()  # before the Trainer clips: the recorded norm is the unclipped one
-            if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
-                probe.clips_at(float(trainer.gradient_clip_val))
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        probe = self.probe
-        if probe is None:
-            return
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
-            # Lightning divides the loss by accumulate_grad_batches: the sum over a step's batches is their mean
-            loss = loss.detach()
-            self._loss = loss if self._loss is None else self._loss + loss
-        if probe.step != self._last_step:  # the optimizer stepped in this batch
-            self._last_step = probe.step
-            values: dict[str, Any] = {"batch_size": self._samples} if self._samples else {}
-            if self._loss is not None:
-                values["loss"] = self._loss
-            probe.log(**values)
-            self._loss, self._samples = None, 0
-        if probe.should_stop and not trainer.should_stop:
-            trainer.should_stop = True  # every rank gets the stop after the same step
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None:
-            self.probe.close()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.probe is not None:
-            self.probe.close(status="failed", error=repr(exception))
-
-
-def batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor in a batch (a tensor, a sequence or a mapping), else 0."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 0
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
-        for item in batch:
-            size = batch_size(item)
-            if size:
-                return size
-    return 0

@@ -204,7 +204,8 @@ class EarlyStoppingDetector(Detector):
             reason = "stopping_threshold"
         elif s.divergence_threshold is not None and self._better(-current, -self._round(s.divergence_threshold)):
             reason = "divergence_threshold"
-        elif self._better(self._round(current - signed_delta), self.best):
+        # Lightning subtracts the Python float min_delta from a float32 tensor: torch casts it to float32 first
+        elif self._better(self._round(current - self._round(signed_delta)), self.best):
             self.best = current
             if s.baseline is None or self._better(current, self._round(s.baseline)):
                 self.wait_count = 0

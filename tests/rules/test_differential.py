@@ -89,6 +89,78 @@ def test_early_stopping_matches_lightning(p: dict, values: list[float]) -> None:
             break  # Lightning's Trainer stops here
 
 
+def _progression(start: float, delta: float, n: int = 14) -> list[float]:
+    """Each value exactly ``delta`` past the previous one: every check lands on ``best ± min_delta``."""
+    return [start + k * delta for k in range(n)]
+
+
+def _float32_progression(start: float, delta: float, n: int = 14) -> list[float]:
+    """The same, stepped in float32 (a metric accumulated in float32 tensors, as Lightning logs them)."""
+    x, d, out = torch.tensor(start, dtype=torch.float32), torch.tensor(delta, dtype=torch.float32), []
+    for _ in range(n):
+        out.append(float(x))
+        x = x + d
+    return out
+
+
+ES_BOUNDARIES = [
+    (mode, min_delta, sign, start, patience, make)
+    for mode in ("min", "max") for min_delta in (0.1, 0.3, 0.01, 1e-4, 0.0) for sign in (1, -1)
+    for start in (0.0, 1.0, -0.7, 0.25) for patience in (0, 1, 2) for make in (_progression, _float32_progression)
+]
+
+
+@pytest.mark.parametrize(("mode", "min_delta", "sign", "start", "patience", "make"), ES_BOUNDARIES)
+def test_early_stopping_matches_lightning_when_improvements_equal_min_delta(
+        mode: str, min_delta: float, sign: int, start: float, patience: int, make: object) -> None:
+    """Improvements of exactly min_delta (and ties when it is 0): where float32 rounding decides. A real
+    Trainer with mode=max, min_delta=0.1 on 0.0, 0.1, 0.2, ... stopped one check later than gradwatch said."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    values = make(start, sign * (min_delta or 0.05))  # type: ignore[operator]
+    theirs = EarlyStopping(monitor="val", mode=mode, min_delta=min_delta, patience=patience)
+    ours = EarlyStoppingDetector(cfg.EarlyStopping(type="early_stopping", mode=mode, min_delta=min_delta,
+                                                   patience=patience))
+    for i, value in enumerate(values):
+        should_stop, _ = theirs._evaluate_stopping_criteria(torch.tensor(value, dtype=torch.float32))
+        trigger = ours.update(value)
+        assert ours.wait_count == theirs.wait_count, f"check {i} (value {value!r})"
+        assert (trigger is not None) == should_stop, f"check {i} (value {value!r})"
+        if should_stop:
+            break
+
+
+PLATEAU_BOUNDARIES = [
+    (mode, threshold_mode, threshold, start, patience)
+    for mode in ("min", "max") for threshold_mode in ("rel", "abs") for threshold in (1e-4, 0.1, 0.5, 0.0)
+    for start in (1.0, 0.3, 10.0, -2.0) for patience in (0, 1, 3)
+]
+
+
+@pytest.mark.parametrize(("mode", "threshold_mode", "threshold", "start", "patience"), PLATEAU_BOUNDARIES)
+def test_plateau_matches_torch_when_changes_equal_the_threshold(mode: str, threshold_mode: str, threshold: float,
+                                                                start: float, patience: int) -> None:
+    """Each value exactly at ``best·(1 ∓ threshold)`` (rel) or ``best ∓ threshold`` (abs): the boundary."""
+    sign = -1 if mode == "min" else 1
+    values = [start]
+    for _ in range(15):
+        best = values[-1]
+        values.append(best * (1 + sign * threshold) if threshold_mode == "rel" else best + sign * threshold)
+    values += [values[-1]] * 3  # then ties
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=patience,
+                                                           threshold=threshold, threshold_mode=threshold_mode)
+    detector = PlateauDetector(cfg.Plateau(type="plateau", mode=mode, patience=patience, threshold=threshold,
+                                           threshold_mode=threshold_mode))
+    lr = 1.0
+    for i, value in enumerate(values):
+        scheduler.step(value)
+        if detector.update(value) is not None:
+            lr = reduced_lr(lr, 0.5, 0.0, 1e-8)
+        assert detector.num_bad_epochs == scheduler.num_bad_epochs, f"check {i} (value {value!r})"
+        assert lr == optimizer.param_groups[0]["lr"], f"check {i} (value {value!r})"
+
+
 def test_early_stopping_baseline_holds_patience_until_beaten() -> None:
     """Keras' baseline: improvements that do not beat the baseline do not reset the patience."""
     detector = EarlyStoppingDetector(cfg.EarlyStopping(type="early_stopping", patience=3, baseline=1.0))

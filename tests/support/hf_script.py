@@ -1,7 +1,7 @@
 """A small Transformers Trainer run with gradwatch's callback: a tiny randomly initialised GPT-2 on
 random tokens (nothing downloaded). Writes the Trainer's own log history for comparison.
 
-    python hf_script.py OUT_DIR [--steps N] [--accumulate K] [--rules FILE] [--sleep S]
+    python hf_script.py OUT_DIR [--steps N] [--accumulate K] [--rules FILE] [--sleep S] [--eval-every N]
 """
 
 import argparse
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--rules")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--run", default="hf")
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out tokens every N steps")
     a = ap.parse_args()
 
     torch.manual_seed(0)
@@ -52,9 +53,12 @@ def main() -> None:
         gradient_accumulation_steps=a.accumulate, learning_rate=5e-3, warmup_steps=5, logging_steps=1,
         max_grad_norm=1.0, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
         dataloader_num_workers=0,
+        **({"eval_strategy": "steps", "eval_steps": a.eval_every, "per_device_eval_batch_size": 16}
+           if a.eval_every else {}),
     )
     callback = GradwatchCallback(run=a.run, rules=a.rules, layer_stats_every=10)
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(2048), callbacks=[callback, Slow(a.sleep)])
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(2048), callbacks=[callback, Slow(a.sleep)],
+                      eval_dataset=RandomTokens(64) if a.eval_every else None)
     trainer.train()
     (Path(a.out) / "result.json").write_text(json.dumps({
         "log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
