@@ -51,7 +51,8 @@ class AgentRules:
                 except ConfigError as exc:
                     self.run_rule_errors[run] = str(exc)
                     log.error("run %s: its rules are invalid (%s); it follows the agent's rules", run, exc)
-            rules = RunRules(run, config, source)
+            # the packaged defaults watch val_loss whether or not a run logs it: only the user's rules are checked
+            rules = RunRules(run, config, source, check_metrics=source == "run" or self.path is not None)
             if run in self._saved:
                 rules.load_state_dict(self._saved.pop(run))
             self.runs[run] = rules

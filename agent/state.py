@@ -381,6 +381,7 @@ class AgentState:
                     "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
                     "recent_decisions": list(rules.recent),
                     "error": self.rules.run_rule_errors.get(run),
+                    "unseen_metrics": dict(rules.unseen_metrics),
                 },
                 "ranks": [{
                     "rank": s.rank, "status": s.status.value, "pid": s.meta.pid, "steps": s.steps_total,

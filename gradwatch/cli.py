@@ -178,8 +178,14 @@ def rules() -> None:
 
 @rules.command("check", context_settings=_CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def rules_check(file: Path) -> None:
-    """Validate a rules file and list what it does; exit status 2 with the error when it is invalid."""
+@_home_option
+@click.option("--url", default=None, metavar="URL", help="Ask this agent which metrics its runs record. "
+              "[default: the agent serving the spool, else the spool itself]")
+def rules_check(file: Path, home: Path | None, url: str | None) -> None:
+    """Validate a rules file and list what it does; exit status 2 with the error when it is invalid.
+
+    A rule on a metric that is neither built in nor recorded by any run of the spool gets a warning
+    (a typo such as val_los would never fire)."""
     from rich.table import Table
 
     from gradwatch.agent.alerts import alert_name
@@ -188,6 +194,8 @@ def rules_check(file: Path) -> None:
 
     config = load_rules(file)
     console = make_console()
+    for warning in _unknown_metric_warnings(config, home, url):
+        console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)
     table = Table(title=f"{file}: {len(config.rules)} rule(s)" + (" [bold yellow](dry run)[/]" if config.dry_run else ""),
                   title_justify="left", header_style="bold")
     for column in ("rule", "metric", "detector", "action", "mode", "bounds", "alert"):
@@ -204,6 +212,32 @@ def rules_check(file: Path) -> None:
                   f"clip {g.clip.scheme}" + (f" ({g.clip.mode})" if g.clip.scheme != "none" else "")
                   + (f"; snapshots every {g.snapshots.every} steps, keep {g.snapshots.keep}"
                      if config.snapshots_enabled else ""))
+
+
+def _unknown_metric_warnings(config: Any, home: Path | None, url: str | None) -> list[str]:
+    import difflib
+
+    from gradwatch.rules.config import BUILT_IN_METRICS, CONVENTIONAL_METRICS
+    from gradwatch.status import fetch_runs
+
+    known = set(BUILT_IN_METRICS) | set(CONVENTIONAL_METRICS)
+    unknown = [rule for rule in config.rules if rule.metric not in known]
+    if not unknown:
+        return []
+    try:
+        runs, source = fetch_runs(home, url)
+    except Exception as exc:  # no spool yet, an agent that went away: check against the built-in names only
+        runs, source = [], f"no runs ({exc})"
+    seen = {name for run in runs for rank in run.get("ranks", []) for name in (rank.get("metrics") or {})}
+    out = []
+    for rule in unknown:
+        if rule.metric in seen:
+            continue
+        close = difflib.get_close_matches(rule.metric, sorted(known | seen), n=1)
+        out.append(f"rule {rule.name} watches metric {rule.metric!r}, which is not built in and no run has recorded "
+                   f"({source}); it fires only once a run logs it" + (f". Did you mean {close[0]!r}?" if close else
+                                                                      f". Built in: {', '.join(BUILT_IN_METRICS)}"))
+    return out
 
 
 @rules.command("defaults", context_settings=_CONTEXT)

@@ -143,6 +143,10 @@ def print_runs(runs: list[dict[str, Any]], source: str) -> None:
     if any(r.get("steps_from") == "backward" for run in runs for r in run["ranks"]):
         console.print("[dim]* no torch.optim optimizer: the script updates its parameters by hand, so there is no "
                       "learning rate to read, and each backward pass counts as a step[/]", soft_wrap=True)
+    for run in runs:
+        for rule, metric in ((run.get("rules") or {}).get("unseen_metrics") or {}).items():
+            console.print(f"[yellow]note[/]: run {run['run']}: rule {rule} watches metric {metric!r}, which the run "
+                          "has not recorded; it cannot fire (a typo? see `gradwatch rules check`)", soft_wrap=True)
     alerts = [a for r in runs for a in r.get("alerts") or []]
     if alerts:
         colour = {"critical": "red", "warning": "yellow"}

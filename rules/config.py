@@ -156,6 +156,14 @@ ACTION_SPECS: tuple[type[_Model], ...] = (Stop, ReduceLR, ScaleClip, Rewind)
 Action = Annotated[Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
 
 
+#: What the agent observes on every run without anything logged (agent/state.py); other metrics are the
+#: names a run logs (probe.log, gradwatch.log, the frameworks' metrics).
+BUILT_IN_METRICS = ("loss", "grad_norm", "lr", "step_duration_seconds", "steps_per_second", "samples_per_second",
+                    "data_wait_seconds")
+#: Not built in, but the conventional name the shipped rules watch and the Transformers callback maps to.
+CONVENTIONAL_METRICS = ("val_loss",)
+
+
 class Rule(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     metric: str = Field(min_length=1, max_length=100)

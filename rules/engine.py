@@ -7,11 +7,14 @@ the same ids, so a restarted agent that re-reads records cannot issue a command 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gradwatch.rules.config import Rule, RulesConfig
 from gradwatch.rules.detectors import Detector, make_detector
+
+log = logging.getLogger("gradwatch.agent")
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,23 @@ class RuleState:
 TRAJECTORY_ACTIONS = frozenset({"rewind", "reduce_lr"})
 
 
+#: Steps after a run's first observation by which every metric its rules watch should have appeared.
+UNSEEN_METRIC_STEPS = 500
+_MAX_SEEN = 1024
+
+
 class RunRules:
     """The rules of one run, fed with the records of its rank 0."""
 
-    def __init__(self, run: str, config: RulesConfig, source: str) -> None:
+    def __init__(self, run: str, config: RulesConfig, source: str, check_metrics: bool = True) -> None:
         self.run = run
         self.source = source  # "run" (given to attach) or "agent" (the agent's rules file)
         self.config = config
+        # a rule on a metric the run never logs (a typo: val_los) never fires: say so once per run
+        self.check_metrics = check_metrics  # False for the packaged defaults: not the user's rules
+        self.metrics_seen: set[str] = set()
+        self.first_step: int | None = None
+        self.unseen_metrics: dict[str, str] = {}  # rule -> its metric, not seen UNSEEN_METRIC_STEPS into the run
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
         self.decisions: dict[tuple[str, str, str], int] = {}  # (rule, action, mode) -> count
         self.recent: list[dict[str, Any]] = []  # the newest decisions, for `gradwatch status`
@@ -100,6 +113,8 @@ class RunRules:
         """Feed one record's observations (metric name -> value, as the agent's state interprets the
         record) to the rules; returns the decisions they make."""
         out = []
+        if self.check_metrics:
+            self._note_metrics(step, values)
         for name, state in self.states.items():
             rule = state.rule
             if rule.metric not in values or step < rule.start_step:
@@ -129,6 +144,21 @@ class RunRules:
             out.append(decision)
         return out
 
+    def _note_metrics(self, step: int, values: dict[str, float]) -> None:
+        if len(self.metrics_seen) < _MAX_SEEN:
+            self.metrics_seen.update(values)
+        if self.first_step is None:
+            self.first_step = step
+        if step - self.first_step < UNSEEN_METRIC_STEPS:
+            return
+        for name, state in self.states.items():
+            metric = state.rule.metric
+            if metric not in self.metrics_seen and name not in self.unseen_metrics:
+                self.unseen_metrics[name] = metric
+                log.warning("run %s: rule %s watches metric %r, which the run has not recorded in %d steps; "
+                            "it cannot fire (a typo? the run records: %s)", self.run, name, metric,
+                            UNSEEN_METRIC_STEPS, ", ".join(sorted(self.metrics_seen)[:20]))
+
     def acknowledged(self, command_id: str) -> None:
         """The probe acknowledged a command (applied, late or rejected): the records that follow come from
         after it, and its rule decides again."""
@@ -139,7 +169,8 @@ class RunRules:
     def state_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rules": {name: s.state_dict() for name, s in self.states.items()},
                 "decisions": [[*key, n] for key, n in sorted(self.decisions.items())], "recent": self.recent,
-                "awaiting": dict(self.awaiting)}
+                "awaiting": dict(self.awaiting), "unseen_metrics": dict(self.unseen_metrics),
+                "first_step": self.first_step, "metrics_seen": sorted(self.metrics_seen)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, rule_state in state.get("rules", {}).items():
@@ -147,6 +178,12 @@ class RunRules:
                 self.states[name].load_state_dict(rule_state)
         self.decisions = {(r, a, m): int(n) for r, a, m, n in state.get("decisions", [])}
         self.recent = list(state.get("recent", []))
+        unseen, seen, first = state.get("unseen_metrics"), state.get("metrics_seen"), state.get("first_step")
+        self.unseen_metrics = {name: metric for name, metric in unseen.items()  # rules unchanged since
+                               if name in self.states and self.states[name].rule.metric == metric} \
+            if isinstance(unseen, dict) else {}
+        self.metrics_seen = {str(m) for m in seen[:_MAX_SEEN]} if isinstance(seen, list) else set()
+        self.first_step = first if isinstance(first, int) else None
         awaiting = state.get("awaiting")
         self.awaiting = {str(k): str(v) for k, v in awaiting.items() if k in self.states} \
             if isinstance(awaiting, dict) else {}

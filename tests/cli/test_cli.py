@@ -109,3 +109,23 @@ def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch
         info = json.loads((isolated_home / "agent" / "agent.json").read_text())
         os.kill(info["pid"], signal.SIGTERM)
         wait_until(lambda: not (isolated_home / "agent" / "agent.json").exists(), timeout=30, what="agent exit")
+
+
+def test_rules_check_warns_about_a_metric_nothing_records(isolated_home: Path, tmp_path: Path) -> None:
+    from tests.agent.helpers import SpoolBuilder
+
+    spool = SpoolBuilder(isolated_home)  # a run that logged val_score
+    spool.start("r")
+    spool.steps("r", 0, 1, 3)
+    spool.append("r", 0, {"kind": "log", "step": 3, "t": 1_000_001.0, "values": {"val_score": 0.5}})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n"
+                     "  - {name: typo, metric: val_los, detect: {type: early_stopping}, action: {type: stop}}\n"
+                     "  - {name: logged, metric: val_score, detect: {type: early_stopping}, action: {type: stop}}\n"
+                     "  - {name: built-in, metric: grad_norm, detect: {type: spike}, action: {type: stop}}\n"
+                     "  - {name: conventional, metric: val_loss, detect: {type: plateau}, action: {type: stop}}\n")
+    result = gradwatch("rules", "check", str(rules))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stdout
+    assert "rule typo watches metric 'val_los'" in warnings[0] and "Did you mean 'val_loss'?" in warnings[0]

@@ -226,6 +226,29 @@ def test_an_lr_cut_is_not_decided_again_on_records_from_before_it_took_effect(ag
         assert later["step"] > earlier_ack["step"], "a second cut decided on records from before the first applied"
 
 
+TYPO = """
+rules:
+  - name: early-stop
+    metric: val_los
+    detect: {type: early_stopping, patience: 3}
+    action: {type: stop}
+    mode: act
+"""
+
+
+def test_a_rule_on_a_metric_the_run_never_records_is_reported_once(agent: Any, isolated_home: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    daemon = agent()
+    train(isolated_home, tmp_path, "--steps", "520", "--val-every", "10", "--sleep", "0.0", rules=TYPO)
+    run = settled(daemon)
+    assert run["rules"]["unseen_metrics"] == {"early-stop": "val_los"}
+    status = subprocess.run([sys.executable, "-m", "gradwatch", "status", "--url", daemon.url], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert "rule early-stop watches metric 'val_los', which the run has not recorded" in status.stdout, status.stdout
+    warnings = [r for r in caplog.records if "watches metric 'val_los'" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
 GUARDS = """
 guards:
   skip: {on_nonfinite: act}
