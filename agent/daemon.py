@@ -51,7 +51,9 @@ class AgentAlreadyRunning(GradwatchError):
 class Agent:
     """One per spool (per machine). ``start()`` returns at once; ``stop()`` saves a checkpoint."""
 
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
+                 port_fallback: bool = False) -> None:
+        self.port_fallback = port_fallback  # the auto-started agent: a taken port is no reason to leave runs unwatched
         self.config = config
         self.clock = clock
         self.layout = SpoolLayout(config.home)
@@ -81,6 +83,17 @@ class Agent:
         port = self._server.port if self._server else self.config.port
         return f"http://{self.config.host}:{port}"
 
+    def _listen(self, app: Callable[..., Any]) -> HttpServer:
+        try:
+            return HttpServer(self.config.host, self.config.port, app)
+        except GradwatchError as exc:
+            if not self.port_fallback or self.config.port == 0:
+                raise
+            server = HttpServer(self.config.host, 0, app)  # clients find the agent through agent.json
+            log.warning("%s; listening on a free port instead: http://%s:%d (clients find it through %s)", exc,
+                        self.config.host, server.port, self.layout.agent_info_file)
+            return server
+
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.layout.agent_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +103,7 @@ class Agent:
             if load_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts}):
                 log.info("resumed from checkpoint %s", self.layout.checkpoint_file)
             app = build_app(self.registry, self._runs_summary, self._health)
-            self._server = HttpServer(self.config.host, self.config.port, app)
+            self._server = self._listen(app)
             self._server.start()
             write_json_atomic(self.layout.agent_info_file, {
                 "pid": os.getpid(), "url": self.url, "home": str(self.config.home), "version": __version__,

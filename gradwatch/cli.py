@@ -61,9 +61,13 @@ _home_option = click.option(
               help="Annotate actions and alerts in this Grafana; the token comes from GRADWATCH_GRAFANA_TOKEN "
                    "(or the config file), never from the command line. [env: GRADWATCH_GRAFANA_URL]")
 @click.option("--if-not-running", is_flag=True, help="Exit quietly (status 0) if an agent already serves the spool.")
+@click.option("--port-fallback", is_flag=True,
+              help="If the port is taken, listen on a free one instead and say so (clients find it through "
+                   "the spool). What an agent started by a probe does.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log_level: str, **settings: Any) -> None:
+def agent(home: Path | None, config_file: Path | None, if_not_running: bool, port_fallback: bool, log_level: str,
+          **settings: Any) -> None:
     """Run the agent: ingest every run in the spool, serve /metrics, /healthz and /api/runs.
 
     Settings come from defaults, then --config, then GRADWATCH_<SETTING> environment
@@ -76,7 +80,7 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, log
     flags = {p.name: p.opts[0] for p in click.get_current_context().command.params if p.name and p.opts}
     config = load_agent_config(cli={"home": home, **settings}, config_file=config_file, cli_flags=flags)
     try:
-        daemon = Agent(config)
+        daemon = Agent(config, port_fallback=port_fallback)
         daemon.serve_forever()
     except AgentAlreadyRunning:
         if if_not_running:

@@ -10,6 +10,7 @@ When the validation loss stops improving, early stopping ends the run.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from gradwatch.agent.settings import DEFAULT_PORT
+from gradwatch.errors import GradwatchError
 from gradwatch.spool.format import SpoolLayout, default_home
 from gradwatch.status import actions_text, agent_url, get_json, make_console, runs_table
 
@@ -128,6 +131,26 @@ def _panel(snap: _Snapshot, progress: Progress, url: str | None) -> Panel:
     return Panel(Group(progress, table), title="gradwatch demo", subtitle=f"{url}/metrics" if url else None)
 
 
+def _configured_port() -> int:
+    try:
+        return int(os.environ.get("GRADWATCH_PORT") or DEFAULT_PORT)
+    except ValueError:
+        return DEFAULT_PORT
+
+
+def _no_agent_message(layout: SpoolLayout) -> str:
+    autostart = os.environ.get("GRADWATCH_AUTOSTART", "1").strip().lower() not in ("0", "false", "no", "off")
+    try:
+        tail = [line for line in layout.agent_log_file.read_text(errors="replace").splitlines() if line.strip()][-3:]
+    except OSError:
+        tail = []
+    why = ("the agent it started did not answer within 20 s" + (f"; its log ({layout.agent_log_file}) ends with:\n  "
+                                                               + "\n  ".join(tail) if tail else "")
+           if autostart else "GRADWATCH_AUTOSTART is off and no agent serves this spool")
+    return (f"the demo needs a running agent, or no rule can act and it would only pretend: {why}. Start one with "
+            f"`gradwatch agent --home {layout.home}` (or unset GRADWATCH_AUTOSTART) and run the demo again.")
+
+
 def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool = True) -> None:
     import torch
 
@@ -143,11 +166,15 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
                              rules=demo_rules(steps))
     probe.wait_ready()
     url = _wait_for_agent(layout, timeout=20.0)
-    if url:
-        console.print(f"Run [bold]{probe.run}[/] is exported at [link]{url}/metrics[/link]  (runs as JSON: {url}/api/runs)")
-    else:
-        console.print(f"[yellow]No agent answered[/] (see {layout.agent_log_file}); the run is still recorded in "
-                      f"{layout.runs_dir} and `gradwatch status` reads it.")
+    if url is None:  # without an agent no rule acts: the demo would only pretend
+        probe.close(status="failed", error="no gradwatch agent answered")
+        raise GradwatchError(_no_agent_message(layout))
+    console.print(f"Run [bold]{probe.run}[/] is exported at [link]{url}/metrics[/link]  (runs as JSON: {url}/api/runs)")
+    wanted = _configured_port()
+    if not url.endswith(f":{wanted}"):
+        console.print(f"[yellow]Port {wanted} was taken[/], so the agent listens on {url} instead; "
+                      f"`gradwatch status` and the probes find it through the spool ({layout.agent_info_file}).")
+    live = live and console.is_terminal  # a log or a pipe gets progress lines, not a live panel
 
     snap = _Snapshot(phase="training")
     progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)

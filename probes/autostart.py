@@ -51,7 +51,7 @@ def spawn_agent(layout: SpoolLayout) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "gradwatch", "agent", "--home", str(layout.home),
-             "--exit-when-idle", str(IDLE_EXIT_SECONDS), "--if-not-running"],
+             "--exit-when-idle", str(IDLE_EXIT_SECONDS), "--if-not-running", "--port-fallback"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
         )
     finally:

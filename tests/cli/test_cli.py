@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,13 +86,24 @@ def test_a_second_agent_on_the_same_spool_is_refused_in_one_line(isolated_home: 
 
 @pytest.mark.integration
 def test_demo_diverges_and_gradwatch_rewinds_cuts_the_lr_and_skips_the_nan_batch(isolated_home: Path) -> None:
+    """With its port taken, the agent the demo starts listens on a free one and the demo says so; with
+    stdout not a terminal (and no --no-live) the demo prints progress lines."""
     port = free_port()
-    result = gradwatch("demo", "--steps", "200", "--steps-per-second", "0", "--no-live",
-                       env={"GRADWATCH_AUTOSTART": "1", "GRADWATCH_PORT": str(port)}, timeout=300)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    try:
+        result = gradwatch("demo", "--steps", "200", "--steps-per-second", "0",
+                           env={"GRADWATCH_AUTOSTART": "1", "GRADWATCH_PORT": str(port)}, timeout=300)
+    finally:
+        taken.close()
     try:
         assert result.returncode == 0, result.stderr
         out = result.stdout
-        assert f"http://127.0.0.1:{port}/metrics" in out
+        url = json.loads((isolated_home / "agent" / "agent.json").read_text())["url"]
+        assert not url.endswith(f":{port}") and f"{url}/metrics" in out
+        assert f"Port {port} was taken" in out
+        assert "step    40/200" in out  # progress lines, not a live panel
         assert "what the agent exported" in out
         row = next(line for line in out.splitlines() if line.startswith("│ demo") or (" demo " in line and "finished" in line))
         assert "finished" in row and "200" in row
@@ -129,3 +141,11 @@ def test_rules_check_warns_about_a_metric_nothing_records(isolated_home: Path, t
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, result.stdout
     assert "rule typo watches metric 'val_los'" in warnings[0] and "Did you mean 'val_loss'?" in warnings[0]
+
+
+def test_the_demo_refuses_to_run_without_an_agent(isolated_home: Path) -> None:
+    result = gradwatch("demo", "--steps", "200", "--steps-per-second", "0", env={"GRADWATCH_AUTOSTART": "0"},
+                       timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the demo needs a running agent" in result.stderr and "GRADWATCH_AUTOSTART is off" in result.stderr
+    assert "step " not in result.stdout  # it did not train on as if rules were acting
