@@ -183,12 +183,14 @@ def run_dashboard() -> dashboard.Dashboard:
                             query(f'gradwatch_metric{{{RANK},name!="batch_size"}}', "{{name}} r{{rank}}")))
          .with_panel(dashed(series(
              "Gradient norm and clip threshold", "Global L2 gradient norm before clipping, and the clipping threshold "
-             "in force (fixed, AutoClip or ZClip). Above the dashed line, gradients were scaled down.",
+             "in force (gradwatch's fixed, AutoClip or ZClip guard, or the max_norm of the script's own "
+             "clip_grad_norm_). Above the dashed line, gradients were scaled down.",
              query(f"gradwatch_grad_norm{{{RANK}}}", "grad norm r{{rank}}"),
              query(f"gradwatch_clip_threshold{{{RANK}}}", "clip threshold r{{rank}}", "B"),
              query(f"gradwatch_grad_norm_recent_max{{{RANK}}}", "recent max r{{rank}}", "C"), log_scale=True),
              "clip threshold r0", RED))
-         .with_panel(series("Learning rate", "Learning rate of each optimizer param group.",
+         .with_panel(series("Learning rate", "Learning rate of each optimizer param group (none when the script "
+                            "updates its parameters by hand, without an optimizer).",
                             query(f"gradwatch_learning_rate{{{RANK}}}", "group {{group}} r{{rank}}"), log_scale=True))
          .with_row(dashboard.Row("Speed"))
          .with_panel(series("Throughput", "Optimizer steps and samples per second (rate over the scrape window).",
@@ -201,10 +203,16 @@ def run_dashboard() -> dashboard.Dashboard:
                             query(f"gradwatch_data_wait_seconds{{{RANK}}}", "data wait r{{rank}}", "B"),
                             unit="s", width=8))
          .with_panel(series("Clipped fraction and non-finite values", "Fraction of steps whose gradients were clipped, "
-                            "and NaN/inf values seen per scrape interval.",
+                            "NaN/inf values seen per scrape interval, and steps GradScaler skipped (inf/NaN in the "
+                            "scaled gradients: a few while it calibrates are normal in fp16).",
                             query(f"gradwatch_clipped_fraction{{{RANK}}}", "clipped fraction r{{rank}}"),
                             query(f"sum by (rank, quantity) (increase(gradwatch_nonfinite_total{{{RANK}}}"
-                                  f"[$__rate_interval]))", "non-finite {{quantity}} r{{rank}}", "B"), width=8))
+                                  f"[$__rate_interval]))", "non-finite {{quantity}} r{{rank}}", "B"),
+                            # "or 0 x steps": a run GradScaler never skipped shows 0, not an empty series
+                            query(f'sum by (rank) (increase(gradwatch_actions_total{{{RANK},action="skip_step",'
+                                  f'reason="amp"}}[$__rate_interval])) or sum by (rank) (0 * gradwatch_steps_total'
+                                  f'{{{RANK}}})', "GradScaler skipped r{{rank}}", "C"),
+                            width=8))
          .with_row(dashboard.Row("GPUs"))
          .with_panel(series("GPU utilisation", "Fraction of time a kernel ran on each GPU of the run (NVML).",
                             query(f"gradwatch_gpu_utilization_ratio{{{RANK}}}", "GPU {{gpu}} r{{rank}}"),
