@@ -16,6 +16,21 @@ def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
+def sharded(grad: torch.Tensor) -> bool:
+    """A DTensor sharded over ranks (FSDP2), not replicated."""
+    placements = getattr(grad, "placements", None)  # a DTensor: torch.distributed.tensor, not imported here
+    return placements is not None and any(not p.is_replicate() for p in placements)
+
+
+def replicated_local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's local value (FSDP2's clip_grad_norm_ result: every rank holds the global norm);
+    any other tensor as it is."""
+    placements = getattr(value, "placements", None)
+    if placements is not None and all(p.is_replicate() for p in placements):
+        return value.to_local()  # type: ignore[attr-defined,no-any-return,unused-ignore]  # a DTensor
+    return value
+
+
 def _fusable(grads: list[torch.Tensor]) -> bool:
     first = grads[0].device
     return all(g.device == first and not g.is_sparse for g in grads)
@@ -93,6 +108,7 @@ class GradNormMeter:
         self._checked_for = -1  # number of gradients the checks below were made for
         self._fusable = True
         self._on_cpu = False
+        self._sharded = False  # FSDP2/DTensor gradients: each rank holds shards of them
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -102,6 +118,13 @@ class GradNormMeter:
     @property
     def fusable(self) -> bool:
         return self._fusable
+
+    @property
+    def sharded(self) -> bool:
+        """The gradients are sharded DTensors (FSDP2): their global norm needs an all-reduce, which the
+        probe never issues (a collective only some ranks reach would hang them all); it records the
+        result of the script's own ``clip_grad_norm_``, which does that all-reduce, and else no norm."""
+        return self._sharded
 
     def __call__(self, reuse: tuple[torch.Tensor, int] | None = None) -> torch.Tensor | NormOfNorms | None:
         """The norm of the current gradients. ``reuse``: (norm, number of gradients) of a
@@ -121,8 +144,11 @@ class GradNormMeter:
             return reuse[0]
         if self._checked_for != len(grads):
             self._checked_for = len(grads)
+            self._sharded = any(sharded(g) for g in grads)
             self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
+        if self._sharded:
+            return None  # only the script's clip_grad_norm_ (reused above) has the global norm without a collective
         if not self._fusable:
             return _norm_of_norms(_per_tensor_norms(grads))
         norms = torch._foreach_norm(grads, 2.0)

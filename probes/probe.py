@@ -378,8 +378,13 @@ class Probe:
                 self.report_internal_error("layer_stats", exc)
         try:
             reuse, self._clip_norm = self._clip_norm, None
-            norm = self._grad_norm(reuse[:2] if reuse else None) if self._grad_norm is not None else None
+            meter = self._grad_norm
+            norm = meter(reuse[:2] if reuse else None) if meter is not None else None
             self._pending_script_clip = reuse[2] if reuse is not None and norm is reuse[0] else None
+            if norm is None and meter is not None and meter.sharded:
+                self._warn("sharded-norm", "the gradients are sharded (FSDP2/DTensor): gradwatch records the global "
+                           "gradient norm from the script's clip_grad_norm_ call, and no norm on steps without one "
+                           "(computing it would add an all-reduce to every step)")
             grad_scale = getattr(self.primary_optimizer, "grad_scale", None)
             if grad_scale is not None and norm is not None:
                 # GradScaler hands fused optimizers scaled gradients and the scale, to unscale in the kernel
