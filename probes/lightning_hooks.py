@@ -6,8 +6,8 @@ Records what ``gradwatch.attach`` records, at the points Lightning defines: the 
 ``on_before_optimizer_step`` (after the backward pass and AMP's unscaling, before Lightning clips;
 Lightning runs the backward pass inside ``optimizer.step(closure)``, too late for the step hook), the
 loss ``training_step`` returned, the batch size and data-wait time from ``on_train_batch_start``, and
-every scalar in ``trainer.callback_metrics`` after validation and at the end of each training epoch,
-under Lightning's names (``val_loss`` feeds the shipped validation rules). Actions go through the
+every scalar in ``trainer.callback_metrics`` after validation and at the end of each training epoch
+(each logged value once: the same tensor is not recorded twice), under Lightning's names (``val_loss`` feeds the shipped validation rules). Actions go through the
 Trainer: a stop sets ``trainer.should_stop`` (on every rank after the same step), an LR reduction also
 scales the base LRs of the Trainer's schedulers, and a clip-threshold change scales
 ``trainer.gradient_clip_val`` when Lightning does the clipping.
@@ -15,7 +15,6 @@ scales the base LRs of the Trainer's schedulers, and a clip-threshold change sca
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ class LightningHooks(ProbeOptions):
         self._loss: Any = None
         self._samples = 0
         self._last_step = 0
-        self._forwarded: dict[str, float] = {}  # callback metrics already recorded, by name
+        self._forwarded: dict[str, Any] = {}  # the callback metric (a small tensor) last recorded, by name
 
     @property
     def state_key(self) -> str:
@@ -99,24 +98,22 @@ class LightningHooks(ProbeOptions):
         self._forward_metrics(trainer)
 
     def _forward_metrics(self, trainer: Any) -> None:
-        """Every scalar Lightning collected (``self.log``), under its own name, when it changed since it was
-        last recorded. Read once per validation or epoch: one small host read each, never per step."""
+        """Every scalar Lightning collected (``self.log``), under its own name, unless it is the very value
+        recorded last time (a metric not logged again since; an equal value logged again is recorded: a plateau
+        is what the rules look for). Read once per validation or epoch: one small host read each, never per step."""
         probe = self.probe
         if probe is None or probe.closed:
             return
         values: dict[str, float] = {}
         for name, logged in dict(getattr(trainer, "callback_metrics", {}) or {}).items():
-            if name in _PER_STEP or not isinstance(name, str):
-                continue
+            if name in _PER_STEP or not isinstance(name, str) or self._forwarded.get(name) is logged:
+                continue  # the same tensor as last time: not logged again since (a plateau logs new ones)
             value = logged.detach().float().item() if isinstance(logged, torch.Tensor) and logged.numel() == 1 \
                 else logged
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            number = float(value)
-            previous = self._forwarded.get(name)
-            if previous is not None and (previous == number or (math.isnan(previous) and math.isnan(number))):
-                continue
-            values[name] = self._forwarded[name] = number
+            self._forwarded[name] = logged
+            values[name] = float(value)
         if values:
             probe.log(**values)
 

@@ -56,6 +56,22 @@ def test_early_stopping_decides_where_lightnings_own_does(namespace: str, agent_
     assert len(logged) == len(result["steps_at"]) and all("val_score" in v and "train_loss" in v for v in logged)
 
 
+@pytest.mark.integration
+def test_the_shipped_early_stopping_rule_works_on_lightnings_val_loss(agent_process: Any, isolated_home: Path,
+                                                                     tmp_path: Path) -> None:
+    """No rules of ours: the agent's packaged val-loss-early-stop (Lightning's defaults, patience 3) watches the
+    val_loss the script logs with self.log and decides where Lightning's EarlyStopping(patience=3) stops."""
+    agent_process()
+    out = tmp_path / "out"
+    run_script("user_scripts/lightning_validation.py", isolated_home, str(out), "--score-name", "val_loss",
+               "--mode", "min", "--min-delta", "0", "--patience", "3", "--values", "1.0,0.9,0.9,0.9,0.9,0.9,0.9")
+    result = json.loads((out / "result.json").read_text())
+    stop_step = result["steps_at"][result["stopped_epoch"]]
+    decisions = wait_until(lambda: _decisions(isolated_home, "validation", "val-loss-early-stop"), timeout=30,
+                           what="the packaged rule's decision")
+    assert [d["step"] for d in decisions] == [stop_step] and decisions[0]["mode"] == "observe"
+
+
 def test_the_trainers_eval_metrics_reach_the_run_and_its_validation_rules(isolated_home: Path, tmp_path: Path) -> None:
     run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "12", "--eval-every", "4")
     history = json.loads((tmp_path / "result.json").read_text())["log_history"]

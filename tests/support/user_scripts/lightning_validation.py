@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--values", required=True)
     ap.add_argument("--rules")
+    ap.add_argument("--score-name", default="val_score", help="the name the sequence is logged under")
     args = ap.parse_args()
     if args.namespace == "lightning":
         import lightning.pytorch as pl
@@ -49,13 +50,14 @@ def main():
 
         def validation_step(self, batch, batch_idx):
             x, y = batch
-            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+            if args.score_name != "val_loss":
+                self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
 
         def on_validation_epoch_end(self):
             if self.trainer.sanity_checking:
                 return
             epoch = self.current_epoch
-            self.log("val_score", values[min(epoch, len(values) - 1)])
+            self.log(args.score_name, values[min(epoch, len(values) - 1)])
             steps_at.append(self.global_step)
 
         def configure_optimizers(self):
@@ -66,7 +68,7 @@ def main():
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
     train = torch.utils.data.DataLoader(data, batch_size=16)  # 4 steps an epoch
     val = torch.utils.data.DataLoader(data, batch_size=32)
-    stopper = pl.callbacks.EarlyStopping(monitor="val_score", mode=args.mode, min_delta=args.min_delta,
+    stopper = pl.callbacks.EarlyStopping(monitor=args.score_name, mode=args.mode, min_delta=args.min_delta,
                                          patience=args.patience)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=len(values), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
