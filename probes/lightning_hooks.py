@@ -8,9 +8,9 @@ Lightning runs the backward pass inside ``optimizer.step(closure)``, too late fo
 loss ``training_step`` returned, the batch size and data-wait time from ``on_train_batch_start``, and
 every scalar in ``trainer.callback_metrics`` after validation and at the end of each training epoch
 (each logged value once: the same tensor is not recorded twice), under Lightning's names (``val_loss``
-feeds the shipped validation rules). Actions go through the Trainer: a stop sets ``trainer.should_stop`` (on every rank after the same step), an LR reduction also
-scales the base LRs of the Trainer's schedulers, and a clip-threshold change scales
-``trainer.gradient_clip_val`` when Lightning does the clipping.
+feeds the shipped validation rules). Actions go through the Trainer: a stop sets ``trainer.should_stop``
+(on every rank after the same step), an LR reduction also scales the base LRs of the Trainer's
+schedulers, and a clip-threshold change scales ``trainer.gradient_clip_val`` when Lightning clips.
 """
 
 from __future__ import annotations
