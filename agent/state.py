@@ -203,10 +203,11 @@ class RankState:
                 self._observe("loss", value, t)
                 self.loss = value
                 continue
-            if name == "batch_size":
+            if name == "batch_size":  # exported as samples, not as one more gradwatch_metric (docs/metrics.md)
                 self.samples_total += value
                 if same_step and self.step_duration and self.step_duration > 0:
                     self.samples_per_second = observed["samples_per_second"] = value / self.step_duration
+                continue
             if not math.isfinite(value):
                 self.nonfinite["metric"] += 1
             if name in self.metrics or len(self.metrics) < MAX_METRIC_NAMES:

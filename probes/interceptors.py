@@ -70,7 +70,7 @@ class StepInputs:
 
     def on_backward(self, loss: torch.Tensor) -> None:
         if self.record_loss and not (self._first_loss_only and self.loss is not None):
-            loss = loss.detach()
+            loss = loss.detach().float()  # fp16/bf16 micro-batch losses summed in their dtype lose ~1e-3: float32
             self.loss = loss if self.loss is None else self.loss + loss
         # new gradients: an earlier clip result no longer describes them
         if self.probe is not None:

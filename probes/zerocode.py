@@ -181,7 +181,7 @@ class ZeroCode:
             self.failed = True
             interceptors.stop_listening(self.inputs)
             self._remove_forward_hook()
-            log.info("gradwatch: the script attaches its own probe; gradwatch run adds none")
+            log.debug("gradwatch: the script attaches its own probe; gradwatch run adds none")
             return None
         candidate = self._first_module() if self._first_module is not None else None
         if optimizer is None:  # parameters updated by hand: the model is all there is to measure
@@ -209,7 +209,7 @@ class ZeroCode:
         else:  # keep looking (and counting samples) through the first steps
             self._model_steps_left = 3
         self.inputs.bind(self.probe)
-        log.info("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,
+        log.debug("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,  # the launcher said so
                  self.probe.identity.rank, self.probe.identity.world_size,
                  "" if model is not None else "; model not found, so no data-wait time or per-layer statistics")
         return self.probe

@@ -34,7 +34,7 @@ def test_records_become_per_rank_values(env) -> None:  # type: ignore[no-untyped
     assert s is not None
     assert (s.steps_total, s.loss, s.grad_norm, s.learning_rates) == (10, 0.5, 2.0, [0.1, 0.01])
     assert (s.step_duration, s.data_wait, s.samples_per_second, s.samples_total) == (0.1, 0.02, 160.0, 160.0)
-    assert s.metrics == {"batch_size": 16.0, "val_loss": 0.7, "acc": 0.9}
+    assert s.metrics == {"val_loss": 0.7, "acc": 0.9}  # batch_size is samples, not one more metric
 
 
 def test_step_count_comes_from_the_probe_so_dropped_records_do_not_shrink_it(env) -> None:  # type: ignore[no-untyped-def]

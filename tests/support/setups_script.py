@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--clip-value", action="store_true")
     ap.add_argument("--nan-at", type=int, default=0)
     ap.add_argument("--attach", action="store_true")
+    ap.add_argument("--bf16-loss", action="store_true", help="compute each micro-batch loss in bfloat16")
+    ap.add_argument("--overflow-at", default="", help="steps (1,2,...) whose loss is 1e37 times larger: under "
+                    "GradScaler their scaled gradients overflow and the step is skipped")
     ap.add_argument("--steps", type=int, default=12)
     a = ap.parse_args()
 
@@ -73,6 +76,7 @@ def main():
     else:
         optimizers = [torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if a.setup.startswith("amp") else None
+    overflow_at = {int(s) for s in a.overflow_at.split(",") if s}
     micro = 4 if a.setup == "accumulate" else 1
     params = list(model.parameters())
     probe = None
@@ -88,9 +92,12 @@ def main():
             x = torch.randn(8, 16)
             y = torch.randn(8, 4)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaler is not None):
-                loss = F.mse_loss(net(x).float(), y) / micro
+                out = net(x)
+                loss = (F.mse_loss(out.bfloat16(), y.bfloat16()) if a.bf16_loss else F.mse_loss(out.float(), y)) / micro
             if step == a.nan_at:
                 loss = loss * float("nan")  # a bad batch
+            if step in overflow_at:
+                loss = loss * 1e37  # finite, but not once scaled: fp16-style overflow
             step_loss += loss.item()
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if a.setup == "amp":

@@ -67,3 +67,21 @@ def test_a_step_gradscaler_skips_is_recorded_as_skipped(bad_step: int, mode: str
     assert record["skip"] == "amp" and math.isnan(record["grad_norm"]) and record["loss_scale"] == 1024.0
     assert all("skip" not in r for r in steps if r["step"] != bad_step)
     assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5, nan_ok=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_iterations_gradscaler_skips_keep_their_own_loss(mode: str, isolated_home: Path, tmp_path: Path) -> None:
+    """Iterations whose scaled gradients overflow (finite losses, inf gradients), the first two among them: each
+    skipped iteration is its own record with its own loss, and the next step's loss is that step's only (not the
+    sum with the skipped ones: no false spike)."""
+    steps, reference = run_setup(isolated_home, tmp_path / "out", "amp", mode, "--overflow-at", "1,2,6")
+    skipped = [i + 1 for i, scale in enumerate(reference["skipped_scale"]) if scale is not None]
+    assert skipped == [1, 2, 6]
+    assert [r["step"] for r in steps if r.get("skip") == "amp"] == skipped
+    assert [r["values"]["loss"] for r in steps] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_micro_batch_losses_add_up_in_float32(mode: str, isolated_home: Path, tmp_path: Path) -> None:
+    steps, reference = run_setup(isolated_home, tmp_path / "out", "accumulate", mode, "--bf16-loss")
+    assert [r["values"]["loss"] for r in steps] == pytest.approx(reference["loss"], rel=1e-6)
