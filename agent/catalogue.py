@@ -67,7 +67,8 @@ RUN_INFO = MetricSpec(
 )
 RUN_STATE = _run("gradwatch_run_state", "gauge",
                  "1 for the current state of the process (running, stalled, crashed, finished), else 0.", "state")
-METRIC = _run("gradwatch_metric", "gauge", "Last value of every other scalar logged with probe.log(name=value).", "name")
+METRIC = _run("gradwatch_metric", "gauge", "Last value of every other scalar logged with probe.log(name=value) "
+              "(`loss` and `batch_size` have their own series above).", "name")
 ACTIONS = _run("gradwatch_actions_total", "counter",
                "Corrective actions carried out in the process, by action (stop, reduce_lr, scale_clip, rewind, "
                "skip_step) and reason (the detector that fired, e.g. spike, plateau, nonfinite).", "action", "reason")
