@@ -21,6 +21,8 @@ import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
+from gradwatch.probes.gradnorm import global_grad_norm, replicated_local, sharded
+
 if TYPE_CHECKING:
     from gradwatch.probes.probe import Probe
 
@@ -219,8 +221,6 @@ def _seen_backward_done() -> None:
 
 def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor], max_norm: Any) -> None:
     try:
-        from gradwatch.probes.gradnorm import replicated_local
-
         total = replicated_local(total)  # FSDP2: the global norm, on every rank
         n_gradients = sum(1 for p in parameters if p.grad is not None)
         threshold = float(max_norm) if max_norm is not None and not isinstance(max_norm, torch.Tensor) else None
@@ -232,8 +232,6 @@ def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor], max_norm
 
 def _seen_clip_value(parameters: list[torch.Tensor]) -> None:
     try:
-        from gradwatch.probes.gradnorm import global_grad_norm, sharded
-
         grads = [p.grad for p in parameters if p.grad is not None]
         if any(sharded(g) for g in grads):
             return  # FSDP2: a local norm is not the global one, and the probe issues no collective

@@ -67,11 +67,12 @@ class ModelParameters:
     torch.optim optimizer), as one param group without a learning rate: what the gradient norm reads."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self._model = model
+        # listed once, not per step: frozen parameters have no gradient, which the meter skips anyway
+        self._groups = [{"params": list(model.parameters())}]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
+        return self._groups
 
 
 #: What the meters read param groups and state dicts from: one optimizer, or several seen as one.
