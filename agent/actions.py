@@ -166,13 +166,17 @@ class ActionDispatcher:
                  "detail": ack.detail, "apply_at_step": ack.apply_at_step}
         if ack.status is AckStatus.REJECTED:
             log.warning("run %s rank %d refused command %s: %s", run, rank, ack.id, ack.detail)
+        elif ack.status is AckStatus.NOT_TAKEN:
+            log.warning("run %s rank %d: command %s (%s) did not take: %s", run, rank, ack.id, ack.action, ack.detail)
         new = self._file(self._events, run, SpoolLayout.events_file(self.layout.run_dir(run))).append(event)
         noted = self._noted_commands.setdefault(run, set())
-        if not new or not ack.status.carried_out or ack.id in noted:
+        not_taken = ack.status is AckStatus.NOT_TAKEN
+        if not new or not (ack.status.carried_out or not_taken) or ack.id in noted:
             return []
         noted.add(ack.id)  # one note per command, from the first rank that carried it out
         return [ActionNote(id=ack.id, run=run, rank=rank, step=ack.step, t=ack.t, action=ack.action,
-                           reason=ack.reason or "command", rule=ack.rule or None, detail=ack.detail)]
+                           reason=ack.reason or "command", rule=ack.rule or None,
+                           detail=f"did not take: {ack.detail}" if not_taken else ack.detail)]
 
     def _skip(self, run: str, rank: int, step: StepRecord) -> list[ActionNote]:
         count = self._skip_events.get(run, 0)

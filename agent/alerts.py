@@ -79,6 +79,15 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def _outcome(outcome: dict[str, Any] | None) -> dict[str, str]:
+    """The annotation that says what became of the rule's last command, when it did not change the run."""
+    if not outcome or outcome.get("status") not in ("not_taken", "rejected"):
+        return {}
+    verb = "did not take" if outcome["status"] == "not_taken" else "was refused"
+    return {"action_outcome": f"its {outcome.get('action')} after step {outcome.get('step')} {verb}: "
+                              f"{str(outcome.get('detail', ''))[:300]}"}
+
+
 def _rule_text(run: str, metric: str, reason: str, step: int, details: dict[str, Any]) -> str:
     value = _num(details.get("value"))
     if reason == "nonfinite":
@@ -163,14 +172,16 @@ class AlertTracker:
             return
         name = alert_name(rule.name)
         text = _rule_text(rank0.run, rule.metric, trigger["reason"], trigger["step"], trigger.get("details", {}))
+        outcome = _outcome(rule_state.last_outcome)
         self._put(out, _Condition(
             self._labels(name, rank0, rule.alert),
             {"summary": text,
              "description": (f"Rule {rule.name} ({rule.detect.type} on {rule.metric}, action {rule.action.type}, "
                              f"mode {rule.mode}) fired on run {rank0.run} rank 0 on host "
-                             f"{rank0.meta.host or '?'}, last at step {trigger['step']}."),
+                             f"{rank0.meta.host or '?'}, last at step {trigger['step']}."
+                             + (f" Note: {outcome['action_outcome']}." if outcome else "")),
              "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
-             "step": str(trigger["step"])},
+             "step": str(trigger["step"]), **_outcome(rule_state.last_outcome)},
             since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:

@@ -39,7 +39,9 @@ def _run(name: str, kind: Literal["gauge", "counter"], help: str, *extra: str) -
 LOSS = _run("gradwatch_loss", "gauge", "Last loss the run logged with probe.log(loss=...).")
 GRAD_NORM = _run("gradwatch_grad_norm", "gauge",
                  "Global L2 norm of the gradients at the last optimizer step (unscaled, before the optimizer update).")
-LEARNING_RATE = _run("gradwatch_learning_rate", "gauge", "Learning rate of each optimizer param group.", "group")
+LEARNING_RATE = _run("gradwatch_learning_rate", "gauge",
+                     "Learning rate each optimizer param group's last update used: the script's or its scheduler's, "
+                     "times gradwatch's LR cuts (which hold as a ratio to whatever sets the LR).", "group")
 STEPS = _run("gradwatch_steps_total", "counter", "Optimizer steps the process has completed.")
 STEP_DURATION = _run("gradwatch_step_duration_seconds", "gauge",
                      "Wall time of the last optimizer step, from the end of the previous step to the end of this one.")
@@ -62,8 +64,9 @@ LAST_STEP_TIMESTAMP = _run("gradwatch_last_step_timestamp_seconds", "gauge",
 RUN_START_TIMESTAMP = _run("gradwatch_run_start_timestamp_seconds", "gauge", "Unix time the process attached its probe.")
 RUN_INFO = MetricSpec(
     "gradwatch_run_info", "gauge",
-    "Run metadata as labels (value is always 1); user labels appear as label_<key>.",
-    RUN_LABELS + ("host", "pid", "local_rank", "world_size", "torch_version", "gradwatch_version"),
+    "Run metadata as labels (value is always 1); user labels appear as label_<key>. worker: the process name of "
+    "a multiprocessing worker without a rank of its own (Hogwild; its rank label is its index), else empty.",
+    RUN_LABELS + ("host", "pid", "local_rank", "world_size", "torch_version", "gradwatch_version", "worker"),
 )
 RUN_STATE = _run("gradwatch_run_state", "gauge",
                  "1 for the current state of the process (running, stalled, crashed, finished), else 0.", "state")
@@ -89,7 +92,8 @@ PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
 LAYER_GRAD_NORM = _run(
     "gradwatch_layer_grad_norm", "gauge",
     "Gradient L2 norm of a layer (the module owning the parameters) at the last sampled step "
-    "(attach(layer_stats_every=...)); the 10 layers with the largest norm.", "layer")
+    "(attach(layer_stats_every=...)), before the script's or the framework's clipping, as gradwatch_grad_norm; "
+    "the 10 layers with the largest norm.", "layer")
 LAYER_UPDATE_RATIO = _run(
     "gradwatch_layer_update_ratio", "gauge",
     "Update/weight ratio ||w_after - w_before|| / ||w_before|| of a layer at its last measured step; the 10 "

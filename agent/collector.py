@@ -134,7 +134,7 @@ class AgentCollector(Collector):
         meta = s.meta
         labels = dict(zip(c.RUN_INFO.labels, [
             s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
-            meta.gradwatch,
+            meta.gradwatch, meta.worker,
         ], strict=True))
         for key, value in sorted(meta.labels.items())[:16]:
             labels["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key))] = str(value)

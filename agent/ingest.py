@@ -115,7 +115,8 @@ class SpoolIngestor:
                     if rules is not None and observed:
                         self.outbox.extend(rules.observe(record.step, record.t, observed))
                     if rules is not None and isinstance(record, AckRecord):
-                        rules.acknowledged(record.id)
+                        rules.acknowledged(record.id, {"step": record.step, "action": record.action,
+                                                       "status": record.status.value, "detail": record.detail})
                     if isinstance(record, AckRecord) or (isinstance(record, StepRecord) and record.skip is not None):
                         self.outbox.append(Seen(state.run, state.rank, record))
                 state.offset = result.offset

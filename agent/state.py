@@ -150,7 +150,8 @@ class RankState:
         if record.status.carried_out:
             self._count_action(record.action, record.reason or "command", record.step, record.detail)
         else:
-            self._remember(record.action, "rejected", record.step, record.detail)
+            self._remember(record.action, "not taken" if record.status is AckStatus.NOT_TAKEN else "rejected",
+                           record.step, record.detail)
 
     def _apply_step(self, record: StepRecord) -> dict[str, float]:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.
@@ -385,7 +386,8 @@ class AgentState:
                     "unseen_metrics": dict(rules.unseen_metrics),
                 },
                 "ranks": [{
-                    "rank": s.rank, "status": s.status.value, "pid": s.meta.pid, "steps": s.steps_total,
+                    "rank": s.rank, **({"worker": s.meta.worker} if s.meta.worker else {}), "status": s.status.value,
+                    "pid": s.meta.pid, "steps": s.steps_total,
                     "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
                     "step_duration_seconds": s.step_duration, "data_wait_seconds": s.data_wait,
                     "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,

@@ -15,9 +15,10 @@ from gradwatch.probes.captures import GuardInfo
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
+from gradwatch.probes.lr_cut import LRCut
 from gradwatch.probes.optimizers import OptimizerSet
 from gradwatch.probes.snapshots import Snapshots
-from gradwatch.rules.lr import min_lr_for, reduced_lr
+from gradwatch.rules.lr import min_lr_for
 
 if TYPE_CHECKING:
     from gradwatch.rules.config import ReduceLR
@@ -28,8 +29,11 @@ class Actuator:
                  snapshots: Snapshots | None) -> None:
         self.optimizers = optimizers
         self.optimizer = optimizers.primary  # the one whose step the probe counts
-        self.schedulers: list[Any] = []  # LR schedulers whose base_lrs follow an LR reduction
+        self.lr_cut = LRCut()  # LR reductions, held as ratios to the LR the script sets
         self.external_clip: Callable[[float, float, float], float] | None = None  # a framework's clipping
+        self.expected_clip_threshold: float | None = None  # what the next clip uses, after a scale_clip
+        self.script_clip_seen: float | None = None  # the max_norm of the script's own clip_grad_norm_, last seen
+        self._script_clip: tuple[float, float, float] | None = None  # scale_clip on it: (ratio, low, high)
         self.meter = meter
         self.guards = guards
         self.snapshots = snapshots
@@ -118,11 +122,7 @@ class Actuator:
         if isinstance(action, ReduceLR):
             return self._reduce_lr(action)
         if isinstance(action, ScaleClip):
-            if self.external_clip is not None:
-                new = self.external_clip(action.factor, action.min_max_norm, action.max_max_norm)
-                return f"the trainer's clip threshold now {new:.6g}"
-            new = self.guards.scale_fixed_threshold(action.factor, action.min_max_norm, action.max_max_norm)
-            return f"clip threshold now {new:.6g}"
+            return self._scale_clip(action.factor, action.min_max_norm, action.max_max_norm)
         if isinstance(action, Rewind):
             if self.snapshots is None:
                 raise ValueError("rewind needs snapshots: give a rewind rule mode 'act' in the rules the probe "
@@ -133,36 +133,53 @@ class Actuator:
             return f"restored the snapshot of step {restored}; skipping the next {action.skip_steps} updates"
         raise ValueError(f"unknown action {command.type!r}")
 
+    def _scale_clip(self, factor: float, low: float, high: float) -> str:
+        """Scale the threshold of whatever clips: the framework's, gradwatch's fixed guard, or the script's
+        own ``clip_grad_norm_`` (the interceptor hands it the scaled max_norm)."""
+        if self.external_clip is not None:
+            new = self.expected_clip_threshold = self.external_clip(factor, low, high)
+            return f"the trainer's clip threshold now {new:.6g}"
+        if self.guards.scheme == "fixed" and self.guards.fixed_threshold is not None:
+            new = self.expected_clip_threshold = self.guards.scale_fixed_threshold(factor, low, high)
+            return f"clip threshold now {new:.6g}"
+        seen = self.script_clip_seen
+        if seen is None or seen <= 0:
+            raise ValueError("scale_clip: nothing clips this run's gradients by norm (no clip_grad_norm_ call seen, "
+                             "and guards.clip.scheme is not 'fixed')")
+        current = self._scaled_script_clip(seen)
+        new = self.expected_clip_threshold = min(high, max(low, current * factor))
+        self._script_clip = (new / seen, low, high)
+        return f"the script's clip threshold now {new:.6g} (it passes {seen:.6g})"
+
+    def script_clip_threshold(self, max_norm: float) -> float:
+        """The max_norm the script's ``clip_grad_norm_`` clips at: its own, scaled by scale_clip commands."""
+        self.script_clip_seen = max_norm
+        return self._scaled_script_clip(max_norm) if self._script_clip is not None else max_norm
+
+    def _scaled_script_clip(self, max_norm: float) -> float:
+        if self._script_clip is None:
+            return max_norm
+        ratio, low, high = self._script_clip
+        return min(high, max(low, max_norm * ratio))
+
     def learning_rates(self) -> list[float]:
-        """The LR of every watched param group, as set now."""
-        return [float(group["lr"]) for group in self.optimizers.param_groups]
+        """The LR the next update of every watched param group uses (the script's, times the cuts)."""
+        cut = self.lr_cut
+        return [float(cut.in_effect(group)) if cut else float(group["lr"]) for group in self.optimizers.param_groups]
 
     def _reduce_lr(self, action: ReduceLR) -> str:
         changes = []
+        changed = False
         for i, group in enumerate(self.optimizers.param_groups):
-            old = group["lr"]
-            old_value = float(old)
-            new = reduced_lr(old_value, action.factor, min_lr_for(action.min_lr, i), action.eps)
-            if new != old_value:
-                if isinstance(old, torch.Tensor):
-                    old.fill_(new)
-                else:
-                    group["lr"] = new
-                self._scale_schedule(group, new / old_value if old_value else 1.0)
-            changes.append(f"{old_value:.6g}->{new:.6g}")
+            before, after = self.lr_cut.reduce(group, action.factor, min_lr_for(action.min_lr, i), action.eps)
+            changed = changed or after != before
+            changes.append(f"{before:.6g}->{after:.6g}")
+        if not changed:
+            raise NotTaken("lr " + ", ".join(changes) + ": every group's LR is at min_lr already")
+        for optimizer in self.optimizers.members[1:]:  # the probe's own step hooks apply it to the primary
+            self.lr_cut.hook(optimizer)
         return "lr " + ", ".join(changes)
 
-    def _scale_schedule(self, group: dict[str, Any], ratio: float) -> None:
-        """Schedulers that compute the LR from their base LRs (LambdaLR, OneCycle...) would undo the
-        reduction at their next step; scale their base LR of this group by the same ratio."""
-        for scheduler in self.schedulers:
-            groups = scheduler.optimizer.param_groups
-            for j, candidate in enumerate(groups):
-                if candidate is group and j < len(scheduler.base_lrs):
-                    scheduler.base_lrs[j] *= ratio
-                    max_lrs = getattr(scheduler, "max_lrs", None)  # CyclicLR's upper bounds
-                    if isinstance(max_lrs, list) and j < len(max_lrs):
-                        max_lrs[j] *= ratio
-        for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR computes the LR from these
-            if self.schedulers and isinstance(group.get(key), float):
-                group[key] *= ratio
+
+class NotTaken(Exception):
+    """A command that was carried out but changes nothing (an LR cut at min_lr): acknowledged as such."""

@@ -5,8 +5,8 @@ norm recorded is the result of its own ``clip_grad_norm_`` call, the norm before
 it logs as ``grad_norm``). The loss is the scalar the Trainer backpropagates (summed over the
 accumulation steps, which it divides by their number); the learning rate is read at the optimizer
 step, before the scheduler moves it (what it logs as ``learning_rate``). Actions go through
-``TrainerControl``: a stop sets ``control.should_training_stop``; an LR reduction also scales the
-scheduler's base LRs; a clip-threshold change scales ``args.max_grad_norm``. Every other scalar the
+``TrainerControl``: a stop sets ``control.should_training_stop``; an LR reduction holds as a ratio
+to the LR the scheduler sets (probes/lr_cut.py); a clip-threshold change scales ``args.max_grad_norm``. Every other scalar the
 Trainer logs is forwarded (``on_log``): ``eval_loss`` (also as ``val_loss``), ``eval_*``, ``epoch``...
 """
 
@@ -44,8 +44,6 @@ class GradwatchCallback(ProbeOptions, TrainerCallback):
                            on_stop="flag", launch_id=shared_launch_id(),
                            **{**self.options, "run": run})
         self._inputs = interceptors.listen(self.probe)  # the loss and the Trainer's clip_grad_norm_ result
-        if lr_scheduler is not None:
-            self.probe.watch_schedulers([getattr(lr_scheduler, "scheduler", lr_scheduler)])
         if args.max_grad_norm and args.max_grad_norm > 0:
             def scale_max_grad_norm(factor: float, low: float, high: float) -> float:
                 args.max_grad_norm = min(high, max(low, args.max_grad_norm * factor))

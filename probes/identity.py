@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ class ProcessIdentity:
     pid: int
     start_time: float
     launch_key: str  # equal on every rank of one launch on this host, different between launches
+    worker: str = ""  # a multiprocessing worker without a rank (Hogwild): its process name; its rank is its index
 
 
 def _env_int(name: str) -> int | None:
@@ -49,15 +51,21 @@ def detect_identity(rank: int | None = None, world_size: int | None = None,
         if dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
+    host = socket.gethostname()
+    worker = _unranked_worker() if rank is None and _env_int("RANK") is None else None
+    if worker is not None:  # Hogwild: the workers of one parent are one run, each its own "rank"
+        rank, name, parent = worker
+        world_size = world_size if world_size is not None else 1
     rank = rank if rank is not None else (_env_int("RANK") or 0)
     world_size = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
     local_rank = _env_int("LOCAL_RANK")
-    host = socket.gethostname()
     pid = os.getpid()
     start_time = time.time()
     explicit = launch_id or os.environ.get("GRADWATCH_RUN_ID")
     if explicit:
         key = explicit
+    elif worker is not None:
+        key = f"{host}:mp-workers-of:{parent}"
     elif world_size > 1:
         # Ranks started by one launcher (torchrun, mp.spawn, srun) on a host share these.
         key = ":".join(
@@ -74,7 +82,21 @@ def detect_identity(rank: int | None = None, world_size: int | None = None,
         pid=pid,
         start_time=start_time,
         launch_key=hashlib.sha1(key.encode()).hexdigest()[:16],
+        worker=name if worker is not None else "",
     )
+
+
+def _unranked_worker() -> tuple[int, str, int] | None:
+    """(index, process name, parent pid) of a process ``multiprocessing`` (or ``torch.multiprocessing``)
+    started, which has no rank of its own: Hogwild workers training one shared model. Its index among
+    its parent's children (``Process-3`` is 2) keeps the siblings' records apart in one run."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return None
+    identity: tuple[int, ...] = tuple(getattr(multiprocessing.current_process(), "_identity", ()))
+    if len(identity) != 1:
+        return None  # a pool's worker, or nested: no stable index
+    return int(identity[0]) - 1, multiprocessing.current_process().name, int(parent.pid)
 
 
 def default_run_name(identity: ProcessIdentity) -> str:

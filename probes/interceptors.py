@@ -147,6 +147,7 @@ def _install() -> None:
             if not _taps or float(norm_type) != 2.0:
                 return original_clip(parameters, max_norm, norm_type, *args, **kwargs)
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            max_norm = _before_clip(max_norm)
             total = original_clip(parameters, max_norm, norm_type, *args, **kwargs)
             _seen_clip(total, parameters, max_norm)
             return total
@@ -155,6 +156,7 @@ def _install() -> None:
             if not _taps:
                 return original_clip_value(parameters, clip_value, *args, **kwargs)
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            _before_clip(None)
             _seen_clip_value(parameters)  # the norm before the values are clamped
             return original_clip_value(parameters, clip_value, *args, **kwargs)
 
@@ -217,6 +219,17 @@ def _seen_backward_done() -> None:
             tap.on_backward_done()
     except Exception as exc:
         _internal_error("backward", exc)
+
+
+def _before_clip(max_norm: Any) -> Any:
+    """The script clips: the probes measure what must be seen before clipping; the max_norm to clip at."""
+    try:
+        for tap in _taps:
+            if tap.probe is not None:
+                max_norm = tap.probe.before_script_clip(max_norm)
+    except Exception as exc:
+        _internal_error("clip_grad_norm_", exc)
+    return max_norm
 
 
 def _seen_clip(total: torch.Tensor, parameters: Iterable[torch.Tensor], max_norm: Any) -> None:

@@ -9,8 +9,8 @@ loss ``training_step`` returned, the batch size and data-wait time from ``on_tra
 every scalar in ``trainer.callback_metrics`` after validation and at the end of each training epoch
 (each logged value once: the same tensor is not recorded twice), under Lightning's names (``val_loss``
 feeds the shipped validation rules). Actions go through the Trainer: a stop sets ``trainer.should_stop``
-(on every rank after the same step), an LR reduction also scales the base LRs of the Trainer's
-schedulers, and a clip-threshold change scales ``trainer.gradient_clip_val`` when Lightning clips.
+(on every rank after the same step), an LR reduction holds as a ratio to the LR the schedulers set
+(probes/lr_cut.py), and a clip-threshold change scales ``trainer.gradient_clip_val`` when Lightning clips.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ class LightningHooks(ProbeOptions):
         self.probe = Probe(pl_module, list(trainer.optimizers), rank=trainer.global_rank,
                            world_size=trainer.world_size, on_stop="flag", measure_in_step_hook=False,
                            launch_id=shared_launch_id(), **self.options)
-        self.probe.watch_schedulers([config.scheduler for config in trainer.lr_scheduler_configs])
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             def scale_trainer_clip(factor: float, low: float, high: float) -> float:
                 trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val or 0.0) * factor))

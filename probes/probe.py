@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -105,6 +105,7 @@ class Probe:
         self._data_wait: float | None = None
         self._awaiting_forward = False
         self._held_layers: LayersCapture | None = None
+        self._layers_measured = False  # this step's per-layer norms were taken (before the script's clip)
         self._clip_norm: tuple[torch.Tensor, int, float | None] | None = None  # the script's clip_grad_norm_
         self._pending_script_clip: float | None = None  # its max_norm, when its result is the recorded norm
         self._closure_step = False
@@ -147,7 +148,6 @@ class Probe:
         if self.primary_optimizer is not None:
             self._hooks.append(self.primary_optimizer.register_step_pre_hook(self._on_step_pre))
             self._hooks.append(self.primary_optimizer.register_step_post_hook(self._on_step_post))
-        self._model_hooked = model is not None
         if model is not None:
             self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))  # invisible to copies
         self._writer.start()
@@ -222,16 +222,6 @@ class Probe:
         if not self._closed:
             self._before_step()
 
-    def adopt_model(self, model: torch.nn.Module) -> None:
-        """The model, found after the probe started (``gradwatch run`` with ``step(closure)``): its forward
-        passes give data-wait time and samples from now on."""
-        if self._closed or self._model_hooked:
-            return
-        self._model_hooked = True
-        if self._sample_counter is not None:
-            self._sample_counter.use_model(model)
-        self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))
-
     def count_samples(self, counter: SampleCounter | None) -> None:
         """Log ``batch_size`` with each step the script does not log, from the model's forward inputs."""
         self._sample_counter = counter
@@ -255,6 +245,28 @@ class Probe:
         """Take the loss from ``inputs`` (interceptors: the backward pass) after steps the script did not log."""
         self._step_inputs = inputs
 
+    def before_script_clip(self, max_norm: Any) -> Any:
+        """The script is about to clip its gradients (interceptors): a sampled step's per-layer norms are
+        taken now, before clipping, as the global norm is; returns the ``max_norm`` to clip at (the
+        script's, scaled by ``scale_clip`` commands when nothing else clips). ``None``: clip by value."""
+        if self._closed:
+            return max_norm
+        if self.step + 1 == self._layer_step and not self._layers_measured:
+            self._measure_layers()
+        actuator = self._actuator
+        if actuator is not None and actuator.external_clip is None and isinstance(max_norm, (int, float)) \
+                and not isinstance(max_norm, bool):
+            return actuator.script_clip_threshold(float(max_norm))
+        return max_norm
+
+    def learning_rates(self) -> list[float]:
+        """The LR each watched param group's next update uses: the script's, times gradwatch's LR cuts (a
+        cut holds as a ratio to whatever the script or its scheduler sets; ``param_group["lr"]`` keeps the
+        script's own value between steps)."""
+        if self._actuator is not None:
+            return self._actuator.learning_rates()
+        return [] if self._optimizers is None else [float(g["lr"]) for g in self._optimizers.param_groups]
+
     def forget_clip_norm(self) -> None:
         """New gradients since the script's clip_grad_norm_: its result no longer describes them."""
         self._clip_norm = None
@@ -270,6 +282,8 @@ class Probe:
         updates its parameters by hand) each one is a step: its gradients are measured now."""
         if self.primary_optimizer is not None or self._closed or self._grad_norm is None or _is_compiling():
             return
+        if self._commands.awaiting_lr:
+            self._commands.lr_in_effect()  # acknowledgements held for the next step
         self._before_step()
         self._record_step()
 
@@ -299,13 +313,6 @@ class Probe:
         if self._listening is None and not self._closed:
             self._listening = interceptors.listen(self, record_loss=False)
 
-    def watch_schedulers(self, schedulers: Sequence[Any]) -> None:
-        """LR schedulers of the watched optimizers: an LR reduction also scales their base
-        learning rates, so that a schedule that recomputes the LR from them (LambdaLR, warm-up and
-        decay) keeps the reduction instead of undoing it at its next step."""
-        if self._actuator is not None:
-            self._actuator.schedulers = [s for s in schedulers if hasattr(s, "base_lrs")]
-
     def control_clipping(self, scale: Callable[[float, float, float], float] | None) -> None:
         """Hand clip-threshold changes to the framework's own clipping: ``scale(factor, min, max)``
         sets the framework's threshold and returns the new value."""
@@ -324,7 +331,9 @@ class Probe:
             end, error = EndStatus.STOPPED, self.stop_reason  # the run ended because a rule stopped it
         if self._held_layers is not None:
             self._queue.put(self._held_layers)
-        self._commands.lr_in_effect()
+        self._commands.run_ended()
+        if self._actuator is not None:
+            self._actuator.lr_cut.close()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -357,6 +366,9 @@ class Probe:
                 self._data_wait = time.perf_counter() - self._last_step_end
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        actuator = self._actuator
+        if actuator is not None and actuator.lr_cut:
+            actuator.lr_cut.apply(optimizer)  # the script has set its LR for this update: cut it, for the update
         if self._commands.awaiting_lr:
             self._commands.lr_in_effect()  # LR changes of the last boundary, with the LR this step uses
         if self._measure_in_step_hook and not _is_compiling():
@@ -371,11 +383,8 @@ class Probe:
         if self._held_layers is not None:
             self._queue.put(self._held_layers)
             self._held_layers = None
-        if self.step + 1 == self._layer_step and self._layers is not None:
-            try:
-                self._layers.before_step()  # before the guards, which may clip or hide the gradients
-            except Exception as exc:
-                self.report_internal_error("layer_stats", exc)
+        if self.step + 1 == self._layer_step and not self._layers_measured:
+            self._measure_layers()  # before the guards, which may clip or hide the gradients
         try:
             reuse, self._clip_norm = self._clip_norm, None
             meter = self._grad_norm
@@ -396,6 +405,13 @@ class Probe:
         except Exception as exc:
             self._pending_norm = None
             self.report_internal_error("grad_norm", exc)
+
+    def _measure_layers(self) -> None:
+        self._layers_measured = True
+        try:
+            self._layers.before_step()  # type: ignore[union-attr]
+        except Exception as exc:
+            self.report_internal_error("layer_stats", exc)
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if _is_compiling():
@@ -419,12 +435,23 @@ class Probe:
             norm, guard = self._pending_norm, self._pending_guard
             self._pending_norm = self._pending_guard = None
             optimizers = self._optimizers
-            lrs = [] if optimizers is None else [lr if lr.__class__ is float else readback.capture(lr)
-                                                 for lr in [group["lr"] for group in optimizers.param_groups]]
+            actuator = self._actuator
+            if actuator is not None and actuator.lr_cut:  # the LRs the update used, then the script's back
+                cut = actuator.lr_cut
+                lrs = [readback.capture(lr) if isinstance(lr := cut.in_effect(group), torch.Tensor) else lr
+                       for group in optimizers.param_groups]  # type: ignore[union-attr]
+                cut.restore(actuator.optimizer)
+            else:
+                lrs = [] if optimizers is None else [lr if lr.__class__ is float else readback.capture(lr)
+                                                     for lr in [group["lr"] for group in optimizers.param_groups]]
             item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait,
                                norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs,
                                guard, self._pending_script_clip, loss_scale)
+            if self._commands.awaiting_step:
+                self._commands.step_recorded(guard[0] if guard is not None else self._pending_script_clip,
+                                             guard[2] if guard is not None and isinstance(guard[2], str) else None)
             self._pending_script_clip = None
+            self._layers_measured = False
             self._queue.put(item)
             self._data_wait = None
             self._awaiting_forward = True

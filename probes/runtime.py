@@ -5,6 +5,8 @@ handed to every probe; the zero-code launcher asks it whether a probe is open al
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -25,6 +27,7 @@ class ProcessRuntime:
         self._uncaught: list[BaseException] = []
         self._lock = threading.Lock()
         self._exit_handlers = False
+        self._exit_pid: int | None = None  # the process whose exit closes the probes (a fork child is another)
 
     def opened(self, probe: Probe) -> None:
         self._open.add(probe)
@@ -46,6 +49,12 @@ class ProcessRuntime:
 
     def _install_exit_handlers(self) -> None:
         with self._lock:
+            pid = os.getpid()
+            if self._exit_pid != pid:
+                self._exit_pid = pid
+                if multiprocessing.parent_process() is not None:
+                    # a multiprocessing worker leaves through os._exit: atexit does not run there, these do
+                    multiprocessing.util.Finalize(None, self.close_all, exitpriority=100)
             if self._exit_handlers:
                 return
             self._exit_handlers = True
@@ -60,7 +69,7 @@ class ProcessRuntime:
 
     def close_all(self) -> None:
         pid = os.getpid()
-        last = self._uncaught[-1] if self._uncaught else None
+        last = self._uncaught[-1] if self._uncaught else sys.exc_info()[1]  # a worker's target raising: in flight
         for probe in list(self._open):
             if probe.identity.pid != pid:
                 continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes

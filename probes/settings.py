@@ -81,7 +81,7 @@ class ProbeSettings:
             max_queue=max_queue, flush_interval=flush_interval,
             autostart_agent=autostart_enabled() if autostart_agent is None else autostart_agent,
             rules=resolved_rules, explicit_rules=explicit, on_stop=on_stop,
-            layer_stats_every=every if model is not None and optimizers else 0,
+            layer_stats_every=every if optimizers else 0,  # with a model: now or adopted later
             measure_in_step_hook=measure_in_step_hook)
 
     def run_metadata(self) -> dict[str, Any]:

@@ -216,7 +216,7 @@ class SpoolWriterThread(threading.Thread):
             labels=self._labels, host=ident.host, pid=ident.pid, proc_start_ticks=process_start_ticks(),
             local_rank=ident.local_rank, start_time=ident.start_time, launch_key=ident.launch_key,
             argv=list(sys.argv), python=sys.version.split()[0], torch=torch.__version__, gradwatch=__version__,
-            **self._run_settings)
+            worker=ident.worker, **self._run_settings)
 
     def _write_end(self) -> None:
         status, error, final_step = self._end

@@ -7,9 +7,11 @@ the script imports torch. From then on, in this process:
   with that optimizer as the one whose steps are counted. Every other optimizer the script created
   (``Optimizer.__init__`` is wrapped to keep a weak reference) or steps later joins it: their
   parameters count in the gradient norm from the first step on, their groups in the learning rates.
-- the model is the first module called before that first step (a global forward hook, removed
-  at the first step), if it holds the optimizer's parameters: it gives data-wait time and
-  per-layer statistics;
+- the model is found at that first step among the modules the script built (``Module.__init__`` is
+  wrapped until then to keep weak references; no global module hook, which would be traced by
+  ``torch.compile`` and invalidate its graphs when removed): the outermost module holding the
+  optimizer's parameters (the ``torch.compile`` or DDP wrapper, whose hooks run outside the compiled
+  graph). It gives data-wait time, samples per step and per-layer statistics from the second step on;
 - the loss is the scalar the backward pass starts from, a ``clip_grad_norm_`` result is reused,
   and the GradScaler's scaling is undone (see :mod:`gradwatch.probes.interceptors`).
 
@@ -27,7 +29,6 @@ import weakref
 from typing import Any
 
 import torch
-from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradwatch.probes.batch_size import BatchSizeSettingError, SampleCounter, counter_from_environment
@@ -54,15 +55,13 @@ class ZeroCode:
         self.runtime = runtime if runtime is not None else process_runtime()  # the process's open probes
         self.probe: Any = None
         self.failed = False
-        self._first_module: weakref.ref[torch.nn.Module] | None = None
-        self._samples = self._sample_counter()  # the first module's training samples, until the probe's hook counts
-        self._model_steps_left = 0  # a step(closure) script calls its model inside the first step: adopt it later
+        self._samples = self._sample_counter()  # the model's training samples, counted by the probe's hook
         self._step_handle = register_optimizer_step_pre_hook(self._on_any_step_pre)
-        self._forward_handle: Any = register_module_forward_pre_hook(self._on_first_forward)
+        self._modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # built before the first step
+        self._module_init: Any = None  # torch's Module.__init__, while wrapped
         self._created: list[weakref.ref[torch.optim.Optimizer]] = []  # in creation order: the LR label order
-        self._schedulers: list[weakref.ref[Any]] = []  # LR schedulers the script created, for LR cuts to stick
         self._wrap_optimizer_init()
-        self._wrap_scheduler_init()
+        self._wrap_module_init()
         from gradwatch.probes import interceptors
 
         self.inputs = interceptors.listen()  # from the start: the first step's loss comes before the probe
@@ -84,40 +83,39 @@ class ZeroCode:
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
         torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
 
-    def _wrap_scheduler_init(self) -> None:
-        """Keep a weak reference to every LR scheduler: an LR cut scales their base LRs, so that a schedule
-        that recomputes the LR each step (LambdaLR, OneCycleLR, cosine) keeps it, as the callbacks do."""
-        from torch.optim.lr_scheduler import LRScheduler
+    def _wrap_module_init(self) -> None:
+        original = self._module_init = torch.nn.Module.__init__
+        modules = self._modules
 
-        original = LRScheduler.__init__
-        session = self
-
-        def __init__(scheduler: Any, *args: Any, **kwargs: Any) -> None:
-            original(scheduler, *args, **kwargs)
+        def __init__(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            original(module, *args, **kwargs)
             try:
-                session._scheduler_created(scheduler)
-            except Exception as exc:  # never fail the script's scheduler
-                log.debug("gradwatch: could not watch a scheduler (%r)", exc)
+                if len(modules) < _MAX_MODULES:
+                    modules.add(module)
+            except TypeError:  # not weak-referenceable: not a model we can hook anyway
+                pass
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
-        LRScheduler.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
+        torch.nn.Module.__init__ = __init__  # type: ignore[method-assign,assignment]  # a wrapper, same call
 
-    def _scheduler_created(self, scheduler: Any) -> None:
-        if len(self._schedulers) < 64:  # bounded, as the optimizers
-            self._schedulers.append(weakref.ref(scheduler))
-        if self.probe is not None:
-            self._hand_schedulers(self.probe)
+    def _stop_tracking_modules(self) -> None:
+        if self._module_init is not None and getattr(torch.nn.Module.__init__, "__wrapped__", None) is self._module_init:
+            torch.nn.Module.__init__ = self._module_init  # type: ignore[method-assign,assignment]
+        self._module_init = None
+        self._modules = weakref.WeakSet()
 
-    def _hand_schedulers(self, probe: Any) -> None:
-        probe.watch_schedulers([s for ref in self._schedulers if (s := ref()) is not None])
-
-    def _on_first_forward(self, module: torch.nn.Module, args: Any) -> None:
-        if self._first_module is None:
-            self._first_module = weakref.ref(module)
-            if self._samples is not None:
-                self._samples.use_model(module)
-        if self._samples is not None and self._first_module() is module:
-            self._samples.on_forward(module, args)  # the forward passes the probe's own hook does not see yet
+    def _find_model(self, holds: Any) -> torch.nn.Module | None:
+        """The outermost module built so far for which ``holds(module)`` counts the most parameters."""
+        modules = list(self._modules)
+        inner = {id(child) for m in modules for child in m._modules.values() if child is not None}
+        best, best_count = None, 0
+        for module in modules:
+            if id(module) in inner:
+                continue  # a part of another module (or the module a compile/DDP wrapper holds)
+            count = holds(module)
+            if count > best_count:
+                best, best_count = module, count
+        return best
 
     @staticmethod
     def _sample_counter() -> SampleCounter | None:
@@ -130,8 +128,6 @@ class ZeroCode:
     def _on_any_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         probe = self.probe
         if probe is not None:
-            if self._model_steps_left:
-                self._adopt_model(probe, optimizer)
             if optimizer is not probe.primary_optimizer:
                 try:
                     probe.add_optimizer(optimizer)  # no-op once known
@@ -180,57 +176,53 @@ class ZeroCode:
             # it records the run; `gradwatch run` only passed the settings on
             self.failed = True
             interceptors.stop_listening(self.inputs)
-            self._remove_forward_hook()
+            self._stop_tracking_modules()
             log.debug("gradwatch: the script attaches its own probe; gradwatch run adds none")
             return None
-        candidate = self._first_module() if self._first_module is not None else None
         if optimizer is None:  # parameters updated by hand: the model is all there is to measure
-            if candidate is None or not any(p.grad is not None for p in candidate.parameters()):
+            candidate = self._find_model(_with_gradients)
+            if candidate is None:
                 return None  # a backward pass outside any model we saw: wait for one that is
-            self._remove_forward_hook()
+            self._stop_tracking_modules()
             self.probe = Probe(candidate, None, on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                                runtime=self.runtime)
-            self.probe.count_samples(self._samples)
+            self._count_samples(candidate)
             self.inputs.bind(self.probe)
             log.info("gradwatch: watching run %s (rank %d of %d); no torch.optim optimizer, so each backward pass "
                      "counts as a step and there is no learning rate", self.probe.requested_run,
                      self.probe.identity.rank, self.probe.identity.world_size)
             return self.probe
-        model = candidate if candidate is not None and _holds_parameters_of(candidate, optimizer) else None
+        model = self._find_model(lambda module: _parameters_of(module, optimizer))
+        self._stop_tracking_modules()
         # the probe's own step hooks, registered now, run for this very step (after the global ones)
         others = [o for ref in self._created if (o := ref()) is not None and o is not optimizer]
         self._created.clear()
         self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                            runtime=self.runtime)
-        self.probe.count_samples(self._samples)
-        self._hand_schedulers(self.probe)
         if model is not None:
-            self._remove_forward_hook()
-        else:  # keep looking (and counting samples) through the first steps
-            self._model_steps_left = 3
+            self._count_samples(model)
         self.inputs.bind(self.probe)
         log.debug("gradwatch: watching run %s (rank %d of %d)%s", self.probe.requested_run,  # the launcher said so
                  self.probe.identity.rank, self.probe.identity.world_size,
                  "" if model is not None else "; model not found, so no data-wait time or per-layer statistics")
         return self.probe
 
-    def _adopt_model(self, probe: Any, optimizer: torch.optim.Optimizer) -> None:
-        """The first step ran without a model (its closure made the first forward pass): take the module
-        called first as the model now, or give up after a few steps (the global hook costs every call)."""
-        self._model_steps_left -= 1
-        module = self._first_module() if self._first_module is not None else None
-        if module is not None and _holds_parameters_of(module, optimizer):
-            probe.adopt_model(module)
-            self._model_steps_left = 0
-        if not self._model_steps_left:
-            self._remove_forward_hook()
 
-    def _remove_forward_hook(self) -> None:
-        if self._forward_handle is not None:
-            self._forward_handle.remove()  # every module call paid for it; the first step ends that
-            self._forward_handle = None
+    def _count_samples(self, model: torch.nn.Module) -> None:
+        if self._samples is not None:
+            self._samples.use_model(model)
+            self.probe.count_samples(self._samples)
 
 
-def _holds_parameters_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+#: Modules remembered before the first step at most (a script building modules in a loop keeps the first).
+_MAX_MODULES = 100_000
+
+
+def _parameters_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """How many of the optimizer's parameters ``model`` holds."""
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return any(id(p) in wanted for p in model.parameters())
+    return sum(1 for p in model.parameters() if id(p) in wanted)
+
+
+def _with_gradients(model: torch.nn.Module) -> int:
+    return sum(1 for p in model.parameters() if p.grad is not None)

@@ -49,6 +49,8 @@ class RuleState:
         # the detector's latest trigger, even when cooldown or max_actions kept the rule quiet, and when its
         # condition was last seen holding (seen_t): alerts follow it
         self.last_trigger: dict[str, Any] | None = None
+        # what became of its last command: {"step", "action", "status", "detail"} from the probe's ack
+        self.last_outcome: dict[str, Any] | None = None
 
     def quiet(self, step: int) -> bool:
         rule = self.rule
@@ -62,7 +64,8 @@ class RuleState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": self._spec(), "detector": self.detector.state_dict(),
-                "fired": self.fired, "last_fired_step": self.last_fired_step, "last_trigger": self.last_trigger}
+                "fired": self.fired, "last_fired_step": self.last_fired_step, "last_trigger": self.last_trigger,
+                "last_outcome": self.last_outcome}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore unless the rule changed since (then it starts afresh); True when restored."""
@@ -72,6 +75,8 @@ class RuleState:
         self.fired = int(state.get("fired", 0))
         self.last_fired_step = state.get("last_fired_step")
         self.last_trigger = state.get("last_trigger")
+        outcome = state.get("last_outcome")
+        self.last_outcome = outcome if isinstance(outcome, dict) else None
         return True
 
 
@@ -159,12 +164,16 @@ class RunRules:
                             "it cannot fire (a typo? the run records: %s)", self.run, name, metric,
                             UNSEEN_METRIC_STEPS, ", ".join(sorted(self.metrics_seen)[:20]))
 
-    def acknowledged(self, command_id: str) -> None:
-        """The probe acknowledged a command (applied, late or rejected): the records that follow come from
-        after it, and its rule decides again."""
+    def acknowledged(self, command_id: str, outcome: dict[str, Any] | None = None) -> None:
+        """The probe acknowledged a command (applied, late, rejected or not taken): the records that follow
+        come from after it, and its rule decides again. ``outcome`` ({"step", "action", "status", "detail"}):
+        what became of it, which the rule's alert tells."""
         for name, awaited in list(self.awaiting.items()):
             if awaited == command_id:
                 del self.awaiting[name]
+        rule = command_id.rpartition("@")[0]
+        if outcome is not None and rule in self.states:
+            self.states[rule].last_outcome = outcome
 
     def state_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rules": {name: s.state_dict() for name, s in self.states.items()},

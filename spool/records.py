@@ -47,10 +47,12 @@ class AckStatus(str, enum.Enum):
     APPLIED = "applied"
     LATE = "late"  # read after its apply_at_step; applied at once
     REJECTED = "rejected"  # refused; nothing changed
+    NOT_TAKEN = "not_taken"  # (1.4) carried out, but its effect was not seen (an LR cut at min_lr); detail: why
 
     @property
     def carried_out(self) -> bool:
-        return self is not AckStatus.REJECTED
+        """The action changed the run (counted as an action taken)."""
+        return self is AckStatus.APPLIED or self is AckStatus.LATE
 
 
 class EndStatus(str, enum.Enum):
@@ -203,6 +205,7 @@ class RunMeta:
     dry_run: bool = False
     on_stop: str = "flag"
     steps_from: str = "optimizer"  # (1.3) what a step is: "optimizer" steps, or "backward" passes (no optimizer)
+    worker: str = ""  # (1.4) a multiprocessing worker without a rank (Hogwild): its process name; rank = its index
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -275,7 +278,7 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         "world_size": meta.world_size, "start_time": meta.start_time, "launch_key": meta.launch_key,
         "argv": meta.argv, "python": meta.python, "torch": meta.torch, "gradwatch": meta.gradwatch,
         "rules": meta.rules, "guards": meta.guards, "dry_run": meta.dry_run, "on_stop": meta.on_stop,
-        "steps_from": meta.steps_from,
+        "steps_from": meta.steps_from, **({"worker": meta.worker} if meta.worker else {}),
     }
 
 
@@ -449,7 +452,8 @@ def decode_meta(obj: Any) -> RunMeta:
         rules=obj["rules"] if isinstance(obj.get("rules"), dict) else None,
         guards=obj["guards"] if isinstance(obj.get("guards"), dict) else None,
         dry_run=obj.get("dry_run") is True, on_stop=_text(obj.get("on_stop"), 20) or "flag",
-        steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer")
+        steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer",
+        worker=_text(obj.get("worker"), MAX_NAME) or "")
 
 
 def merge_logged(records: list[Record]) -> list[Record]:

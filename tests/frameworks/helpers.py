@@ -34,11 +34,11 @@ rules:
 """
 
 
-def run_script(name: str, home: Path, *args: str, timeout: float = 300) -> None:
+def run_script(name: str, home: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> None:
     """``python tests/support/<name> ARGS`` (or ``python -m ARGS`` when name is "-m"), to its end."""
     command = [sys.executable, "-m", *args] if name == "-m" else [sys.executable, str(SUPPORT / name), *args]
     done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env={**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0"},
+                          env={**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", **(env or {})},
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
 

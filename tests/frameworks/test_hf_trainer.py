@@ -38,8 +38,12 @@ def test_actions_go_through_trainer_control(agent_process: Any, isolated_home: P
     result = json.loads((tmp_path / "result.json").read_text())
     assert 20 <= result["global_step"] < 400 and "rule give-up" in result["stop_reason"]
     assert result["max_grad_norm"] == 0.5
-    assert result["base_lrs"] == [0.0025, 0.0025]  # the linear schedule keeps the cut
     assert records(isolated_home, "hf", kind="end")[0]["status"] == "stopped"
     applied = acks(isolated_home, "hf")
+    # the linear schedule goes on setting its LR; every update after the cut uses half of it
+    scheduled = {e["step"]: e["learning_rate"] for e in result["log_history"] if "learning_rate" in e}
+    after_cut = [r for r in records(isolated_home, "hf") if r["step"] > applied["reduce_lr"]["step"]]
+    assert len(after_cut) >= 10
+    assert [r["lr"][0] for r in after_cut] == pytest.approx([0.5 * scheduled[r["step"]] for r in after_cut], rel=1e-9)
     assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
                                                             "stop": "applied"}

@@ -101,7 +101,13 @@ def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, is
     assert result["should_stop"] and 20 <= result["global_step"] < 400
     assert "rule give-up" in result["stop_reason"]
     assert result["gradient_clip_val"] == 0.5  # the Trainer's own clipping was tightened
-    assert result["base_lrs"] == [0.025]  # the warm-up schedule keeps the cut instead of undoing it
+    # the warm-up schedule goes on setting its LR (LearningRateMonitor logs it); every update after the cut
+    # uses half of it
+    scheduled = lightning_logs(tmp_path)["lr-SGD"]
+    cut_at = acks(isolated_home, "lightning", 0)["reduce_lr"]["step"]
+    after_cut = [r for r in records(isolated_home, "lightning") if r["step"] > cut_at]
+    assert len(after_cut) >= 10
+    assert [r["lr"][0] for r in after_cut] == pytest.approx([0.5 * scheduled[r["step"]] for r in after_cut], rel=1e-9)
     ends = [records(isolated_home, "lightning", rank, kind="end")[0] for rank in (0, 1)]
     assert [e["status"] for e in ends] == ["stopped", "stopped"]
     assert ends[0]["step"] == ends[1]["step"] == result["global_step"]  # both ranks left after the same step
@@ -109,4 +115,4 @@ def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, is
         applied = acks(isolated_home, "lightning", rank)
         assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
                                                                 "stop": "applied"}
-        assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5"
+        assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5 (the next clip used it)"

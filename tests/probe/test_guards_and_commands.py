@@ -176,13 +176,21 @@ def test_reduce_lr_command_is_applied_once_and_acknowledged() -> None:
         _step(model, opt, step, probe=probe)
     _send(probe, id="cut@3", action={"type": "reduce_lr", "factor": 0.5, "min_lr": 0.004, "eps": 1e-8})
     _send(probe, id="cut@3", action={"type": "reduce_lr", "factor": 0.5})  # a duplicate id: ignored
-    step = _train_until(lambda: opt.param_groups[0]["lr"] != 0.01, model, opt, probe, 3)
+    step = _train_until(lambda: probe.learning_rates()[0] != 0.01, model, opt, probe, 3)
+    assert opt.param_groups[0]["lr"] == 0.01, "between updates the group keeps the script's LR"
     _send(probe, id="cut@x", action={"type": "reduce_lr", "factor": 0.1, "min_lr": 0.004, "eps": 1e-8})
-    _train_until(_handled(probe, "cut@x"), model, opt, probe, step)
+    step = _train_until(_handled(probe, "cut@x"), model, opt, probe, step)
+    _send(probe, id="cut@y", action={"type": "reduce_lr", "factor": 0.1, "min_lr": 0.004})  # at min_lr already
+    _train_until(_handled(probe, "cut@y"), model, opt, probe, step)
+    _step(model, opt, 999, probe=probe)
     acks = _acks(probe)
     assert [(a["id"], a["status"], a["action"]) for a in acks] == [("cut@3", "applied", "reduce_lr"),
-                                                                  ("cut@x", "applied", "reduce_lr")]
+                                                                  ("cut@x", "applied", "reduce_lr"),
+                                                                  ("cut@y", "not_taken", "reduce_lr")]
     assert acks[0]["detail"] == "lr 0.01->0.005" and acks[1]["detail"] == "lr 0.005->0.004"  # bounded by min_lr
+    assert "at min_lr already" in acks[2]["detail"]
+    steps = [r for r in _records(probe) if r["kind"] == "step"]
+    assert {r["lr"][0] for r in steps if r["step"] > acks[1]["step"]} == {0.004}, "the step records hold the cut LR"
 
 
 def test_a_command_with_apply_at_step_waits_for_that_step() -> None:
@@ -193,7 +201,7 @@ def test_a_command_with_apply_at_step_waits_for_that_step() -> None:
     lrs = {}
     for step in range(2, 50):
         _step(model, opt, step, probe=probe)
-        lrs[step] = opt.param_groups[0]["lr"]
+        lrs[step] = probe.learning_rates()[0]
         time.sleep(0.005)
     acks = _acks(probe)
     assert lrs[39] == 0.01 and lrs[40] == 0.005, "applied right after step 40, not before"
@@ -257,7 +265,7 @@ def test_commands_that_cannot_be_carried_out_are_refused_and_change_nothing() ->
     _train_until(_handled(probe, "rw", "sc"), model, opt, probe, 1)
     acks = _acks(probe)
     assert [(a["id"], a["status"]) for a in acks] == [("rw", "rejected"), ("sc", "rejected")]
-    assert "snapshots" in acks[0]["detail"] and "scheme 'fixed'" in acks[1]["detail"]
+    assert "snapshots" in acks[0]["detail"] and "nothing clips" in acks[1]["detail"]
 
 
 def test_a_restarted_probe_in_the_same_run_does_not_apply_a_command_twice(monkeypatch: pytest.MonkeyPatch,
@@ -267,7 +275,7 @@ def test_a_restarted_probe_in_the_same_run_does_not_apply_a_command_twice(monkey
     probe = gradwatch.attach(model, opt, run="restart")
     _step(model, opt, 1, probe=probe)
     _send(probe, id="once", action={"type": "reduce_lr", "factor": 0.5})
-    _train_until(lambda: opt.param_groups[0]["lr"] == 0.005, model, opt, probe, 1)
+    _train_until(lambda: probe.learning_rates()[0] == 0.005, model, opt, probe, 1)
     probe.close()
     with open(SpoolLayout.commands_file(probe.run_dir), "a") as f:  # type: ignore[arg-type]
         f.write("{not json\n")
@@ -276,8 +284,8 @@ def test_a_restarted_probe_in_the_same_run_does_not_apply_a_command_twice(monkey
     assert again.run == "restart"
     _send(again, id="twice", action={"type": "reduce_lr", "factor": 0.1})
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
-        _train_until(lambda: opt.param_groups[0]["lr"] != 0.01, model, opt, again, 1)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.001), "'once' was not applied again, 'twice' was"
+        _train_until(lambda: again.learning_rates()[0] != 0.01, model, opt, again, 1)
+    assert again.learning_rates()[0] == pytest.approx(0.001), "'once' was not applied again, 'twice' was"
     again.close()
     acks = [r for r in _records(again) if r["kind"] == "ack"]
     assert [a["id"] for a in acks] == ["once", "twice"]
@@ -311,5 +319,7 @@ def test_scale_clip_raises_and_lowers_the_fixed_threshold_within_its_bounds() ->
     _train_until(_handled(probe, "up", "down"), model, opt, probe, 1)
     _step(model, opt, 100, probe=probe)
     acks = _acks(probe)
-    assert [a["detail"] for a in acks] == ["clip threshold now 3", "clip threshold now 0.3"]
+    assert [(a["status"], a["detail"]) for a in acks] == [
+        ("applied", "clip threshold now 3 (then scaled again by down)"),
+        ("applied", "clip threshold now 0.3 (the next clip used it)")]
     assert [r for r in _records(probe) if r["kind"] == "step"][-1]["clip"] == pytest.approx(0.3)

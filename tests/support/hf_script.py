@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--rules")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--run", default="hf")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out tokens every N steps")
     a = ap.parse_args()
 
@@ -51,7 +52,7 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "trainer"), max_steps=a.steps, per_device_train_batch_size=8,
         gradient_accumulation_steps=a.accumulate, learning_rate=5e-3, warmup_steps=5, logging_steps=1,
-        max_grad_norm=1.0, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        max_grad_norm=a.max_grad_norm, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
         dataloader_num_workers=0,
         **({"eval_strategy": "steps", "eval_steps": a.eval_every, "per_device_eval_batch_size": 16}
            if a.eval_every else {}),

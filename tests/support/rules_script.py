@@ -74,7 +74,7 @@ def main() -> None:
                 with torch.no_grad():
                     values["val_loss"] = torch.nn.functional.mse_loss(model(x_val), y_val)
             probe.log(**values)
-            lrs.append(optimizer.param_groups[0]["lr"])
+            lrs.append(probe.learning_rates()[0])  # what the next update uses, gradwatch's LR cuts included
             losses.append(loss.item())
             if args.sleep:
                 time.sleep(args.sleep)

@@ -27,7 +27,8 @@ def run_setup(home: Path, out: Path, setup: str, mode: str, *flags: str) -> tupl
         command.append("--attach")
     else:
         command = [sys.executable, "-m", "gradwatch", "run", "--home", str(home), "--run", setup, "--", *command]
-    env = {**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_RUN": setup}
+    env = {**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_RUN": setup,
+           "GRADWATCH_LAYER_STATS_EVERY": "3"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     reference: dict[str, Any] = json.loads((out / "reference-0.json").read_text())
@@ -47,6 +48,19 @@ def test_the_norm_before_the_scripts_clip_grad_norm_and_its_threshold(setup: str
     assert [r["clipped"] for r in steps] == reference["clipped"]
     assert any(reference["clipped"])  # the check is not vacuous: these norms are above 0.5
     assert max(r["grad_norm"] for r in steps) > 0.5 + 1e-3  # a spike stays visible, not flattened to max_norm
+    assert_layer_norms_before_the_clip(isolated_home, setup, steps)
+
+
+def assert_layer_norms_before_the_clip(home: Path, run: str, steps: list[dict[str, Any]]) -> None:
+    """The per-layer norms of each sampled step are those of the gradients the global norm measured: before the
+    script's clipping (measured after it, they would combine to the clip threshold wherever it clipped)."""
+    layers = [r for r in run_records(home, run) if r["kind"] == "layers"]
+    norm_at = {r["step"]: r["grad_norm"] for r in steps}
+    assert len(layers) >= 3
+    combined = [math.sqrt(sum(n * n for n in r["grad_norm"])) for r in layers]
+    assert combined == pytest.approx([norm_at[r["step"]] for r in layers], rel=1e-5)
+    clipped_at = {r["step"] for r in steps if r.get("clipped")}
+    assert not clipped_at or {r["step"] for r in layers} & clipped_at, "no sampled step was clipped: vacuous"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -54,6 +68,7 @@ def test_the_norm_before_the_scripts_clip_grad_value(mode: str, isolated_home: P
     steps, reference = run_setup(isolated_home, tmp_path / "out", "fp32", mode, "--clip-value")
     assert [r["grad_norm"] for r in steps] == pytest.approx(reference["grad_norm"], rel=1e-5)
     assert all("clip" not in r for r in steps)  # a value clamp has no norm threshold to report
+    assert_layer_norms_before_the_clip(isolated_home, "fp32", steps)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -89,8 +89,10 @@ def test_everyday_script_runs_and_records_what_torch_computes(shape: str, mode: 
         assert all(r["clip"] == max_norm for r in steps)
         assert [r["clipped"] for r in steps] == [n + 1e-6 > max_norm for n in reference["grad_norm"]]
         assert any(r["clipped"] for r in steps) or shape in ("ema", "swa")
-    if mode == "gradwatch-run":  # samples per step from the model's inputs (rnn_lm's LSTM takes (seq, batch))
-        samples = [r["values"].get("batch_size") for r in steps]
+    if mode == "gradwatch-run":  # samples per step from the model's inputs (rnn_lm's LSTM takes (seq, batch)),
+        # from the second step: the model is found at the first one (LBFGS calls it inside that step)
+        assert ("batch_size" in steps[0]["values"]) == (shape == "lbfgs")
+        samples = [r["values"].get("batch_size") for r in steps[1:]]
         per_forward = SAMPLES[shape]
         assert all(n is not None and n % per_forward == 0 for n in samples), samples
         if shape != "lbfgs":  # LBFGS evaluates its closure (a forward pass) several times per step

@@ -7,8 +7,8 @@ annealed by hand, and the whole model saved with ``torch.save(model, f)`` whenev
 
 Without ``--attach`` its only gradwatch line is ``gradwatch.log(val_loss=...)`` (run it under
 ``gradwatch run``, or plainly: then that line does nothing). It writes
-``OUT_DIR/reference.json``: the clip result of each update (the norm before clipping), the loss, and
-where the model was saved.
+``OUT_DIR/reference.json``: the clip result of each update (the norm before clipping), each layer's
+gradient norm before clipping, the loss, and where the model was saved.
 """
 
 import argparse
@@ -37,6 +37,16 @@ def get_batch(source, i, bptt=8):
     return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len].reshape(-1)
 
 
+def per_layer_norms(model):
+    """Each layer's gradient norm before clipping (a layer: the module owning the parameters)."""
+    squares = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            layer = name.rpartition(".")[0] or "(root)"
+            squares[layer] = squares.get(layer, 0.0) + float(p.grad.double().square().sum())
+    return {layer: math.sqrt(sq) for layer, sq in squares.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -58,7 +68,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr) if args.optimizer == "adamw" else None
     probe = gradwatch.attach(model, optimizer) if args.attach else None
 
-    norms, losses = [], []
+    norms, losses, layer_norms = [], [], []
 
     def evaluate(data_source):
         model.eval()
@@ -82,6 +92,7 @@ def main():
             output, hidden = model(data, hidden)
             loss = criterion(output, targets)
             loss.backward()
+            layer_norms.append(per_layer_norms(model))
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             if optimizer is None:
                 for p in model.parameters():
@@ -105,7 +116,7 @@ def main():
     if probe is not None:
         probe.close()
     (out / "reference.json").write_text(json.dumps(
-        {"grad_norm": norms, "loss": losses, "saved": str(save), "test_loss": test_loss,
+        {"grad_norm": norms, "loss": losses, "layer_grad_norms": layer_norms, "saved": str(save), "test_loss": test_loss,
          "test_ppl": math.exp(test_loss)}))
 
 
