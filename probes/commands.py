@@ -42,6 +42,7 @@ class CommandApplier:
         # refused or without effect: written when the next step starts, after this step's own scalars (a rule
         # reading them must not take them for records from after the command)
         self._held: list[AckCapture] = []
+        self._awaiting_stop: AckCapture | None = None  # a stop: seen taken when no step follows it
 
     def apply_due(self, step: int) -> None:
         """Apply every command due after ``step``; raises StopTraining after acknowledging all of them."""
@@ -76,13 +77,14 @@ class CommandApplier:
             elif status.carried_out and command.type in _SEEN_IN_STEPS:
                 self._supersede(command)
                 self._awaiting_step.append(_AwaitingStep(ack, self.actuator, command))  # type: ignore[arg-type]
+            elif command.type == "stop" and status.carried_out:
+                self._awaiting_stop = ack
             elif command.type == "stop":
                 self._acknowledge(ack)
             else:
                 self._held.append(ack)
         if raise_stop is not None:
             self.lr_in_effect()  # no next step: what is set now is what is in effect
-            self.run_ended()
             raise raise_stop
 
     @property
@@ -92,7 +94,7 @@ class CommandApplier:
 
     @property
     def awaiting_step(self) -> bool:
-        return bool(self._awaiting_step)
+        return bool(self._awaiting_step) or self._awaiting_stop is not None
 
     def lr_in_effect(self) -> None:
         """The next update starts (the script has set its LR, the cut is applied), or the run ends:
@@ -112,6 +114,13 @@ class CommandApplier:
 
     def step_recorded(self, clip_threshold: float | None, skip: str | None) -> None:
         """A step was recorded (its clip threshold, its skip reason): acknowledge what it shows."""
+        stop = self._awaiting_stop
+        if stop is not None:  # a step after the stop: the script went on
+            self._awaiting_stop = None
+            how = "caught gradwatch.StopTraining" if self.on_stop == "raise" else \
+                "does not read probe.should_stop (check it after each step, or attach with on_stop='raise')"
+            self._acknowledge(stop._replace(status=AckStatus.NOT_TAKEN,
+                                            detail=f"{stop.detail}, but the script went on: it {how}"))
         still = []
         for waiting in self._awaiting_step:
             ack = waiting.seen(clip_threshold, skip)
@@ -130,6 +139,9 @@ class CommandApplier:
     def run_ended(self) -> None:
         """No step comes: acknowledge what waits, with what was seen so far."""
         self.lr_in_effect()
+        if self._awaiting_stop is not None:
+            self._acknowledge(self._awaiting_stop._replace(detail=f"{self._awaiting_stop.detail}; the run ended"))
+            self._awaiting_stop = None
         for waiting in self._awaiting_step:
             self._acknowledge(waiting.unseen())
         self._awaiting_step = []

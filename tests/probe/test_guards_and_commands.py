@@ -229,6 +229,30 @@ def test_stop_sets_should_stop_and_raise_mode_raises_stop_training() -> None:
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "stopped"
 
 
+def test_a_stop_the_script_ignores_is_acknowledged_as_not_taken() -> None:
+    """A stop is taken when no step follows it; a script that never reads should_stop (or catches
+    StopTraining) and goes on gets a not_taken acknowledgement saying so."""
+    for on_stop in ("flag", "raise"):
+        model, opt = _model()
+        probe = gradwatch.attach(model, opt, run=f"ignored-{on_stop}", on_stop=on_stop)
+        _step(model, opt, 1, probe=probe)
+        _send(probe, id="stop@1", action={"type": "stop"})
+        step = 1
+        while not probe.should_stop:
+            step += 1
+            assert step < 400, "the stop never arrived"
+            try:
+                _step(model, opt, step, probe=probe)
+            except gradwatch.StopTraining:
+                pass  # caught, and the loop goes on
+            time.sleep(0.005)
+        _step(model, opt, step + 1, probe=probe)  # one more step after the stop
+        [ack] = _acks(probe)
+        assert ack["status"] == "not_taken", ack
+        assert ("caught gradwatch.StopTraining" if on_stop == "raise" else "does not read probe.should_stop") \
+            in ack["detail"]
+
+
 def test_rewind_restores_the_snapshot_before_the_trigger_and_skips_updates() -> None:
     model, opt = _model("adam")
     probe = gradwatch.attach(model, opt, run="rewind", rules={"guards": {"snapshots": {"every": 10, "keep": 2,
