@@ -36,13 +36,18 @@ def _run(name: str, kind: Literal["gauge", "counter"], help: str, *extra: str) -
 
 
 # -- per run and rank -----------------------------------------------------------------------------
-LOSS = _run("gradwatch_loss", "gauge", "Last loss the run logged with probe.log(loss=...).")
+# optimizer: "0" is the run's first optimizer (its steps are the run's steps); a run with several optimizers
+# stepping in turn (a GAN) has one series per optimizer, named "1", "2"... (docs/attaching.md)
+LOSS = _run("gradwatch_loss", "gauge", "Last loss the run logged with probe.log(loss=...), or the loss of the backward "
+            "passes before this optimizer's step.", "optimizer")
 GRAD_NORM = _run("gradwatch_grad_norm", "gauge",
-                 "Global L2 norm of the gradients at the last optimizer step (unscaled, before the optimizer update).")
+                 "L2 norm of the gradients of the optimizer's own parameters at its last step (unscaled, before "
+                 "clipping and the update).", "optimizer")
 LEARNING_RATE = _run("gradwatch_learning_rate", "gauge",
                      "Learning rate each optimizer param group's last update used: the script's or its scheduler's, "
-                     "times gradwatch's LR cuts (which hold as a ratio to whatever sets the LR).", "group")
-STEPS = _run("gradwatch_steps_total", "counter", "Optimizer steps the process has completed.")
+                     "times gradwatch's LR cuts (which hold as a ratio to whatever sets the LR).", "optimizer", "group")
+STEPS = _run("gradwatch_steps_total", "counter", "Steps the optimizer has completed (optimizer 0: the run's steps).",
+             "optimizer")
 STEP_DURATION = _run("gradwatch_step_duration_seconds", "gauge",
                      "Wall time of the last optimizer step, from the end of the previous step to the end of this one.")
 DATA_WAIT = _run("gradwatch_data_wait_seconds", "gauge",

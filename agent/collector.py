@@ -53,11 +53,19 @@ class AgentCollector(Collector):
         for run, ranks in sorted(self.state.runs.items()):
             for rank, s in sorted(ranks.items()):
                 key = [run, str(rank)]
-                put(c.LOSS, key, s.loss)
-                put(c.GRAD_NORM, key, s.grad_norm)
+                first = key + ["0"]  # the optimizer label of the run's first optimizer (its steps are the run's)
+                put(c.LOSS, first, s.loss)
+                put(c.GRAD_NORM, first, s.grad_norm)
                 for group, lr in enumerate(s.learning_rates):
-                    put(c.LEARNING_RATE, key + [str(group)], lr)
-                put(c.STEPS, key, s.steps_total)
+                    put(c.LEARNING_RATE, first + [str(group)], lr)
+                put(c.STEPS, first, s.steps_total)
+                for name, series in sorted(s.optimizers.items()):
+                    other = key + [name]
+                    put(c.LOSS, other, series.get("loss"))
+                    put(c.GRAD_NORM, other, series.get("grad_norm"))
+                    for group, lr in enumerate(series.get("lr") or []):
+                        put(c.LEARNING_RATE, other + [str(group)], lr)
+                    put(c.STEPS, other, series.get("steps"))
                 put(c.STEP_DURATION, key, s.step_duration)
                 put(c.DATA_WAIT, key, s.data_wait)
                 put(c.SAMPLES_PER_SECOND, key, s.samples_per_second)

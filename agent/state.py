@@ -36,6 +36,7 @@ SPIKE_METRICS = ("loss", "grad_norm")
 NONFINITE_QUANTITIES = ("loss", "grad_norm", "metric")
 MAX_LAYERS = 10_000  # per rank; layer statistics beyond this many layers are not kept
 CUDA_MEMORY_FIELDS = ("allocated", "reserved", "peak", "total")
+MAX_OPTIMIZERS = 16  # other optimizers of one rank with series of their own
 
 
 class RunStatus(str, enum.Enum):
@@ -87,6 +88,8 @@ class RankState:
     layer_update_ratios: dict[str, float] = field(default_factory=dict)  # newest value of each layer
     layers_step: int | None = None
     cuda_memory: dict[str, float] = field(default_factory=dict)  # CUDA allocator: allocated, reserved, peak, total
+    # the run's other optimizers (a GAN's second network...), by name: steps, loss, grad_norm, lr of each
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     end_status: str | None = None  # "finished" | "stopped" | "failed" from the end record
     end_error: str | None = None
     status: RunStatus = RunStatus.RUNNING
@@ -105,6 +108,9 @@ class RankState:
         self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
         self.probe_dropped = max(self.probe_dropped, record.dropped)
         if isinstance(record, StepRecord):
+            if record.opt:
+                self._apply_other_optimizer(record)
+                return {}  # the rules watch the first optimizer's series
             observed = self._apply_step(record)
             if record.values is not None:  # the scalars logged right after this step, merged by the probe
                 observed.update(self._apply_values(record.values, t, same_step=True))
@@ -152,6 +158,20 @@ class RankState:
         else:
             self._remember(record.action, "not taken" if record.status is AckStatus.NOT_TAKEN else "rejected",
                            record.step, record.detail)
+
+    def _apply_other_optimizer(self, record: StepRecord) -> None:
+        """A step of another optimizer than the first: its own series; the run's steps are the first's."""
+        series = self.optimizers.get(record.opt)
+        if series is None:
+            if len(self.optimizers) >= MAX_OPTIMIZERS:
+                return
+            series = self.optimizers[record.opt] = {"steps": 0, "loss": None, "grad_norm": None, "lr": []}
+        series["steps"] = max(series["steps"], record.step)
+        series["grad_norm"] = record.grad_norm
+        series["lr"] = list(record.lr)
+        loss = (record.values or {}).get("loss")
+        if loss is not None:
+            series["loss"] = loss
 
     def _apply_step(self, record: StepRecord) -> dict[str, float]:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.

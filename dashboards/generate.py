@@ -163,10 +163,10 @@ def run_dashboard() -> dashboard.Dashboard:
     d = (d.with_row(dashboard.Row("Run"))
          .with_panel(single("State", "Worst state of the run's ranks.", state_code(RUN), mappings=STATE_MAPPINGS,
                             steps=((None, GREY), (1, GREEN), (2, ORANGE), (3, RED))))
-         .with_panel(single("Step", "Optimizer steps completed (highest rank).", f"max(gradwatch_steps_total{{{RUN}}})"))
-         .with_panel(single("Loss", "Last loss logged by rank 0.", f'gradwatch_loss{{{RUN},rank="0"}}'))
+         .with_panel(single("Step", "Optimizer steps completed (highest rank).", f'max(gradwatch_steps_total{{{RUN},optimizer="0"}})'))
+         .with_panel(single("Loss", "Last loss logged by rank 0.", f'gradwatch_loss{{{RUN},rank="0",optimizer="0"}}'))
          .with_panel(single("Steps/s", "Optimizer steps per second over the last minute.",
-                            f"max(rate(gradwatch_steps_total{{{RUN}}}[1m]))"))
+                            f'max(rate(gradwatch_steps_total{{{RUN},optimizer="0"}}[1m]))'))
          .with_panel(single("Alerts firing", "Prometheus alerts firing for this run (alerts/gradwatch.rules.yml).",
                             f'count(ALERTS{{alertstate="firing",{RUN}}}) or vector(0)',
                             steps=((None, GREEN), (1, RED))))
@@ -176,8 +176,8 @@ def run_dashboard() -> dashboard.Dashboard:
          .with_panel(dashed(series(
              "Loss", "Loss per rank, its 2-minute trend, and the largest loss of the recent window (catches one-step "
              "spikes between two scrapes).",
-             query(f"gradwatch_loss{{{RANK}}}", "loss r{{rank}}"),
-             query(f"avg_over_time(gradwatch_loss{{{RANK}}}[2m])", "trend (2m) r{{rank}}", "B"),
+             query(f"gradwatch_loss{{{RANK}}}", "loss r{{rank}} opt {{optimizer}}"),
+             query(f"avg_over_time(gradwatch_loss{{{RANK}}}[2m])", "trend (2m) r{{rank}} opt {{optimizer}}", "B"),
              query(f"gradwatch_loss_recent_max{{{RANK}}}", "recent max r{{rank}}", "C")), "recent max r0", RED))
          .with_panel(series("Logged scalars", "Every other scalar logged with probe.log() (val_loss, accuracy...).",
                             query(f'gradwatch_metric{{{RANK},name!="batch_size"}}', "{{name}} r{{rank}}")))
@@ -185,16 +185,18 @@ def run_dashboard() -> dashboard.Dashboard:
              "Gradient norm and clip threshold", "Global L2 gradient norm before clipping, and the clipping threshold "
              "in force (gradwatch's fixed, AutoClip or ZClip guard, or the max_norm of the script's own "
              "clip_grad_norm_). Above the dashed line, gradients were scaled down.",
-             query(f"gradwatch_grad_norm{{{RANK}}}", "grad norm r{{rank}}"),
+             query(f"gradwatch_grad_norm{{{RANK}}}", "grad norm r{{rank}} opt {{optimizer}}"),
              query(f"gradwatch_clip_threshold{{{RANK}}}", "clip threshold r{{rank}}", "B"),
              query(f"gradwatch_grad_norm_recent_max{{{RANK}}}", "recent max r{{rank}}", "C"), log_scale=True),
              "clip threshold r0", RED))
          .with_panel(series("Learning rate", "Learning rate of each optimizer param group (none when the script "
                             "updates its parameters by hand, without an optimizer).",
-                            query(f"gradwatch_learning_rate{{{RANK}}}", "group {{group}} r{{rank}}"), log_scale=True))
+                            query(f"gradwatch_learning_rate{{{RANK}}}", "opt {{optimizer}} group {{group}} r{{rank}}"),
+                            log_scale=True))
          .with_row(dashboard.Row("Speed"))
          .with_panel(series("Throughput", "Optimizer steps and samples per second (rate over the scrape window).",
-                            query(f"rate(gradwatch_steps_total{{{RANK}}}[$__rate_interval])", "steps/s r{{rank}}"),
+                            query(f'rate(gradwatch_steps_total{{{RANK},optimizer="0"}}[$__rate_interval])',
+                                  "steps/s r{{rank}}"),
                             query(f"rate(gradwatch_samples_total{{{RANK}}}[$__rate_interval])", "samples/s r{{rank}}",
                                   "B"), width=8))
          .with_panel(series("Step time vs data wait", "Wall time per optimizer step, and the part of it spent waiting "
@@ -242,8 +244,8 @@ def fleet_dashboard() -> dashboard.Dashboard:
                                                 "and diverging runs are coloured.")
         .datasource(DATASOURCE).span(24).height(10)
         .with_target(query(state_code(scope), ref="state", instant=True, table_format=True))
-        .with_target(query("max by (run) (gradwatch_steps_total)", ref="step", instant=True, table_format=True))
-        .with_target(query('max by (run) (gradwatch_loss{rank="0"})', ref="loss", instant=True, table_format=True))
+        .with_target(query('max by (run) (gradwatch_steps_total{optimizer="0"})', ref="step", instant=True, table_format=True))
+        .with_target(query('max by (run) (gradwatch_loss{rank="0",optimizer="0"})', ref="loss", instant=True, table_format=True))
         .with_target(query('count by (run) (ALERTS{alertstate="firing",run!=""}) or on (run) '
                            "(0 * max by (run) (gradwatch_run_state))", ref="alerts", instant=True, table_format=True))
         .with_target(query("sum by (run) (increase(gradwatch_nonfinite_total[15m]) + "
@@ -292,9 +294,9 @@ def fleet_dashboard() -> dashboard.Dashboard:
             .with_panel(runs_table)
             .with_row(dashboard.Row("Progress"))
             .with_panel(series("Loss by run", "Loss of rank 0 of every run.",
-                               query('gradwatch_loss{rank="0"}', "{{run}}"), log_scale=True))
+                               query('gradwatch_loss{rank="0",optimizer="0"}', "{{run}}"), log_scale=True))
             .with_panel(series("Steps per second by run", "Optimizer steps per second (rank 0).",
-                               query('rate(gradwatch_steps_total{rank="0"}[$__rate_interval])', "{{run}}")))
+                               query('rate(gradwatch_steps_total{rank="0",optimizer="0"}[$__rate_interval])', "{{run}}")))
             .with_row(dashboard.Row("GPUs across hosts"))
             .with_panel(series("GPU utilisation", "Every GPU the agents see, by host and the run on it (empty run: "
                                "idle or used by something else).",

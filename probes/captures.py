@@ -27,6 +27,8 @@ class StepCapture(NamedTuple):
     guard: GuardInfo | None
     script_clip: float | None = None  # max_norm of the script's clip_grad_norm_ whose result is grad_norm
     loss_scale: Any = None  # GradScaler's scale (maybe deferred), on the steps it skipped
+    opt: str = ""  # a step of another optimizer than the first: its name
+    values: dict[str, Any] | None = None  # that step's scalars (its loss), captured with it
 
 
 class LogCapture(NamedTuple):
@@ -111,11 +113,12 @@ def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
             if scale is readback.NOT_READY:
                 return None
             record.loss_scale = scale
-        if logged is not None:
-            values = _resolve_values(logged.values)
+        if logged is not None or step.values:
+            values = _resolve_values(logged.values if logged is not None else step.values)  # type: ignore[arg-type]
             if values is None:
                 return None
             record.values = values
+        record.opt = step.opt
         return record
     if isinstance(item, LogCapture):
         values = _resolve_values(item.values)

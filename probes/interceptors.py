@@ -49,6 +49,7 @@ class StepInputs:
         self.record_loss = record_loss  # False under attach: the script logs its loss itself
         self.loss: Any = None
         self.backward_passes = 0
+        self._last_loss: Any = None
         self._first_loss_only = False  # within optimizer.step(closure)
         self.unbound_backward: Callable[[], None] | None = None  # zero-code: a backward pass before any probe
         # zero-code: GradScaler skipped the first step (fp16 runs often start so), before any probe
@@ -101,7 +102,15 @@ class StepInputs:
     def take_loss(self) -> Any:
         loss, self.loss = self.loss, None
         self._first_loss_only = False
+        if loss is not None:
+            self._last_loss = loss
         return loss
+
+    def take_loss_or_last(self) -> Any:
+        """For another optimizer of the run: the backward passes since the last step of any optimizer, or,
+        when none came since (one backward, then several optimizers), the loss the last step took."""
+        loss = self.take_loss()
+        return loss if loss is not None else self._last_loss
 
 
 def listen(probe: Probe | None = None, *, record_loss: bool = True) -> StepInputs:

@@ -30,6 +30,7 @@ from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.layerstats import LayerStats
 from gradwatch.probes.model_hook import ForwardPreHook
+from gradwatch.probes.optimizer_streams import OtherOptimizer
 from gradwatch.probes.optimizers import GradientSource, ModelParameters, OptimizerSet, unwrap
 from gradwatch.probes.record_queue import RecordQueue
 from gradwatch.probes.runtime import ProcessRuntime, process_runtime
@@ -113,14 +114,17 @@ class Probe:
         self._step_inputs: StepInputs | None = None  # the loss when the script does not log it
         self._listening: StepInputs | None = None  # attach(): the script's clip, GradScaler and backward calls
         self._sample_counter: SampleCounter | None = None  # gradwatch run: batch_size from the model's inputs
+        self._others: list[OtherOptimizer] = []  # the run's other optimizers, recorded on their own
+        self._pre_clip_norm: Any = None  # the first optimizer's own norm, taken before a clip over more
 
         optimizers = settings.optimizers
         self._optimizers = OptimizerSet(optimizers) if optimizers else None  # what the meters read
         self.primary_optimizer = optimizers[0] if optimizers else None  # whose steps are counted
         watched = self._optimizers
-        # without an optimizer, each backward pass is a step (backward_done) measured on the model's gradients
-        source: GradientSource | None = watched if watched is not None else \
-            ModelParameters(model) if model is not None else None
+        # without an optimizer, each backward pass is a step (backward_done) measured on the model's gradients;
+        # with several, the first's norm is over its own parameters (the others have their own records)
+        source: GradientSource | None = (watched.primary if len(watched.members) > 1 else watched) \
+            if watched is not None else ModelParameters(model) if model is not None else None
         self._grad_norm = GradNormMeter(source) if source is not None else None
         self._layers = LayerStats(model, watched, settings.layer_stats_every) \
             if model is not None and watched is not None and settings.layer_stats_every else None
@@ -148,6 +152,8 @@ class Probe:
         if self.primary_optimizer is not None:
             self._hooks.append(self.primary_optimizer.register_step_pre_hook(self._on_step_pre))
             self._hooks.append(self.primary_optimizer.register_step_post_hook(self._on_step_post))
+        for optimizer in optimizers[1:]:
+            self._record_other(optimizer)
         if model is not None:
             self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))  # invisible to copies
         self._writer.start()
@@ -213,7 +219,21 @@ class Probe:
         """Watch one more optimizer: its parameters join the gradient norm, its groups the learning rates."""
         if self._optimizers is None:
             raise ValueError("add_optimizer: the probe was attached without an optimizer")
-        self._optimizers.add(unwrap(optimizer))
+        optimizer = unwrap(optimizer)
+        if self._optimizers.add(optimizer):
+            if len(self._optimizers.members) == 2 and self._grad_norm is not None:  # the first's norm: its own now
+                self._grad_norm = GradNormMeter(self._optimizers.primary)
+                if self._actuator is not None:
+                    self._actuator.meter = self._grad_norm
+            self._record_other(optimizer)
+
+    def _record_other(self, optimizer: torch.optim.Optimizer) -> None:
+        other = OtherOptimizer(str(len(self._others) + 1), optimizer, self._queue.put,
+                               lambda: self._wall_offset, self.report_internal_error)
+        other.inputs = self._step_inputs
+        if self._actuator is not None:
+            other.lr_cut = self._actuator.lr_cut
+        self._others.append(other)
 
     def measure_gradients(self) -> None:
         """Measure the gradients now, for frameworks whose ``optimizer.step()`` runs the backward
@@ -244,6 +264,8 @@ class Probe:
     def use_step_inputs(self, inputs: StepInputs) -> None:
         """Take the loss from ``inputs`` (interceptors: the backward pass) after steps the script did not log."""
         self._step_inputs = inputs
+        for other in self._others:
+            other.inputs = inputs
 
     def before_script_clip(self, max_norm: Any) -> Any:
         """The script is about to clip its gradients (interceptors): a sampled step's per-layer norms are
@@ -253,6 +275,14 @@ class Probe:
             return max_norm
         if self.step + 1 == self._layer_step and not self._layers_measured:
             self._measure_layers()
+        if self._others:  # each optimizer's own norm, before a clip over all of them
+            try:
+                if self._pre_clip_norm is None and self._grad_norm is not None:
+                    self._pre_clip_norm = self._grad_norm()
+                for other in self._others:
+                    other.measure()
+            except Exception as exc:
+                self.report_internal_error("grad_norm", exc)
         actuator = self._actuator
         if actuator is not None and actuator.external_clip is None and isinstance(max_norm, (int, float)) \
                 and not isinstance(max_norm, bool):
@@ -334,6 +364,8 @@ class Probe:
         self._commands.run_ended()
         if self._actuator is not None:
             self._actuator.lr_cut.close()
+        for other in self._others:
+            other.close()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -388,7 +420,9 @@ class Probe:
         try:
             reuse, self._clip_norm = self._clip_norm, None
             meter = self._grad_norm
-            norm = meter(reuse[:2] if reuse else None) if meter is not None else None
+            norm, self._pre_clip_norm = self._pre_clip_norm, None
+            if norm is None:
+                norm = meter(reuse[:2] if reuse else None) if meter is not None else None
             self._pending_script_clip = reuse[2] if reuse is not None and norm is reuse[0] else None
             if norm is None and meter is not None and meter.sharded:
                 self._warn("sharded-norm", "the gradients are sharded (FSDP2/DTensor): gradwatch records the global "
@@ -436,14 +470,15 @@ class Probe:
             self._pending_norm = self._pending_guard = None
             optimizers = self._optimizers
             actuator = self._actuator
+            groups = [] if optimizers is None else \
+                optimizers.param_groups if not self._others else optimizers.primary.param_groups
             if actuator is not None and actuator.lr_cut:  # the LRs the update used, then the script's back
                 cut = actuator.lr_cut
                 lrs = [readback.capture(lr) if isinstance(lr := cut.in_effect(group), torch.Tensor) else lr
-                       for group in optimizers.param_groups]  # type: ignore[union-attr]
+                       for group in groups]
                 cut.restore(actuator.optimizer)
             else:
-                lrs = [] if optimizers is None else [lr if lr.__class__ is float else readback.capture(lr)
-                                                     for lr in [group["lr"] for group in optimizers.param_groups]]
+                lrs = [lr if lr.__class__ is float else readback.capture(lr) for lr in [group["lr"] for group in groups]]
             item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait,
                                norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs,
                                guard, self._pending_script_clip, loss_scale)

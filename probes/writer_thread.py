@@ -144,10 +144,11 @@ class SpoolWriterThread(threading.Thread):
             follower = queue[1] if len(queue) > 1 else None
             # The scalars logged right after a step go into that step's record: one line per step. A step
             # with nothing behind it yet waits for them until the next drain.
-            if item.__class__ is StepCapture and follower is None and not final and self._held is not item:
+            own_step = item.__class__ is StepCapture and not item.opt  # another optimizer's carries its values
+            if own_step and follower is None and not final and self._held is not item:
                 self._held = item  # until the next drain
                 break
-            merge = follower.__class__ is LogCapture and item.__class__ is StepCapture and follower.step == item.step
+            merge = own_step and follower.__class__ is LogCapture and follower.step == item.step
             try:
                 record = to_record(item, follower if merge else None)  # type: ignore[arg-type]
             except Exception as exc:

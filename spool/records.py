@@ -27,6 +27,7 @@ MAX_TEXT = 1_000  # characters of a free-text field (reason, detail, error) kept
 MAX_NAME = 200  # characters of a metric or layer name
 MAX_VALUES = 256  # named scalars per record
 MAX_LRS = 1_024  # param groups
+MAX_OPTIMIZER_NAME = 40  # the optimizer label of a step record
 MAX_LAYERS = 10_000  # layers of a layers record
 MAX_INT = 2**63 - 1  # steps, counters: what a signed 64-bit field holds
 
@@ -100,6 +101,7 @@ class StepRecord:
     would_skip: str | None = None  # an observing skip guard would have skipped it (1.1)
     cuda_mem: CudaMemory | None = None  # (1.2), at most once a second
     loss_scale: float | None = None  # (1.3) GradScaler's scale, on the steps it skipped (skip "amp")
+    opt: str = ""  # (1.4) a step of the run's other optimizers ("1", "2"...); "": the first optimizer's
     seq: int = 0
     dropped: int = 0
 
@@ -257,6 +259,8 @@ def _step_json(r: StepRecord) -> dict[str, Any]:
         out["would_skip"] = r.would_skip
     if r.loss_scale is not None:
         out["loss_scale"] = r.loss_scale
+    if r.opt:
+        out["opt"] = r.opt
     if r.cuda_mem is not None:
         m = r.cuda_mem
         out["cuda_mem"] = {"allocated": m.allocated, "reserved": m.reserved, "peak": m.peak, "total": m.total}
@@ -341,7 +345,13 @@ def _decode_step(obj: dict[str, Any], step: int, t: float, seq: int, dropped: in
         skip=_text(obj.get("skip"), 40), would_skip=_text(obj.get("would_skip"), 40),
         cuda_mem=CudaMemory(*(_number(memory.get(k)) for k in ("allocated", "reserved", "peak", "total")))
         if isinstance(memory, dict) else None,
-        loss_scale=_number(obj.get("loss_scale")), seq=seq, dropped=dropped)
+        loss_scale=_number(obj.get("loss_scale")), opt=_optimizer_name(obj.get("opt")), seq=seq, dropped=dropped)
+
+
+def _optimizer_name(value: Any) -> str:
+    """A step's optimizer: a short label value, "" (the first optimizer) when absent or not one."""
+    name = _text(value, MAX_OPTIMIZER_NAME)
+    return name if name and name != "0" and name.replace("_", "").replace("-", "").isalnum() else ""
 
 
 def _decode_ack(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> AckRecord:
@@ -462,10 +472,16 @@ def merge_logged(records: list[Record]) -> list[Record]:
     reader of a whole file (``gradwatch status``, the tests) then sees one shape whatever the threads'
     timing; the agent, which reads as the file grows, treats the two forms alike as they arrive."""
     out: list[Record] = []
+    last: StepRecord | None = None  # the first optimizer's newest step (another optimizer's may come between)
     for record in records:
-        last = out[-1] if out else None
-        if isinstance(record, LogRecord) and isinstance(last, StepRecord) and last.step == record.step:
+        previous = out[-1] if out else None
+        behind = previous is last or (isinstance(previous, StepRecord) and previous.opt)
+        if isinstance(record, LogRecord) and last is not None and behind and last.step == record.step:
             last.values = {**(last.values or {}), **record.values}
-        else:
-            out.append(record)
+            continue
+        if isinstance(record, StepRecord) and not record.opt:
+            last = record
+        elif not (isinstance(record, StepRecord) and record.opt):
+            last = None
+        out.append(record)
     return out

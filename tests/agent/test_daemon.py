@@ -50,7 +50,7 @@ def test_file_events_bring_new_records_without_waiting_for_a_rescan(start_agent,
     spool = SpoolBuilder(tmp_path / "home")
     spool.start("live")
     spool.steps("live", 0, 1, 5, loss=0.25)
-    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", run="live", rank="0") == 5,
+    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", optimizer="0", run="live", rank="0") == 5,
                timeout=20, what="watchdog event to trigger ingest")
     assert metric(_samples(agent), "gradwatch_agent_rescans_total") == 1.0  # only the one at start-up
 
@@ -65,7 +65,7 @@ def test_rescans_catch_what_the_watcher_missed(start_agent, tmp_path: Path, monk
     spool = SpoolBuilder(tmp_path / "home")
     spool.start("missed")
     spool.steps("missed", 0, 1, 3)
-    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", run="missed", rank="0") == 3,
+    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", optimizer="0", run="missed", rank="0") == 3,
                timeout=20, what="a rescan to ingest the run")
     samples = _samples(agent)
     assert samples[("gradwatch_agent_handler_errors_total", frozenset())] > 0  # counted, not fatal
@@ -80,7 +80,7 @@ def test_a_dead_watcher_is_restarted_and_reported(start_agent, tmp_path: Path) -
     spool = SpoolBuilder(tmp_path / "home")
     spool.start("after")
     spool.steps("after", 0, 1, 2)
-    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", run="after", rank="0") == 2, timeout=20,
+    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", optimizer="0", run="after", rank="0") == 2, timeout=20,
                what="the restarted watcher to see new records")
 
 

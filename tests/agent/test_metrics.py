@@ -59,6 +59,12 @@ def scrape(tmp_path: Path) -> str:
                   "grad_norm": [0.5, 0.25], "update_ratio": {"enc.0": 1e-3}})
     spool.start("b", rank=1, world_size=2)
     spool.steps("b", 1, 1, 5)
+    spool.start("gan")  # two optimizers in turn: the second's steps carry "opt"
+    for step in (1, 2):
+        spool.append("gan", 0, {"kind": "step", "step": step, "t": 1_000_000.0 + step, "grad_norm": 19.0,
+                                "lr": [2e-4], "values": {"loss": 1.4}},
+                     {"kind": "step", "step": step, "t": 1_000_000.5 + step, "grad_norm": 3.5, "lr": [1e-4],
+                      "values": {"loss": 0.7}, "opt": "1"})
     state = AgentState(spike_window=1e9)
     clock = FakeClock()
     SpoolIngestor(spool.layout, state, clock).scan_all()
@@ -82,6 +88,15 @@ def test_every_catalogue_metric_appears_in_a_scrape(scrape: str) -> None:
     assert 'gradwatch_gpu_utilization_ratio{gpu="0",host="elsewhere",rank="0",run="a",uuid="GPU-a"} 0.87' in scrape
     assert 'gradwatch_gpu_utilization_ratio{gpu="1",host="elsewhere",rank="",run="",uuid="GPU-b"} 0.87' in scrape
     assert "gradwatch_agent_gpus 2.0" in scrape
+
+
+def test_each_optimizer_of_a_run_has_its_own_series(scrape: str) -> None:
+    for name, first, second in (("gradwatch_loss", "1.4", "0.7"), ("gradwatch_grad_norm", "19.0", "3.5"),
+                                ("gradwatch_steps_total", "2.0", "2.0")):
+        assert f'{name}{{optimizer="0",rank="0",run="gan"}} {first}' in scrape, name
+        assert f'{name}{{optimizer="1",rank="0",run="gan"}} {second}' in scrape, name
+    assert 'gradwatch_learning_rate{group="0",optimizer="1",rank="0",run="gan"} 0.0001' in scrape
+    assert 'gradwatch_loss{optimizer="0",rank="0",run="a"}' in scrape  # one optimizer: "0"
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with the Debian package prometheus")

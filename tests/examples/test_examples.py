@@ -39,9 +39,9 @@ def test_example_runs_under_gradwatch_and_shows_loss_and_grad_norm(example: str,
 
     def exported() -> Any:
         samples = agent.metrics()
-        found = [(metric(samples, "gradwatch_loss", run=example, rank=str(r)),
-                  metric(samples, "gradwatch_grad_norm", run=example, rank=str(r)),
-                  metric(samples, "gradwatch_steps_total", run=example, rank=str(r))) for r in range(ranks)]
+        found = [(metric(samples, "gradwatch_loss", optimizer="0", run=example, rank=str(r)),
+                  metric(samples, "gradwatch_grad_norm", optimizer="0", run=example, rank=str(r)),
+                  metric(samples, "gradwatch_steps_total", optimizer="0", run=example, rank=str(r))) for r in range(ranks)]
         return found if all(v is not None for row in found for v in row) else None
 
     for loss, grad_norm, step in wait_until(exported, timeout=30, what=f"{example}'s metrics at the agent"):

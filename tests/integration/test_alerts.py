@@ -107,7 +107,7 @@ def test_healthy_run_produces_no_notification(stack: dict[str, Any]) -> None:
 def test_killed_training_raises_the_crashed_alert(stack: dict[str, Any]) -> None:
     home, receiver, agent = stack["home"], stack["receiver"], stack["agent"]
     proc = start_training(home, "--run-name", "killed", "--steps", "100000", "--sleep", "0.02")
-    wait_until(lambda: (metric(agent.metrics(), "gradwatch_steps_total", run="killed", rank="0") or 0) > 20,
+    wait_until(lambda: (metric(agent.metrics(), "gradwatch_steps_total", optimizer="0", run="killed", rank="0") or 0) > 20,
                timeout=60, what="the run under way")
     proc.send_signal(signal.SIGKILL)
     killed_at = time.time()

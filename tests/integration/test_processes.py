@@ -32,9 +32,9 @@ def test_the_agent_runs_without_torch(isolated_home: Path, tmp_path: Path) -> No
         # The endpoint answers before the first scan has ingested the spool: wait for the run, not the server.
         samples = wait_until(
             lambda: (s := parse_metrics(http_get(f"http://127.0.0.1:{port}/metrics").decode()))
-            and metric(s, "gradwatch_steps_total", run="no-torch", rank="0") == 4 and s,
+            and metric(s, "gradwatch_steps_total", optimizer="0", run="no-torch", rank="0") == 4 and s,
             timeout=30, what="the agent to ingest the no-torch run")
-        assert metric(samples, "gradwatch_loss", run="no-torch", rank="0") == 0.5
+        assert metric(samples, "gradwatch_loss", optimizer="0", run="no-torch", rank="0") == 0.5
         status = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "from gradwatch.cli import main\nmain(['status'])"],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "no-torch" in status.stdout, status.stderr
@@ -53,7 +53,7 @@ def test_attach_starts_an_agent_when_none_runs(isolated_home: Path) -> None:
         assert info["url"] == f"http://127.0.0.1:{port}"
         samples = wait_until(
             lambda: (s := parse_metrics(http_get(info["url"] + "/metrics").decode()))
-            and metric(s, "gradwatch_steps_total", run="auto", rank="0") == 20 and s, timeout=30)
+            and metric(s, "gradwatch_steps_total", optimizer="0", run="auto", rank="0") == 20 and s, timeout=30)
         assert metric(samples, "gradwatch_run_state", run="auto", rank="0", state="finished") == 1.0
         run_training(isolated_home, "--run", "auto", "--steps", "5", env=env)  # the running agent is reused
         assert json.loads((isolated_home / "agent" / "agent.json").read_text())["pid"] == info["pid"]
@@ -67,7 +67,7 @@ def test_a_killed_training_process_is_crashed_and_a_hung_one_stalled(isolated_ho
     killed = run_training(isolated_home, "--run", "killed", "--steps", "100000", "--sleep", "0.01", wait=False)
     hung = run_training(isolated_home, "--run", "hung", "--steps", "100", "--hang-at", "10", wait=False)
     try:
-        wait_until(lambda: (metric(agent.metrics(), "gradwatch_steps_total", run="killed", rank="0") or 0) > 5,
+        wait_until(lambda: (metric(agent.metrics(), "gradwatch_steps_total", optimizer="0", run="killed", rank="0") or 0) > 5,
                    timeout=120, what="the run to start")
         killed.kill()
         killed.wait()

@@ -38,10 +38,14 @@ def end_record(home: Path, run: str, rank: int = 0) -> dict[str, Any]:
 
 
 def assert_matches_reference(home: Path, out: Path, run: str, rank: int = 0, steps: int = 12) -> list[dict[str, Any]]:
+    """The first optimizer's records against the script's reference: with several optimizers, each one's norm
+    is over its own parameters (the others' records: ``opt`` "1", ...)."""
     reference = json.loads((out / f"reference-{rank}.json").read_text())
-    records = step_records(home, run, rank)
+    records = [r for r in step_records(home, run, rank) if "opt" not in r]
+    several = len(reference["opt_norms"][0]) > 1
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert [r["grad_norm"] for r in records] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    expected = [n[0] for n in reference["opt_norms"]] if several else reference["grad_norm"]
+    assert [r["grad_norm"] for r in records] == pytest.approx(expected, rel=1e-5)
     assert [r["values"]["loss"] for r in records] == pytest.approx(reference["loss"], rel=1e-5)
     return records
 
@@ -51,13 +55,19 @@ def assert_matches_reference(home: Path, out: Path, run: str, rank: int = 0, ste
 def test_grad_norm_and_loss_equal_torchs_in_each_setup(setup: str, isolated_home: Path, tmp_path: Path) -> None:
     """fp32; AMP with GradScaler, unscaled by the script (amp) or handed scaled to a fused optimizer
     (amp-fused); 4 micro-batches per step (the norm at the optimizer step, the loss their sum); two
-    optimizers with three param groups (one norm over all their parameters)."""
+    optimizers with three param groups (each its own records: norm over its parameters, its LRs, and the
+    loss of the one backward pass before both)."""
     done = gradwatch_run(isolated_home, sys.executable, str(SETUPS), setup, str(tmp_path / "out"),
                          options=("--run", setup))
     assert done.returncode == 0, done.stderr
     records = assert_matches_reference(isolated_home, tmp_path / "out", setup)
     if setup == "multi-opt":
-        assert records[0]["lr"] == [0.05, 0.01, 0.001]  # SGD's two groups, then Adam's
+        assert records[0]["lr"] == [0.05, 0.01]  # SGD's two groups; Adam's in its own records
+        reference = json.loads((tmp_path / "out" / "reference-0.json").read_text())
+        adam = [r for r in step_records(isolated_home, setup) if r.get("opt") == "1"]
+        assert [r["step"] for r in adam] == list(range(1, 13)) and all(r["lr"] == [0.001] for r in adam)
+        assert [r["grad_norm"] for r in adam] == pytest.approx([n[1] for n in reference["opt_norms"]], rel=1e-5)
+        assert [r["values"]["loss"] for r in adam] == pytest.approx(reference["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("setup", ["fp32", "amp"])

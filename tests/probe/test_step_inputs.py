@@ -88,25 +88,29 @@ def test_step_with_closure_measures_the_gradients_the_closure_computed(isolated_
     assert [r["grad_norm"] for r in records if r["kind"] == "step"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_several_optimizers_given_to_attach_share_one_norm_and_list_every_group(isolated_home: Path) -> None:
+def test_several_optimizers_given_to_attach_each_have_their_own_norm_and_groups(isolated_home: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     body = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.1},
                             {"params": [model[0].bias], "lr": 0.2}])
     head = torch.optim.Adam(model[2].parameters(), lr=0.003)
-    expected = []
+    expected: list[list[float]] = []
     with gradwatch.attach(model, [body, head], run="two", layer_stats_every=0, autostart_agent=False):
         for _ in range(3):
             model(torch.randn(4, 8)).pow(2).mean().backward()
-            expected.append(float(torch_clip(model.parameters(), math.inf)))
+            expected.append([float(torch_clip(model[0].parameters(), math.inf)),
+                             float(torch_clip(model[2].parameters(), math.inf))])
             body.step()
             head.step()
             body.zero_grad()
             head.zero_grad()
     _, records = read_run(isolated_home, "two")
-    steps = [r for r in records if r["kind"] == "step"]
-    assert [r["grad_norm"] for r in steps] == pytest.approx(expected, rel=1e-6)  # steps counted on `body` only
-    assert steps[0]["lr"] == [0.1, 0.2, 0.003]
+    steps = [r for r in records if r["kind"] == "step" and "opt" not in r]  # the run's steps: `body`'s
+    heads = [r for r in records if r["kind"] == "step" and r.get("opt") == "1"]
+    assert [r["step"] for r in steps] == [r["step"] for r in heads] == [1, 2, 3]
+    assert [r["grad_norm"] for r in steps] == pytest.approx([e[0] for e in expected], rel=1e-6)
+    assert [r["grad_norm"] for r in heads] == pytest.approx([e[1] for e in expected], rel=1e-6)
+    assert steps[0]["lr"] == [0.1, 0.2] and heads[0]["lr"] == [0.003]
 
 
 def test_a_bug_in_the_backward_wrapper_never_fails_the_backward(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,

@@ -139,3 +139,11 @@ def test_metadata_round_trips_and_requires_run_rank_and_world_size() -> None:
         decode_meta({"run": "r", "rank": 0})
     with pytest.raises(RecordError, match="out of range"):
         decode_meta({"run": "r", "rank": -1, "world_size": 2})
+
+
+@pytest.mark.parametrize(("given", "kept"), [("1", "1"), ("generator", "generator"), ("0", ""), (None, ""),
+                                             ("x" * 41, "x" * 40), ('a"}{', ""), (3, "")])
+def test_a_step_records_optimizer_name_is_a_short_label_value_or_the_first(given: object, kept: str) -> None:
+    record = decode_line(json.dumps({"kind": "step", "step": 1, "t": 1.0, "opt": given}))
+    assert isinstance(record, StepRecord) and record.opt == kept
+    assert ("opt" in json.loads(encode(record))) == bool(kept)

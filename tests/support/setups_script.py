@@ -85,7 +85,7 @@ def main():
 
         probe = gradwatch.attach(net, optimizers if len(optimizers) > 1 else optimizers[0])
 
-    norms, losses, skipped, clipped = [], [], [], []
+    norms, losses, skipped, clipped, opt_norms = [], [], [], [], []
     for step in range(1, a.steps + 1):
         step_loss = 0.0
         for _ in range(micro):
@@ -104,6 +104,7 @@ def main():
             scaler.unscale_(optimizers[0])
         divide = scaler.get_scale() if a.setup == "amp-fused" else 1.0
         norms.append(reference_norm(params, divide))
+        opt_norms.append([reference_norm([p for g in o.param_groups for p in g["params"]], divide) for o in optimizers])
         losses.append(step_loss)
         if a.clip:
             total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)  # the script's own clipping
@@ -128,7 +129,7 @@ def main():
 
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"reference-{rank}.json").write_text(json.dumps(
-        {"grad_norm": norms, "loss": losses, "skipped_scale": skipped, "clipped": clipped}))
+        {"grad_norm": norms, "loss": losses, "skipped_scale": skipped, "clipped": clipped, "opt_norms": opt_norms}))
     if a.setup == "ddp":
         torch.distributed.destroy_process_group()
 

@@ -16,6 +16,7 @@ from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import read_meta
 from tests.conftest import SUPPORT
 from tests.spool_records import run_records
+from tests.user_scripts.helpers import run_user_script
 
 SCRIPT = SUPPORT / "user_scripts" / "hogwild.py"
 
@@ -23,15 +24,7 @@ SCRIPT = SUPPORT / "user_scripts" / "hogwild.py"
 @pytest.mark.parametrize("mode", ["gradwatch-run", "attach"])
 def test_hogwild_workers_are_one_run_labelled_apart(mode: str, isolated_home: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    command = [sys.executable, str(SCRIPT), str(out), "--workers", "3", "--steps", "25"]
-    if mode == "attach":
-        command.append("--attach")
-    else:
-        command = [sys.executable, "-m", "gradwatch", "run", "--home", str(isolated_home), "--run", "hogwild", "--",
-                   *command]
-    env = {**os.environ, "GRADWATCH_AUTOSTART": "0", "GRADWATCH_HOME": str(isolated_home), "GRADWATCH_RUN": "hogwild"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_user_script(SCRIPT, [str(out), "--workers", "3", "--steps", "25"], mode, isolated_home, "hogwild")
     assert "also claims rank" not in done.stderr
     runs = sorted(p.name for p in SpoolLayout(isolated_home).runs_dir.iterdir() if p.is_dir())
     assert runs == ["hogwild"], "one run, not hogwild, hogwild-2, ..."

@@ -1,0 +1,35 @@
+"""Several optimizers stepping in turn (a DCGAN-shaped loop): each optimizer has its own step records, its
+gradient norm over its own parameters only (not mixed with the other network's stale gradients), and under
+``gradwatch run`` the loss of the backward passes that preceded its own step (errD, then errG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SUPPORT
+from tests.spool_records import run_records
+from tests.user_scripts.helpers import run_user_script
+
+SCRIPT = SUPPORT / "user_scripts" / "gan.py"
+
+
+@pytest.mark.parametrize("mode", ["gradwatch-run", "attach"])
+def test_each_optimizer_of_a_gan_has_its_own_norm_loss_and_steps(mode: str, isolated_home: Path,
+                                                                tmp_path: Path) -> None:
+    run_user_script(SCRIPT, [str(tmp_path / "out"), "--steps", "30"], mode, isolated_home, "gan")
+    reference = json.loads((tmp_path / "out" / "reference.json").read_text())
+    steps = [r for r in run_records(isolated_home, "gan") if r["kind"] == "step"]
+    discriminator = [r for r in steps if "opt" not in r]
+    generator = [r for r in steps if r.get("opt") == "1"]
+    assert [r["step"] for r in discriminator] == [r["step"] for r in generator] == list(range(1, 31))
+    assert [r["grad_norm"] for r in discriminator] == pytest.approx(reference["d_norm"], rel=1e-5)
+    assert [r["grad_norm"] for r in generator] == pytest.approx(reference["g_norm"], rel=1e-5)
+    assert [r["values"]["loss"] for r in discriminator] == pytest.approx(reference["errD"], rel=1e-5)
+    if mode == "gradwatch-run":  # the backward passes before each optimizer's own step
+        assert [r["values"]["loss"] for r in generator] == pytest.approx(reference["errG"], rel=1e-5)
+    else:
+        assert [r["values"]["loss_G"] for r in discriminator] == pytest.approx(reference["errG"], rel=1e-5)
+    assert all(len(r["lr"]) == 1 and r["lr"][0] == pytest.approx(2e-4) for r in steps)
