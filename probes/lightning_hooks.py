@@ -32,6 +32,7 @@ class LightningHooks(ProbeOptions):
     """The callback's hooks, for either package namespace (the Trainer is duck-typed here)."""
 
     def _reset(self) -> None:
+        self._manual: Any = None  # manual optimization: the backward passes give each optimizer's loss
         self._loss: Any = None
         self._samples = 0
         self._last_step = 0
@@ -54,6 +55,12 @@ class LightningHooks(ProbeOptions):
                 return trainer.gradient_clip_val
 
             self.probe.control_clipping(scale_trainer_clip)
+        if not getattr(pl_module, "automatic_optimization", True):
+            # training_step steps the optimizers itself (a GAN): each step's loss is that of the
+            # manual_backward calls before it, which reach torch's backward
+            from gradwatch.probes import interceptors
+
+            self._manual = interceptors.listen(self.probe)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
@@ -75,7 +82,7 @@ class LightningHooks(ProbeOptions):
         if probe is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor) and self._manual is None:
             # Lightning divides the loss by accumulate_grad_batches: the sum over a step's batches is their mean
             loss = loss.detach()
             self._loss = loss if self._loss is None else self._loss + loss
@@ -117,12 +124,21 @@ class LightningHooks(ProbeOptions):
             probe.log(**values)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_listening()
         if self.probe is not None:
             self.probe.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._stop_listening()
         if self.probe is not None:
             self.probe.close(status="failed", error=repr(exception))
+
+    def _stop_listening(self) -> None:
+        if self._manual is not None:
+            from gradwatch.probes import interceptors
+
+            interceptors.stop_listening(self._manual)
+            self._manual = None
 
 
 def batch_size(batch: Any) -> int:

@@ -33,3 +33,21 @@ def test_each_optimizer_of_a_gan_has_its_own_norm_loss_and_steps(mode: str, isol
     else:
         assert [r["values"]["loss_G"] for r in discriminator] == pytest.approx(reference["errG"], rel=1e-5)
     assert all(len(r["lr"]) == 1 and r["lr"][0] == pytest.approx(2e-4) for r in steps)
+
+
+def test_a_lightning_gan_with_manual_optimization_records_both_optimizers(isolated_home: Path,
+                                                                         tmp_path: Path) -> None:
+    """Lightning's manual optimization (training_step steps both optimizers, with manual_backward): every step of
+    both is recorded, each with its own norm and the loss of the manual_backward before it."""
+    run_user_script(SUPPORT / "user_scripts" / "lightning_gan.py", [str(tmp_path / "out"), "--steps", "20"],
+                    "own-callback", isolated_home, "lightning-gan")
+    reference = json.loads((tmp_path / "out" / "reference.json").read_text())
+    steps = [r for r in run_records(isolated_home, "lightning-gan") if r["kind"] == "step"]
+    discriminator = [r for r in steps if "opt" not in r]
+    generator = [r for r in steps if r.get("opt") == "1"]
+    assert [r["step"] for r in discriminator] == [r["step"] for r in generator] == list(range(1, 21))
+    assert [r["grad_norm"] for r in discriminator] == pytest.approx(reference["d_norm"], rel=1e-5)
+    assert [r["grad_norm"] for r in generator] == pytest.approx(reference["g_norm"], rel=1e-5)
+    assert [r["values"]["loss"] for r in discriminator] == pytest.approx(reference["errD"], rel=1e-5)
+    assert [r["values"]["loss"] for r in generator] == pytest.approx(reference["errG"], rel=1e-5)
+    assert [r["lr"] for r in discriminator[:1] + generator[:1]] == [[2e-4], [1e-4]]
