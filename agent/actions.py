@@ -150,7 +150,7 @@ class ActionDispatcher:
                             d.action["type"], d.step, problem)
             else:
                 command = CommandRecord(id=d.id, t=self.clock(), rule=d.rule, reason=d.reason, trigger_step=d.step,
-                                        action=d.action, apply_at_step=apply_at)
+                                        action=d.action, apply_at_step=apply_at, optimizer=d.target)
                 new = self._file(self._commands, d.run, SpoolLayout.commands_file(run_dir)).append_line(
                     command.id, encode_command(command))
                 event["sent"] = True

@@ -113,7 +113,8 @@ class SpoolIngestor:
                 for record in result.records:
                     observed = state.apply(record)
                     if rules is not None and observed:
-                        self.outbox.extend(rules.observe(record.step, record.t, observed))
+                        optimizer = record.opt if isinstance(record, StepRecord) and record.opt else "0"
+                        self.outbox.extend(rules.observe(record.step, record.t, observed, optimizer))
                     if rules is not None and isinstance(record, AckRecord):
                         rules.acknowledged(record.id, {"step": record.step, "action": record.action,
                                                        "status": record.status.value, "detail": record.detail})

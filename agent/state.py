@@ -108,9 +108,8 @@ class RankState:
         self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
         self.probe_dropped = max(self.probe_dropped, record.dropped)
         if isinstance(record, StepRecord):
-            if record.opt:
-                self._apply_other_optimizer(record)
-                return {}  # the rules watch the first optimizer's series
+            if record.opt:  # for the rules that watch this optimizer (rule field `optimizer`)
+                return self._apply_other_optimizer(record)
             observed = self._apply_step(record)
             if record.values is not None:  # the scalars logged right after this step, merged by the probe
                 observed.update(self._apply_values(record.values, t, same_step=True))
@@ -159,19 +158,25 @@ class RankState:
             self._remember(record.action, "not taken" if record.status is AckStatus.NOT_TAKEN else "rejected",
                            record.step, record.detail)
 
-    def _apply_other_optimizer(self, record: StepRecord) -> None:
-        """A step of another optimizer than the first: its own series; the run's steps are the first's."""
+    def _apply_other_optimizer(self, record: StepRecord) -> dict[str, float]:
+        """A step of another optimizer than the first: its own series (the run's steps are the first's);
+        returns its observations (loss, grad_norm, lr, its other values)."""
         series = self.optimizers.get(record.opt)
         if series is None:
             if len(self.optimizers) >= MAX_OPTIMIZERS:
-                return
+                return {}
             series = self.optimizers[record.opt] = {"steps": 0, "loss": None, "grad_norm": None, "lr": []}
         series["steps"] = max(series["steps"], record.step)
         series["grad_norm"] = record.grad_norm
         series["lr"] = list(record.lr)
-        loss = (record.values or {}).get("loss")
-        if loss is not None:
-            series["loss"] = loss
+        observed = dict(record.values or {})
+        if "loss" in observed:
+            series["loss"] = observed["loss"]
+        if record.grad_norm is not None:
+            observed["grad_norm"] = record.grad_norm
+        if record.lr:
+            observed["lr"] = record.lr[0]
+        return observed
 
     def _apply_step(self, record: StepRecord) -> dict[str, float]:
         # The probe numbers steps itself: the count stays exact even if some records were dropped.

@@ -120,7 +120,7 @@ class Actuator:
 
         action = command.action
         if isinstance(action, ReduceLR):
-            return self._reduce_lr(action)
+            return self._reduce_lr(action, command.optimizer)
         if isinstance(action, ScaleClip):
             return self._scale_clip(action.factor, action.min_max_norm, action.max_max_norm)
         if isinstance(action, Rewind):
@@ -167,17 +167,25 @@ class Actuator:
         cut = self.lr_cut
         return [float(cut.in_effect(group)) if cut else float(group["lr"]) for group in self.optimizers.param_groups]
 
-    def _reduce_lr(self, action: ReduceLR) -> str:
+    def _reduce_lr(self, action: ReduceLR, optimizer: str = "") -> str:
+        """Cut the LR of every watched optimizer, or of the one named ("0": the first, "1"...)."""
+        groups = self.optimizers.param_groups
+        if optimizer:
+            members = self.optimizers.members
+            if not optimizer.isdigit() or int(optimizer) >= len(members):
+                raise ValueError(f"reduce_lr for optimizer {optimizer!r}: this run has optimizers "
+                                 f"{', '.join(str(i) for i in range(len(members)))}")
+            groups = members[int(optimizer)].param_groups
         changes = []
         changed = False
-        for i, group in enumerate(self.optimizers.param_groups):
+        for i, group in enumerate(groups):
             before, after = self.lr_cut.reduce(group, action.factor, min_lr_for(action.min_lr, i), action.eps)
             changed = changed or after != before
             changes.append(f"{before:.6g}->{after:.6g}")
         if not changed:
             raise NotTaken("lr " + ", ".join(changes) + ": every group's LR is at min_lr already")
-        for optimizer in self.optimizers.members[1:]:  # the probe's own step hooks apply it to the primary
-            self.lr_cut.hook(optimizer)
+        for member in self.optimizers.members[1:]:  # the probe's own step hooks apply it to the primary
+            self.lr_cut.hook(member)
         return "lr " + ", ".join(changes)
 
 

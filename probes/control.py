@@ -38,6 +38,7 @@ class Command:
     trigger_step: int
     rule: str
     reason: str
+    optimizer: str = ""  # the optimizer an LR cut is for ("0", "1"...); "": all of them
 
     @property
     def type(self) -> str:
@@ -64,7 +65,7 @@ def parse_command(obj: Any) -> Command:
     except ValidationError as exc:
         raise ValueError(f"invalid action {record.action!r}: {exc.errors()[0]['msg']}") from None
     return Command(id=record.id, action=action, apply_at_step=record.apply_at_step, trigger_step=record.trigger_step,
-                   rule=record.rule, reason=record.reason)
+                   rule=record.rule, reason=record.reason, optimizer=record.optimizer)
 
 
 def acked_ids(records_file: Path) -> set[str]:

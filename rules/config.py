@@ -176,6 +176,9 @@ class Rule(_Model):
                                                    "start_from_epoch, Lightning's min_steps)")
     alert: Severity = Field("warning", description="severity of the alert the agent sends when the rule's detector "
                                                    "fires (none: no alert)")
+    optimizer: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,40}$",
+                           description="the optimizer whose series the rule watches and whose LR a reduce_lr "
+                                       "cuts: \"0\" is the run's first (docs/attaching.md, Several optimizers)")
 
 
 # -- guards (in the probe) ----------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class Decision:
     step: int  # the step of the record that triggered it
     t: float  # that record's time
     details: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "0"  # the optimizer whose series the rule watched
+    target: str = ""  # the optimizer its reduce_lr cuts: the rule's, when it names one; "": every optimizer
 
     @property
     def acts(self) -> bool:
@@ -114,15 +116,16 @@ class RunRules:
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
         self.load_state_dict(old)
 
-    def observe(self, step: int, t: float, values: dict[str, float]) -> list[Decision]:
+    def observe(self, step: int, t: float, values: dict[str, float], optimizer: str = "0") -> list[Decision]:
         """Feed one record's observations (metric name -> value, as the agent's state interprets the
-        record) to the rules; returns the decisions they make."""
+        record) of one optimizer's series ("0": the run's first) to the rules that watch it; returns the
+        decisions they make."""
         out = []
         if self.check_metrics:
-            self._note_metrics(step, values)
+            self._note_metrics(step, values if optimizer == "0" else {f"{optimizer}/{k}": v for k, v in values.items()})
         for name, state in self.states.items():
             rule = state.rule
-            if rule.metric not in values or step < rule.start_step:
+            if rule.optimizer != optimizer or rule.metric not in values or step < rule.start_step:
                 continue
             trigger = state.detector.update(values[rule.metric])
             if trigger is None:
@@ -141,7 +144,9 @@ class RunRules:
             self.decisions[key] = self.decisions.get(key, 0) + 1
             details = dict(trigger.details)
             decision = Decision(id=f"{name}@{step}", run=self.run, rule=name, metric=rule.metric, action=action,
-                                mode=mode, reason=trigger.reason, step=step, t=t, details=details)
+                                mode=mode, reason=trigger.reason, step=step, t=t, details=details,
+                                optimizer=rule.optimizer,
+                                target=rule.optimizer if "optimizer" in rule.model_fields_set else "")
             self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
                                            "reason": trigger.reason, "step": step}])[-10:]
             if decision.acts and action["type"] in TRAJECTORY_ACTIONS:
@@ -157,7 +162,7 @@ class RunRules:
         if step - self.first_step < UNSEEN_METRIC_STEPS:
             return
         for name, state in self.states.items():
-            metric = state.rule.metric
+            metric = state.rule.metric if state.rule.optimizer == "0" else f"{state.rule.optimizer}/{state.rule.metric}"
             if metric not in self.metrics_seen and name not in self.unseen_metrics:
                 self.unseen_metrics[name] = metric
                 log.warning("run %s: rule %s watches metric %r, which the run has not recorded in %d steps; "

@@ -176,6 +176,7 @@ class CommandRecord:
     rule: str = ""
     reason: str = ""
     t: float = 0.0
+    optimizer: str = ""  # (1.4) the optimizer a reduce_lr cuts ("1", ...); "": every optimizer of the run
 
     @property
     def type(self) -> str:
@@ -270,7 +271,8 @@ def _step_json(r: StepRecord) -> dict[str, Any]:
 def encode_command(command: CommandRecord) -> bytes:
     return (_encode({"id": command.id, "t": command.t, "rule": command.rule, "reason": command.reason,
                      "trigger_step": command.trigger_step, "action": command.action,
-                     "apply_at_step": command.apply_at_step}) + "\n").encode()
+                     "apply_at_step": command.apply_at_step,
+                     **({"optimizer": command.optimizer} if command.optimizer else {})}) + "\n").encode()
 
 
 def meta_to_json(meta: RunMeta) -> dict[str, Any]:
@@ -432,7 +434,8 @@ def decode_command(obj: Any) -> CommandRecord:
         raise RecordError("invalid", "field 'apply_at_step' must be a non-negative integer or null")
     return CommandRecord(id=obj["id"][:MAX_NAME], action=action, apply_at_step=apply_at,
                          trigger_step=_count(obj.get("trigger_step")) or 0, rule=_text(obj.get("rule"), MAX_NAME) or "",
-                         reason=_text(obj.get("reason"), MAX_NAME) or "", t=_number(obj.get("t")) or 0.0)
+                         reason=_text(obj.get("reason"), MAX_NAME) or "", t=_number(obj.get("t")) or 0.0,
+                         optimizer=_text(obj.get("optimizer"), MAX_OPTIMIZER_NAME) or "")
 
 
 def decode_meta(obj: Any) -> RunMeta:

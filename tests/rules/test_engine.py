@@ -31,3 +31,17 @@ def test_a_stop_does_not_wait() -> None:
     rules = _rules({"type": "stop"})
     decided = [d.step for step, loss in enumerate(LOSSES, 1) for d in rules.observe(step, float(step), {"loss": loss})]
     assert decided == [1, 3, 5]
+
+
+def test_a_rule_watches_the_optimizer_it_names_and_its_cut_targets_that_optimizer_only() -> None:
+    config = RulesConfig.model_validate({"rules": [
+        {"name": "d", "metric": "loss", "detect": {"type": "threshold", "above": 1.0},
+         "action": {"type": "reduce_lr"}, "mode": "act"},
+        {"name": "g", "metric": "loss", "optimizer": "1", "detect": {"type": "threshold", "above": 1.0},
+         "action": {"type": "reduce_lr"}, "mode": "act"}]})
+    rules = RunRules("run", config, "run")
+    assert [(d.rule, d.target) for d in rules.observe(1, 1.0, {"loss": 5.0}, optimizer="1")] == [("g", "1")]
+    [decision] = rules.observe(2, 2.0, {"loss": 5.0})  # optimizer "0", the default
+    assert decision.rule == "d" and decision.target == "", "a rule naming no optimizer cuts every optimizer's LR"
+    assert rules.observe(3, 3.0, {"loss": 5.0}, optimizer="2") == []
+    assert rules.observe(4, 4.0, {"loss": 5.0}, optimizer="1") == []  # g waits for its acknowledgement

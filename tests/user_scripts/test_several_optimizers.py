@@ -5,7 +5,11 @@ gradient norm over its own parameters only (not mixed with the other network's s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +55,36 @@ def test_a_lightning_gan_with_manual_optimization_records_both_optimizers(isolat
     assert [r["values"]["loss"] for r in discriminator] == pytest.approx(reference["errD"], rel=1e-5)
     assert [r["values"]["loss"] for r in generator] == pytest.approx(reference["errG"], rel=1e-5)
     assert [r["lr"] for r in discriminator[:1] + generator[:1]] == [[2e-4], [1e-4]]
+
+
+CUT_THE_GENERATOR = """
+rules:
+  - name: cut-g
+    metric: loss
+    optimizer: "1"
+    detect: {type: threshold, above: 0}
+    action: {type: reduce_lr, factor: 0.5}
+    mode: act
+    max_actions: 1
+"""
+
+
+def test_a_rule_on_the_second_optimizer_watches_its_series_and_cuts_only_its_lr(
+        agent_process: Any, isolated_home: Path, tmp_path: Path) -> None:
+    agent_process()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CUT_THE_GENERATOR)
+    done = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--home", str(isolated_home), "--run", "gan",
+                           "--rules", str(rules), "--", sys.executable, str(SCRIPT), str(tmp_path / "out"),
+                           "--steps", "150", "--sleep", "0.02"],
+                          env={**os.environ, "GRADWATCH_AUTOSTART": "0"}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = run_records(isolated_home, "gan")
+    [ack] = [r for r in records if r["kind"] == "ack"]
+    assert ack["status"] == "applied" and ack["id"].startswith("cut-g@") and ack["step"] < 140
+    steps = [r for r in records if r["kind"] == "step"]
+    generator = {r["step"]: r["lr"][0] for r in steps if r.get("opt") == "1"}
+    discriminator = {r["step"]: r["lr"][0] for r in steps if "opt" not in r}
+    assert list(discriminator.values()) == pytest.approx([2e-4] * 150), "the discriminator's LR is not cut"
+    assert generator[1] == pytest.approx(2e-4) and generator[150] == pytest.approx(1e-4), "the generator's is halved"

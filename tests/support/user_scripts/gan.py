@@ -2,7 +2,7 @@
 discriminator steps on a real and a detached fake batch, then the generator steps on the
 discriminator's verdict on the same fake batch; two Adam optimizers, created D first.
 
-    python gan.py OUT_DIR [--steps 30] [--attach]
+    python gan.py OUT_DIR [--steps 30] [--attach] [--sleep S]
 
 Writes ``OUT_DIR/reference.json``: each network's gradient norm right before its optimizer's step (its
 own parameters only) and its loss (errD = errD_real + errD_fake, errG). With ``--attach`` it attaches
@@ -11,6 +11,7 @@ gradwatch itself and logs errD as the loss; otherwise run it under ``gradwatch r
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--attach", action="store_true")
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds per iteration (for commands to arrive)")
     args = ap.parse_args()
     torch.manual_seed(0)
     netG = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -60,6 +62,7 @@ def main():
         ref["errG"].append(errG.item())
         if probe is not None:
             probe.log(loss=errD_real + errD_fake, loss_G=errG)
+        time.sleep(args.sleep)
     if probe is not None:
         probe.close()
     Path(args.out).mkdir(parents=True, exist_ok=True)
