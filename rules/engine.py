@@ -61,8 +61,11 @@ class RuleState:
         return self.last_fired_step is not None and step - self.last_fired_step < rule.cooldown_steps
 
     def _spec(self) -> dict[str, Any]:
-        # what decides: a new alert severity alone keeps the detector's statistics
-        return self.rule.model_dump(mode="json", exclude={"alert"})
+        # what decides: a new alert severity alone keeps the detector's statistics; the default optimizer is left
+        # out, so that checkpoints written before rules named optimizers still restore
+        exclude = {"alert"} if "optimizer" in self.rule.model_fields_set and self.rule.optimizer != "0" \
+            else {"alert", "optimizer"}
+        return self.rule.model_dump(mode="json", exclude=exclude)
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": self._spec(), "detector": self.detector.state_dict(),
