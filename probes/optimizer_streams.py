@@ -50,6 +50,10 @@ class OtherOptimizer:
             self._norm = self.meter()
             self._measured = True
 
+    def forget(self) -> None:
+        """New gradients (a backward pass) since :meth:`measure`: take the norm again at the step."""
+        self._norm, self._measured = None, False
+
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if torch.compiler.is_compiling():
             return

@@ -298,8 +298,13 @@ class Probe:
         return [] if self._optimizers is None else [float(g["lr"]) for g in self._optimizers.param_groups]
 
     def forget_clip_norm(self) -> None:
-        """New gradients since the script's clip_grad_norm_: its result no longer describes them."""
+        """New gradients since the script's clip_grad_norm_: its result, and the norms taken before it, no longer
+        describe them."""
         self._clip_norm = None
+        if self._others:
+            self._pre_clip_norm = None
+            for other in self._others:
+                other.forget()
 
     def reuse_clip_norm(self, total_norm: torch.Tensor, n_gradients: int, max_norm: float | None = None) -> None:
         """The script's own ``clip_grad_norm_`` result on the current gradients (before clipping):

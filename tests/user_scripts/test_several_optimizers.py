@@ -20,18 +20,30 @@ from tests.user_scripts.helpers import run_user_script
 SCRIPT = SUPPORT / "user_scripts" / "gan.py"
 
 
-@pytest.mark.parametrize("mode", ["gradwatch-run", "attach"])
-def test_each_optimizer_of_a_gan_has_its_own_norm_loss_and_steps(mode: str, isolated_home: Path,
-                                                                tmp_path: Path) -> None:
-    run_user_script(SCRIPT, [str(tmp_path / "out"), "--steps", "30"], mode, isolated_home, "gan")
-    reference = json.loads((tmp_path / "out" / "reference.json").read_text())
-    steps = [r for r in run_records(isolated_home, "gan") if r["kind"] == "step"]
-    discriminator = [r for r in steps if "opt" not in r]
-    generator = [r for r in steps if r.get("opt") == "1"]
-    assert [r["step"] for r in discriminator] == [r["step"] for r in generator] == list(range(1, 31))
+def _each_network_on_its_own(home: Path, run: str, out: Path, steps: int) -> tuple[list[Any], list[Any], Any]:
+    """The discriminator's and the generator's step records, checked against the script's reference: every step
+    of each, each norm over its own network (before any clip), the discriminator's loss errD."""
+    reference = json.loads((out / "reference.json").read_text())
+    records = [r for r in run_records(home, run) if r["kind"] == "step"]
+    discriminator = [r for r in records if "opt" not in r]
+    generator = [r for r in records if r.get("opt") == "1"]
+    assert [r["step"] for r in discriminator] == [r["step"] for r in generator] == list(range(1, steps + 1))
     assert [r["grad_norm"] for r in discriminator] == pytest.approx(reference["d_norm"], rel=1e-5)
     assert [r["grad_norm"] for r in generator] == pytest.approx(reference["g_norm"], rel=1e-5)
     assert [r["values"]["loss"] for r in discriminator] == pytest.approx(reference["errD"], rel=1e-5)
+    return discriminator, generator, reference
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("mode", ["gradwatch-run", "attach"])
+def test_each_optimizer_of_a_gan_has_its_own_norm_loss_and_steps(mode: str, clip: bool, isolated_home: Path,
+                                                                tmp_path: Path) -> None:
+    """With ``clip``, each network is clipped right before its own step: each norm is still its own, before its
+    clip, never one taken at the other network's clip and left over."""
+    run_user_script(SCRIPT, [str(tmp_path / "out"), "--steps", "30", *(["--clip"] if clip else [])], mode,
+                    isolated_home, "gan")
+    discriminator, generator, reference = _each_network_on_its_own(isolated_home, "gan", tmp_path / "out", 30)
+    steps = discriminator + generator
     if mode == "gradwatch-run":  # the backward passes before each optimizer's own step
         assert [r["values"]["loss"] for r in generator] == pytest.approx(reference["errG"], rel=1e-5)
     else:
@@ -45,14 +57,8 @@ def test_a_lightning_gan_with_manual_optimization_records_both_optimizers(isolat
     both is recorded, each with its own norm and the loss of the manual_backward before it."""
     run_user_script(SUPPORT / "user_scripts" / "lightning_gan.py", [str(tmp_path / "out"), "--steps", "20"],
                     "own-callback", isolated_home, "lightning-gan")
-    reference = json.loads((tmp_path / "out" / "reference.json").read_text())
-    steps = [r for r in run_records(isolated_home, "lightning-gan") if r["kind"] == "step"]
-    discriminator = [r for r in steps if "opt" not in r]
-    generator = [r for r in steps if r.get("opt") == "1"]
-    assert [r["step"] for r in discriminator] == [r["step"] for r in generator] == list(range(1, 21))
-    assert [r["grad_norm"] for r in discriminator] == pytest.approx(reference["d_norm"], rel=1e-5)
-    assert [r["grad_norm"] for r in generator] == pytest.approx(reference["g_norm"], rel=1e-5)
-    assert [r["values"]["loss"] for r in discriminator] == pytest.approx(reference["errD"], rel=1e-5)
+    discriminator, generator, reference = _each_network_on_its_own(isolated_home, "lightning-gan",
+                                                                   tmp_path / "out", 20)
     assert [r["values"]["loss"] for r in generator] == pytest.approx(reference["errG"], rel=1e-5)
     assert [r["lr"] for r in discriminator[:1] + generator[:1]] == [[2e-4], [1e-4]]
 

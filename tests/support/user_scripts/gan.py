@@ -2,7 +2,7 @@
 discriminator steps on a real and a detached fake batch, then the generator steps on the
 discriminator's verdict on the same fake batch; two Adam optimizers, created D first.
 
-    python gan.py OUT_DIR [--steps 30] [--attach] [--sleep S]
+    python gan.py OUT_DIR [--steps 30] [--attach] [--clip] [--sleep S]
 
 Writes ``OUT_DIR/reference.json``: each network's gradient norm right before its optimizer's step (its
 own parameters only) and its loss (errD = errD_real + errD_fake, errG). With ``--attach`` it attaches
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--attach", action="store_true")
+    ap.add_argument("--clip", action="store_true", help="clip each network's gradients to 0.5 before its step")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per iteration (for commands to arrive)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -52,11 +53,15 @@ def main():
         errD_fake = criterion(netD(fake.detach()), zeros)
         errD_fake.backward()
         ref["d_norm"].append(total_norm(netD))
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(netD.parameters(), 0.5)
         optimizerD.step()
         netG.zero_grad()
         errG = criterion(netD(fake), ones)
         errG.backward()
         ref["g_norm"].append(total_norm(netG))
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(netG.parameters(), 0.5)
         optimizerG.step()
         ref["errD"].append((errD_real + errD_fake).item())
         ref["errG"].append(errG.item())
