@@ -120,9 +120,11 @@ class ActionDispatcher:
                 if isinstance(item, Decision):
                     self._decision(item)
                 elif isinstance(item.record, AckRecord):
-                    notes += self._ack(item.run, item.rank, item.record)
+                    new = self._ack(item.run, item.rank, item.record)
+                    notes += [] if item.history else new
                 else:
-                    notes += self._skip(item.run, item.rank, item.record)
+                    new = self._skip(item.run, item.rank, item.record)
+                    notes += [] if item.history else new
             except OSError as exc:
                 self._error(item.run, exc)
         return notes
@@ -137,7 +139,10 @@ class ActionDispatcher:
     def _decision(self, d: Decision) -> None:
         run_dir = self.layout.run_dir(d.run)
         event: dict[str, Any] = {"id": d.id, "event": "decision", "t_decided": self.clock(), **d.to_json()}
-        if d.acts:
+        if d.acts and d.history:
+            event["sent"] = False
+            event["note"] = "history: the run had ended before this agent started"
+        elif d.acts:
             apply_at, problem = self._apply_at(d.run)
             if problem:
                 event["sent"] = False
@@ -150,7 +155,8 @@ class ActionDispatcher:
                             d.action["type"], d.step, problem)
             else:
                 command = CommandRecord(id=d.id, t=self.clock(), rule=d.rule, reason=d.reason, trigger_step=d.step,
-                                        action=d.action, apply_at_step=apply_at, optimizer=d.target)
+                                        action=d.action, apply_at_step=apply_at, optimizer=d.target,
+                                        launch=self._launch(d.run))
                 new = self._file(self._commands, d.run, SpoolLayout.commands_file(run_dir)).append_line(
                     command.id, encode_command(command))
                 event["sent"] = True
@@ -191,6 +197,13 @@ class ActionDispatcher:
             return []
         return [ActionNote(id=event_id, run=run, rank=rank, step=step.step, t=step.t, action="skip_step",
                            reason=str(step.skip), rule=None, detail=f"update skipped (gradient norm {step.grad_norm})")]
+
+    def _launch(self, run: str) -> str:
+        """The launch key of the run's processes now (rank 0's): a resumed run's new processes take only
+        commands decided on their own records."""
+        with self.state.lock:
+            rank0 = self.state.runs.get(run, {}).get(0)
+            return rank0.meta.launch_key if rank0 is not None else ""
 
     def _apply_at(self, run: str) -> tuple[int | None, str | None]:
         """(the step after which every rank applies the command, or None: at once; a problem, or None)."""

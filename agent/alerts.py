@@ -9,8 +9,11 @@ returns the changes (new alerts, resolved alerts); agent/notify.py delivers them
   ``resolve_after`` seconds, also after the run finished: a NaN in the last steps of a short run
   must still reach a person (Alertmanager does not notify an alert that resolves before its
   group_wait). Rules read rank 0, so these carry rank "0".
-- ``GradwatchRunStalled`` fires while a rank is stalled; ``GradwatchRunCrashed`` while a rank is
-  crashed, until the run is retired (``ended_ttl_seconds``).
+- ``GradwatchRunStalled`` fires while a rank is stalled; ``GradwatchRunCrashed`` (critical) while a rank is
+  crashed, ``GradwatchRunFailed`` (warning) while its script's non-zero exit status stands, until the run is
+  retired (``ended_ttl_seconds``) or resumed. An interrupted run (Ctrl-C, SIGTERM) pages nobody.
+- Nothing fires on records the agent read as history: those of a run that had ended before this agent
+  started (agent/ingest.py), so a freshly started agent does not page for yesterday's runs.
 
 The set of firing alerts is saved with the checkpoint, so a restarted agent still resolves
 what the previous one fired.
@@ -167,7 +170,7 @@ class AlertTracker:
 
     def _rule_alert(self, out: dict[str, _Condition], rule_state: RuleState, rank0: RankState, now: float) -> None:
         rule, trigger = rule_state.rule, rule_state.last_trigger
-        if rule.alert == "none" or trigger is None or \
+        if rule.alert == "none" or trigger is None or trigger.get("history") or \
                 now - float(trigger.get("seen_t", trigger["t"])) > self.resolve_after:
             return
         name = alert_name(rule.name)
@@ -185,8 +188,19 @@ class AlertTracker:
             since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:
+        if s.history:
+            return  # it ended before this agent started: its state is shown, not paged
         where = f"run {s.run} rank {s.rank} (pid {s.meta.pid or '?'} on host {s.meta.host or '?'})"
-        if s.status == RunStatus.STALLED:
+        if s.status == RunStatus.FAILED:
+            self._put(out, _Condition(
+                self._labels("GradwatchRunFailed", s, "warning"),
+                {"summary": f"Run {s.run} rank {s.rank} exited with status {s.exit_code} at step {s.steps_total}",
+                 "description": f"{where} ended with a non-zero exit status ({s.exit_code}): "
+                                f"{(s.end_error or '')[:300]}.",
+                 "hint": "The script gave up on purpose (sys.exit): its last log lines say why.",
+                 "step": str(s.steps_total)},
+                since=s.ended_at or now))
+        elif s.status == RunStatus.STALLED:
             last = s.last_record_time or s.meta.start_time or now
             self._put(out, _Condition(
                 self._labels("GradwatchRunStalled", s, "warning"),

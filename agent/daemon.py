@@ -59,14 +59,14 @@ class Agent:
         self.layout = SpoolLayout(config.home)
         self.rules = AgentRules.from_file(config.rules_file)  # a bad rules file stops the start: ConfigError
         self.state = AgentState(spike_window=config.spike_window_seconds, rules=self.rules)
-        self.ingestor = SpoolIngestor(self.layout, self.state, clock)
+        self.local_host = socket.gethostname()
+        self.ingestor = SpoolIngestor(self.layout, self.state, clock, self.local_host)
         self.dispatcher = ActionDispatcher(self.layout, self.state, config.command_lead_seconds,
                                            config.command_min_lead_steps, clock)
         self.watcher = SpoolWatcher(self.layout.runs_dir)
         self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
         self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
         self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
-        self.local_host = socket.gethostname()
         self.gpus = GpuCollector(enabled=config.gpu_collector)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,

@@ -25,6 +25,7 @@ from gradwatch.spool.records import (
     LayersRecord,
     LogRecord,
     Record,
+    ResumeRecord,
     RunMeta,
     StepRecord,
     decode_meta,
@@ -43,11 +44,16 @@ class RunStatus(str, enum.Enum):
     RUNNING = "running"
     STALLED = "stalled"  # no record for stall_after seconds, process not known to be gone
     CRASHED = "crashed"  # process gone without finishing, or closed with an exception
+    FAILED = "failed"  # the script exited with a non-zero status (sys.exit(3))
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM (a person, or a scheduler's preemption)
     FINISHED = "finished"
 
     @property
     def ended(self) -> bool:
-        return self in (RunStatus.CRASHED, RunStatus.FINISHED)
+        return self in _ENDED
+
+
+_ENDED = frozenset({RunStatus.CRASHED, RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.FINISHED})
 
 
 @dataclass
@@ -90,10 +96,18 @@ class RankState:
     cuda_memory: dict[str, float] = field(default_factory=dict)  # CUDA allocator: allocated, reserved, peak, total
     # the run's other optimizers (a GAN's second network...), by name: steps, loss, grad_norm, lr of each
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    end_status: str | None = None  # "finished" | "stopped" | "failed" from the end record
+    end_status: str | None = None  # "finished" | "stopped" | "failed" | "interrupted" from the end record
     end_error: str | None = None
+    exit_code: int | None = None  # the non-zero status a failed script exited with
     status: RunStatus = RunStatus.RUNNING
     ended_at: float | None = None
+    dropped_before_resume: int = 0  # what the processes before the last resume dropped (counts start again)
+    resumes: int = 0  # times a new process continued this rank from a checkpoint (resume records)
+    history: bool = False  # its newest records were read as history: written before this agent started, by a
+    history_until: int = 0  # process already gone then (bytes of the file up to which records are history)
+    # the rules' state at the run's checkpoints (rank 0), by checkpoint id, oldest first: a resume gets it back
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pending_checkpoint: list[Any] | None = None  # [id, step]: taken once the records of that step are in
 
     def __post_init__(self) -> None:
         self.detectors = {name: EmaZScore() for name in SPIKE_METRICS}
@@ -106,7 +120,7 @@ class RankState:
         self.records += 1
         t = record.t
         self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
-        self.probe_dropped = max(self.probe_dropped, record.dropped)
+        self.probe_dropped = max(self.probe_dropped, self.dropped_before_resume + record.dropped)
         if isinstance(record, StepRecord):
             if record.opt:  # for the rules that watch this optimizer (rule field `optimizer`)
                 return self._apply_other_optimizer(record)
@@ -120,12 +134,24 @@ class RankState:
         if isinstance(record, EndRecord):
             self.end_status = record.status.value
             self.end_error = record.error
+            self.exit_code = record.exit_code
             self.steps_total = max(self.steps_total, record.step)
         elif isinstance(record, AckRecord):
             self._apply_ack(record)
         elif isinstance(record, LayersRecord):
             self._apply_layers(record)
         return {}
+
+    def resumed(self, record: ResumeRecord, meta: RunMeta | None) -> None:
+        """A new process continues this rank after ``record.step`` (its metadata is ``meta``, when readable)."""
+        if meta is not None:
+            self.meta = meta
+        self.resumes += 1
+        self.dropped_before_resume = self.probe_dropped
+        self.status, self.ended_at = RunStatus.RUNNING, None
+        self.end_status = self.end_error = self.exit_code = None
+        self.last_step = record.step
+        self.step_duration = self.data_wait = None
 
     def _apply_layers(self, record: LayersRecord) -> None:
         self.layer_grad_norms = {name: v for name, v in zip(record.layers[:MAX_LAYERS], record.grad_norm, strict=False)
@@ -258,7 +284,7 @@ class RankState:
         if self.status.ended:
             return self.status
         if self.end_status is not None:
-            self._end(RunStatus.CRASHED if self.end_status == "failed" else RunStatus.FINISHED, now)
+            self._end(_END_STATES.get((self.end_status, self.exit_code is not None), RunStatus.FINISHED), now)
         elif self.meta.host == local_host and self.meta.pid > 0 and process_alive(self.meta.pid, self.meta.proc_start_ticks) is False:
             self._end(RunStatus.CRASHED, now)
         else:
@@ -292,13 +318,17 @@ class RankState:
             recent.load_state_dict(state.get("recent_max", {}).get(key, []))
 
 
+#: (end record status, exited with a status) -> the rank's state: a non-zero exit is a failure, an exception a crash
+_END_STATES = {("failed", False): RunStatus.CRASHED, ("failed", True): RunStatus.FAILED,
+               ("interrupted", False): RunStatus.INTERRUPTED, ("interrupted", True): RunStatus.INTERRUPTED}
+
 _NOT_SAVED = frozenset({"run", "rank", "spike_window"})  # the checkpoint's keys and the agent's configuration
 
 
 def run_status(ranks: list[RankState]) -> RunStatus:
-    """A run is crashed if any rank crashed, stalled if any stalled, finished when all finished."""
+    """The worst state of its ranks: crashed, failed, stalled, running, interrupted, finished (all finished)."""
     statuses = {r.status for r in ranks}
-    for status in (RunStatus.CRASHED, RunStatus.STALLED, RunStatus.RUNNING):
+    for status in (RunStatus.CRASHED, RunStatus.FAILED, RunStatus.STALLED, RunStatus.RUNNING, RunStatus.INTERRUPTED):
         if status in statuses:
             return status
     return RunStatus.FINISHED
@@ -327,7 +357,9 @@ class AgentState:
         self.rules = rules if rules is not None else AgentRules(default_rules(), None)
         self.spike_window = spike_window
         self.runs: dict[str, dict[int, RankState]] = {}
-        self.retired: set[str] = set()  # runs whose series were dropped after they ended
+        # runs whose series were dropped after they ended -> bytes of their records then (None: not measured yet);
+        # a retired run whose records grow again (it resumed) is read afresh
+        self.retired: dict[str, int | None] = {}
         self.rejected_runs: dict[str, str] = {}  # run -> why its metadata was refused
         self.counters = AgentCounters()
 
@@ -351,7 +383,7 @@ class AgentState:
                 if now - ended_at > ended_ttl:
                     del self.runs[run]
                     self.rules.forget(run)
-                    self.retired.add(run)
+                    self.retired[run] = None
                     retired.append(run)
         return retired
 
@@ -361,7 +393,7 @@ class AgentState:
             if run not in present:
                 del self.runs[run]
                 self.rules.forget(run)
-        self.retired &= present
+        self.retired = {run: size for run, size in self.retired.items() if run in present}
         for run in list(self.rejected_runs):
             if run not in present:
                 del self.rejected_runs[run]
@@ -370,7 +402,7 @@ class AgentState:
         return {
             "runs": {run: {str(r): s.state_dict() for r, s in ranks.items()}
                      for run, ranks in self.runs.items()},
-            "retired": sorted(self.retired),
+            "retired": dict(sorted(self.retired.items())),
             "rules": self.rules.state_dict(),
         }
 
@@ -379,7 +411,9 @@ class AgentState:
         for run, ranks in state.get("runs", {}).items():
             for rank, rank_state in ranks.items():
                 self.add_rank(run, int(rank), decode_meta(rank_state["meta"])).load_state_dict(rank_state)
-        self.retired = set(state.get("retired", []))
+        retired = state.get("retired", {})
+        self.retired = {str(run): None for run in retired} if isinstance(retired, list) else \
+            {str(run): size if isinstance(size, int) else None for run, size in retired.items()}
         self.rules.load_state_dict(state.get("rules", {}))
 
     def runs_by_status(self) -> dict[RunStatus, int]:

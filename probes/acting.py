@@ -34,6 +34,7 @@ class Actuator:
         self.expected_clip_threshold: float | None = None  # what the next clip uses, after a scale_clip
         self.script_clip_seen: float | None = None  # the max_norm of the script's own clip_grad_norm_, last seen
         self._script_clip: tuple[float, float, float] | None = None  # scale_clip on it: (ratio, low, high)
+        self.pending_external_clip: float | None = None  # a resumed run's framework clip threshold, to set again
         self.meter = meter
         self.guards = guards
         self.snapshots = snapshots
@@ -161,6 +162,26 @@ class Actuator:
             return max_norm
         ratio, low, high = self._script_clip
         return min(high, max(low, max_norm * ratio))
+
+    # -- saved with the probe's state (probe.state_dict) ---------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The actions in force: LR cuts, the guards' statistics and thresholds, a scaled clip threshold."""
+        return {"lr_cut": self.lr_cut.state_dict(self.optimizers.param_groups), "guards": self.guards.state_dict(),
+                "script_clip": list(self._script_clip) if self._script_clip is not None else None,
+                "external_clip": self.expected_clip_threshold if self.external_clip is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_cut.load_state_dict(state.get("lr_cut") or [], self.optimizers.param_groups)
+        if self.lr_cut:
+            for member in self.optimizers.members[1:]:
+                self.lr_cut.hook(member)
+        self.guards.load_state_dict(state.get("guards") or {})
+        self.fast = self.guards.only_nonfinite_skip
+        clip = state.get("script_clip")
+        if isinstance(clip, list) and len(clip) == 3:
+            self._script_clip = (float(clip[0]), float(clip[1]), float(clip[2]))
+        external = state.get("external_clip")
+        self.pending_external_clip = float(external) if isinstance(external, (int, float)) else None
 
     def learning_rates(self) -> list[float]:
         """The LR the next update of every watched param group uses (the script's, times the cuts)."""

@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from gradwatch.probes import readback
-from gradwatch.spool.records import AckRecord, AckStatus, LayersRecord, LogRecord, Record, StepRecord
+from gradwatch.spool.records import (
+    AckRecord,
+    AckStatus,
+    CheckpointRecord,
+    LayersRecord,
+    LogRecord,
+    Record,
+    StepRecord,
+)
 
 #: What the guards did at one step (values may be deferred): (clip threshold or None, clipped,
 #: skip reason or None, observed skip reason or None).
@@ -54,7 +62,7 @@ class LayersCapture(NamedTuple):
     covered: tuple[int, ...]
 
 
-Capture = StepCapture | LogCapture | AckCapture | LayersCapture
+Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord  # a checkpoint has no device values
 
 
 def _resolve_values(values: dict[str, Any]) -> dict[str, float] | None:
@@ -134,4 +142,6 @@ def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
         names, n = item.names, item.n_layers
         return LayersRecord(step=item.step, t=item.t, layers=list(names), grad_norm=vector[:n],
                             update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[n:], strict=False)})
+    if isinstance(item, CheckpointRecord):
+        return item
     raise TypeError(f"not a capture: {type(item).__name__}")

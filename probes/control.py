@@ -39,6 +39,7 @@ class Command:
     rule: str
     reason: str
     optimizer: str = ""  # the optimizer an LR cut is for ("0", "1"...); "": all of them
+    launch: str = ""  # the launch key of the processes it is for ("": any)
 
     @property
     def type(self) -> str:
@@ -65,7 +66,7 @@ def parse_command(obj: Any) -> Command:
     except ValidationError as exc:
         raise ValueError(f"invalid action {record.action!r}: {exc.errors()[0]['msg']}") from None
     return Command(id=record.id, action=action, apply_at_step=record.apply_at_step, trigger_step=record.trigger_step,
-                   rule=record.rule, reason=record.reason, optimizer=record.optimizer)
+                   rule=record.rule, reason=record.reason, optimizer=record.optimizer, launch=record.launch)
 
 
 def acked_ids(records_file: Path) -> set[str]:
@@ -76,10 +77,11 @@ def acked_ids(records_file: Path) -> set[str]:
 class CommandReader:
     """Tails the run's command file (writer thread only)."""
 
-    def __init__(self, run_dir: Path, already_applied: set[str]) -> None:
+    def __init__(self, run_dir: Path, already_applied: set[str], launch_key: str = "") -> None:
         self.path = SpoolLayout.commands_file(run_dir)
         self.offset = 0
         self.seen = set(already_applied)
+        self.launch_key = launch_key  # commands for other processes of the run (before a resume) are not ours
 
     def poll(self) -> list[Command]:
         try:
@@ -106,6 +108,7 @@ class CommandReader:
                 continue
             if command.id not in self.seen:
                 self.seen.add(command.id)
-                commands.append(command)
+                if not command.launch or not self.launch_key or command.launch == self.launch_key:
+                    commands.append(command)
         return commands
 

@@ -16,7 +16,7 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradwatch.rules.ema import EmaZScore
 
@@ -161,6 +161,31 @@ class GradientGuards:
             raise ValueError(f"scale_clip needs guards.clip.scheme 'fixed' (this run uses {self.scheme!r})")
         self.fixed_threshold = min(high, max(low, self.fixed_threshold * factor))
         return self.fixed_threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the guards decide with (saved with the probe's state: a resumed run clips as before)."""
+        return {"scheme": self.scheme, "fixed_threshold": self.fixed_threshold, "skip_next": self.skip_next,
+                "spike": self.spike_stats.state_dict(),
+                "autoclip": list(self.autoclip.order) if self.autoclip is not None else None,
+                "zclip": {"buffer": list(self.zclip.buffer), "mean": self.zclip.mean, "var": self.zclip.var}
+                if self.zclip is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of state_dict(); statistics of another clip scheme than this run's are left out."""
+        self.skip_next = int(state.get("skip_next", 0))
+        self.spike_stats.load_state_dict(state.get("spike") or {})
+        if state.get("scheme") != self.scheme:
+            return
+        if self.scheme == "fixed" and isinstance(state.get("fixed_threshold"), (int, float)):
+            self.fixed_threshold = float(state["fixed_threshold"])
+        if self.autoclip is not None:
+            for norm in state.get("autoclip") or []:
+                self.autoclip.add(float(norm))
+        zclip = state.get("zclip")
+        if self.zclip is not None and isinstance(zclip, dict):
+            self.zclip.buffer = [float(v) for v in zclip.get("buffer", [])]
+            self.zclip.mean = None if zclip.get("mean") is None else float(zclip["mean"])
+            self.zclip.var = float(zclip.get("var", 0.0))
 
     def decide(self, norm: float) -> GuardDecision:
         """Everything the guards do at one step with gradient norm ``norm`` (host float)."""

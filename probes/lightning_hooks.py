@@ -131,7 +131,7 @@ class LightningHooks(ProbeOptions):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._stop_listening()
         if self.probe is not None:
-            self.probe.close(status="failed", error=repr(exception))
+            self.probe.close_on(exception)  # Ctrl-C or SIGTERM (Lightning's SIGTERMException): interrupted
 
     def _stop_listening(self) -> None:
         if self._manual is not None:

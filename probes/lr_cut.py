@@ -85,6 +85,18 @@ class LRCut:
         ratio, min_lr = old
         return min(lr, max(lr * ratio, min_lr))
 
+    # -- saved with the probe's state (probe.state_dict) ---------------------------------------------
+    def state_dict(self, groups: list[dict[str, Any]]) -> list[list[float]]:
+        """The cuts as [index of the group in ``groups``, script LR, cut LR, min_lr]: JSON, by position."""
+        return [[i, cut.script_lr, cut.cut_lr, cut.min_lr] for i, group in enumerate(groups)
+                if (cut := self.cuts.get(id(group))) is not None]
+
+    def load_state_dict(self, state: list[list[float]], groups: list[dict[str, Any]]) -> None:
+        for index, script_lr, cut_lr, min_lr in state:
+            if 0 <= int(index) < len(groups):
+                group = groups[int(index)]
+                self.cuts[id(group)] = GroupCut(group, float(script_lr), float(cut_lr), float(min_lr))
+
     # -- around an optimizer's update --------------------------------------------------------------
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
         """Just before ``optimizer`` updates: its cut groups get their cut LR."""

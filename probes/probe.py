@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from gradwatch.probes.model_hook import ForwardPreHook
 from gradwatch.probes.optimizer_streams import OtherOptimizer
 from gradwatch.probes.optimizers import GradientSource, ModelParameters, OptimizerSet, unwrap
 from gradwatch.probes.record_queue import RecordQueue
+from gradwatch.probes.resume import STATE_FORMAT, ResumePoint, resume_point
 from gradwatch.probes.runtime import ProcessRuntime, process_runtime
 from gradwatch.probes.settings import (
     DEFAULT_FLUSH_INTERVAL,
@@ -43,7 +45,7 @@ from gradwatch.probes.settings import (
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.probes.warn_once import WarnOnce
 from gradwatch.probes.writer_thread import SpoolWriterThread
-from gradwatch.spool.records import EndStatus
+from gradwatch.spool.records import CheckpointRecord, EndStatus
 
 if TYPE_CHECKING:  # pydantic's models load at attach() (ProbeSettings.resolve), not when the probe is imported
     from gradwatch.probes.interceptors import StepInputs
@@ -81,6 +83,7 @@ class Probe:
         measure_in_step_hook: bool = True,
         launch_id: str | None = None,
         runtime: ProcessRuntime | None = None,
+        resume: Mapping[str, Any] | int | None = None,
     ) -> None:
         settings = ProbeSettings.resolve(
             model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
@@ -156,6 +159,8 @@ class Probe:
             self._record_other(optimizer)
         if model is not None:
             self._hooks.append(ForwardPreHook.register(model, self._on_forward_pre))  # invisible to copies
+        if resume is not None:
+            self._resume(resume_point(resume, run))
         self._writer.start()
         self.opened_at = time.monotonic()
         self._runtime.opened(self)
@@ -212,7 +217,54 @@ class Probe:
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Block until the run directory exists (for tools and tests; training never needs it)."""
+        self._writer.open_requested.set()
         return self._writer.ready.wait(timeout)
+
+    # -- resuming (checkpoints) ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The probe's state, to save in the training checkpoint: ``ckpt["gradwatch"] = probe.state_dict()``.
+
+        Plain JSON. Given back to a new process (``probe.load_state_dict(...)`` before its first step, or
+        ``attach(..., resume=...)``) it continues this run: the same run and step series, the LR cuts and
+        clip statistics in force, and the agent's rules in the state they had at this step. The Lightning
+        and Transformers callbacks save and restore it with their own checkpoints."""
+        checkpoint = f"{self.step}-{secrets.token_hex(4)}"
+        state: dict[str, Any] = {"gradwatch": STATE_FORMAT, "run": self.run, "step": self.step,
+                                 "checkpoint": checkpoint}
+        try:
+            state["optimizer_steps"] = {other.name: other.steps for other in self._others}
+            if self._actuator is not None:
+                state["actions"] = self._actuator.state_dict()
+            # the agent keeps its rules' state at this point, under this id
+            self._queue.put(CheckpointRecord(step=self.step, t=time.time(), id=checkpoint))
+        except Exception as exc:
+            self.report_internal_error("state_dict", exc)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run ``state`` (from :meth:`state_dict`) was saved from, after its step. Call it before the
+        first step (right after loading the checkpoint); a value that is not such a state raises ValueError."""
+        point = resume_point(state, None, "load_state_dict")
+        if self.step > 0 or self._writer.opened:
+            self._warn("late-resume", "load_state_dict() after the run's first step or record is ignored: call it "
+                       "before training starts (this process goes on as run %s)", self.run)
+            return
+        self._resume(point)
+
+    def _resume(self, point: ResumePoint) -> None:
+        self.step = point.step
+        self.requested_run = point.run
+        self._writer.resume_at(point)
+        try:
+            steps = point.state.get("optimizer_steps") or {}
+            for other in self._others:
+                other.steps = int(steps.get(other.name, other.steps))
+            actions = point.state.get("actions")
+            if self._actuator is not None and isinstance(actions, dict):
+                self._actuator.load_state_dict(actions)
+        except (TypeError, ValueError, KeyError) as exc:
+            self._warn("resume-state", "the saved probe state's actions could not be restored (%s); the run "
+                       "continues without them", exc)
 
     # -- for integrations (the zero-code launcher, Lightning, Transformers) ------------------------
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -351,13 +403,17 @@ class Probe:
     def control_clipping(self, scale: Callable[[float, float, float], float] | None) -> None:
         """Hand clip-threshold changes to the framework's own clipping: ``scale(factor, min, max)``
         sets the framework's threshold and returns the new value."""
-        if self._actuator is not None:
-            self._actuator.external_clip = scale
+        actuator = self._actuator
+        if actuator is not None:
+            actuator.external_clip = scale
+            pending, actuator.pending_external_clip = actuator.pending_external_clip, None
+            if scale is not None and pending is not None:  # a resumed run: the threshold a scale_clip had set
+                actuator.expected_clip_threshold = scale(1.0, pending, pending)
 
     def close(self, *, status: str | EndStatus = EndStatus.FINISHED, error: str | None = None,
-              timeout: float = 10.0) -> None:
+              exit_code: int | None = None, timeout: float = 10.0) -> None:
         """Remove the hooks, write what is queued and mark the run ``finished`` (or ``stopped``,
-        ``failed``). Idempotent."""
+        ``failed``, ``interrupted``; ``exit_code``: the non-zero status a failed script exits with). Idempotent."""
         if self._closed:
             return
         end = EndStatus(status)  # a wrong value raises here, before anything is closed
@@ -380,18 +436,19 @@ class Probe:
             interceptors.stop_listening(self._listening)
             self._listening = None
         self._runtime.closed(self)
-        self._writer.stop(status=end, error=error, final_step=self.step, timeout=timeout)
+        self._writer.stop(status=end, error=error, final_step=self.step, exit_code=exit_code, timeout=timeout)
 
     def __enter__(self) -> Probe:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc is None:
-            self.close()
-        elif isinstance(exc, StopTraining):
-            self.close(status=EndStatus.STOPPED, error=str(exc))
-        else:
-            self.close(status=EndStatus.FAILED, error=repr(exc))
+        self.close_on(exc)
+
+    def close_on(self, exc: BaseException | None) -> None:
+        """Close the probe as the exception ``exc`` (None: none) ends the training: failed, interrupted
+        (Ctrl-C, SIGTERM), stopped (StopTraining), or finished."""
+        status, error, exit_code = self._runtime.ending(exc)
+        self.close(status=status, error=error, exit_code=exit_code)
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------
     def _on_forward_pre(self, module: torch.nn.Module | None = None, args: Any = None) -> None:
@@ -551,6 +608,7 @@ def attach(
     rules: RulesConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
     on_stop: str | None = None,
     layer_stats_every: int | None = None,
+    resume: Mapping[str, Any] | int | None = None,
 ) -> Probe:
     """Monitor a training loop: ``probe = gradwatch.attach(model, optimizer, run="lr-sweep-3e-4")``.
 
@@ -574,13 +632,17 @@ def attach(
         layer_stats_every: every how many optimizer steps to record per-layer gradient norms and
             update/weight ratios (default ``$GRADWATCH_LAYER_STATS_EVERY`` or 100; 0 turns them off;
             needs the model). The sampled step costs a few extra kernels and a bounded copy of some layers.
+        resume: continue a run that stopped, from a checkpoint: the dict ``probe.state_dict()`` returned
+            and the checkpoint kept (the run, its step, the actions in force), or the step the checkpoint
+            was taken after (then ``run=`` names the run). Steps are numbered on from there; the agent's
+            rules go on from the state they had at that checkpoint (docs/attaching.md, "Resuming").
 
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
     """
     probe = Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
                   max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
-                  on_stop=on_stop, layer_stats_every=layer_stats_every)
+                  on_stop=on_stop, layer_stats_every=layer_stats_every, resume=resume)
     probe.listen_to_script()
     return probe
 

@@ -1,18 +1,28 @@
-"""What is process-wide about probes: the probes open in this process, and closing them at exit (an
-uncaught exception marks their runs failed; StopTraining, stopped). One instance per process,
-handed to every probe; the zero-code launcher asks it whether a probe is open already."""
+"""What is process-wide about probes: the probes open in this process, and closing them at exit. How the
+process ends decides how the runs end: an uncaught exception marks them failed (a crash), StopTraining
+stopped, Ctrl-C or SIGTERM interrupted, ``sys.exit(n)`` with n != 0 failed with that exit code. One
+instance per process, handed to every probe; the zero-code launcher asks it whether a probe is open already.
+
+The signal handlers are installed only where the process has Python's defaults (a framework's own, such as
+Lightning's, are left alone), only from the main thread, and keep the default behaviour: SIGINT still
+raises KeyboardInterrupt, SIGTERM still ends the process (after the probes wrote their end records).
+``sys.exit`` is wrapped to see the exit status (the interpreter keeps it from atexit handlers); a
+``raise SystemExit(n)`` bypasses it and ends as finished.
+"""
 
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import sys
 import threading
 import weakref
-from types import TracebackType
-from typing import TYPE_CHECKING
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gradwatch.errors import StopTraining
 from gradwatch.spool.records import EndStatus
@@ -28,6 +38,8 @@ class ProcessRuntime:
         self._lock = threading.Lock()
         self._exit_handlers = False
         self._exit_pid: int | None = None  # the process whose exit closes the probes (a fork child is another)
+        self.interrupted_by: str | None = None  # "SIGINT" / "SIGTERM" once one arrived
+        self.exit_code: int | None = None  # what sys.exit() was called with, as a status
 
     def opened(self, probe: Probe) -> None:
         self._open.add(probe)
@@ -66,19 +78,75 @@ class ProcessRuntime:
 
             sys.excepthook = excepthook
             atexit.register(self.close_all)
+            self._watch_exit()
+            if threading.current_thread() is threading.main_thread():
+                self._watch_signals()
 
-    def close_all(self) -> None:
+    def _watch_exit(self) -> None:
+        original = sys.exit
+
+        @functools.wraps(original)
+        def exit(status: Any = None) -> NoReturn:
+            self.exit_code = exit_status(status)
+            original(status)
+            raise SystemExit(status)  # not reached: for type checkers
+
+        sys.exit = exit
+
+    def _watch_signals(self) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            def on_sigint(signum: int, frame: FrameType | None) -> None:
+                self.interrupted_by = "SIGINT"
+                signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without gradwatch
+
+            signal.signal(signal.SIGINT, on_sigint)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted_by = "SIGTERM"
+        if signal.getsignal(signal.SIGTERM) != self._on_sigterm:  # bound methods: equal, never identical
+            return  # called by a handler installed over ours (it ends the process its own way; close_all follows)
+        self.close_all(timeout=2.0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # then the default: the process ends, killed by SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def close_all(self, timeout: float = 5.0) -> None:
         pid = os.getpid()
         last = self._uncaught[-1] if self._uncaught else sys.exc_info()[1]  # a worker's target raising: in flight
+        ending = self.ending(last)
         for probe in list(self._open):
             if probe.identity.pid != pid:
                 continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
-            if isinstance(last, StopTraining):
-                probe.close(status=EndStatus.STOPPED, error=str(last), timeout=5.0)
-            elif last is not None:
-                probe.close(status=EndStatus.FAILED, error=repr(last), timeout=5.0)
-            else:
-                probe.close(timeout=5.0)
+            probe.close(status=ending[0], error=ending[1], exit_code=ending[2], timeout=timeout)
+
+    def ending(self, exc: BaseException | None) -> tuple[EndStatus, str | None, int | None]:
+        """How the runs of this process end, given the exception it ends with (None: none):
+        (status, error, exit code)."""
+        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException" \
+                or (exc is None and self.interrupted_by) or (exc is not None and self.interrupted_by == "SIGTERM"):
+            return EndStatus.INTERRUPTED, self.interrupted_by or type(exc).__name__, None
+        if isinstance(exc, StopTraining):
+            return EndStatus.STOPPED, str(exc), None
+        if isinstance(exc, SystemExit):
+            code = exit_status(exc.code)
+            return (EndStatus.FINISHED, None, None) if code == 0 else \
+                (EndStatus.FAILED, f"exited with status {code}", code)
+        if exc is not None:
+            return EndStatus.FAILED, repr(exc), None
+        if self.exit_code:
+            return EndStatus.FAILED, f"exited with status {self.exit_code}", self.exit_code
+        return EndStatus.FINISHED, None, None
+
+
+def exit_status(code: Any) -> int:
+    """The process status ``sys.exit(code)`` gives: None 0, an int itself, anything else (a message) 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    return 1
+
 
 
 _RUNTIME = ProcessRuntime()

@@ -36,6 +36,7 @@ class SpoolSession:
         self._read_commands = read_commands
         self._file: RecordFileWriter | None = None
         self._next_open_attempt = 0.0
+        self.resuming = False  # continue the run requested_run names (take its directory over)
         self.run_name: str | None = None
         self.run_dir: Path | None = None
         self.commands: CommandReader | None = None  # once the run directory exists, if commands are wanted
@@ -50,14 +51,15 @@ class SpoolSession:
             return False
         try:
             if self.run_dir is None:
-                name, run_dir = claim_run_dir(self.layout, self.requested_run, self.identity.launch_key)
+                name, run_dir = claim_run_dir(self.layout, self.requested_run, self.identity.launch_key,
+                                              take_over=self.resuming)
                 meta_file = SpoolLayout.meta_file(run_dir, self.identity.rank)
                 self._check_rank_unclaimed(meta_file)
                 write_json_atomic(meta_file, meta_to_json(self._make_meta(name)))
                 self.run_name, self.run_dir = name, run_dir
                 if self._read_commands:
                     records_file = SpoolLayout.records_file(run_dir, self.identity.rank)
-                    self.commands = CommandReader(run_dir, acked_ids(records_file))
+                    self.commands = CommandReader(run_dir, acked_ids(records_file), self.identity.launch_key)
                 self._start_agent_if_needed()
             self._file = RecordFileWriter(SpoolLayout.records_file(self.run_dir, self.identity.rank))
             return True

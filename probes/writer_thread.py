@@ -24,11 +24,21 @@ from typing import Any
 from gradwatch.probes.captures import Capture, LogCapture, StepCapture, to_record
 from gradwatch.probes.control import Command
 from gradwatch.probes.identity import ProcessIdentity
+from gradwatch.probes.resume import ResumePoint
 from gradwatch.probes.spool_session import SpoolSession
 from gradwatch.probes.warn_once import WarnOnce
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.proc import process_start_ticks
-from gradwatch.spool.records import CudaMemory, EndRecord, EndStatus, Record, RunMeta, StepRecord, encode
+from gradwatch.spool.records import (
+    CudaMemory,
+    EndRecord,
+    EndStatus,
+    Record,
+    ResumeRecord,
+    RunMeta,
+    StepRecord,
+    encode,
+)
 
 # Once the run has a control directory (the agent acts on it), latency matters more than wake-ups: poll
 # for commands every 10 ms and flush records every 20 ms (benchmarks/rule_latency.py).
@@ -68,13 +78,15 @@ class SpoolWriterThread(threading.Thread):
         self._cuda_device = cuda_device
         self._next_cuda_sample = 0.0
         self._stop_event = threading.Event()
-        self._end: tuple[EndStatus, str | None, int] = (EndStatus.FINISHED, None, 0)
+        self._end: tuple[EndStatus, str | None, int, int | None] = (EndStatus.FINISHED, None, 0, None)
         self._seq = 0
         self._held: Capture | None = None  # a step waiting one drain for the scalars logged after it
         self._busy = False  # the last drain found records: the run is stepping, drain again soon
         self.session = SpoolSession(layout, run_name, identity, self._meta, warn, on_agent_needed,
                                     read_commands=inbox is not None)
         self.ready = threading.Event()  # set once the run directory and metadata exist
+        self.open_requested = threading.Event()  # open before the first record (wait_ready)
+        self._resume: ResumeRecord | None = None  # the first record of a resumed process, until written
         self.encode_dropped = 0  # records lost to encoding errors or device values that never arrived
 
     @property
@@ -86,17 +98,29 @@ class SpoolWriterThread(threading.Thread):
         return self.session.run_dir
 
     # -- control, called from the training thread -------------------------------------------
-    def stop(self, *, status: EndStatus, error: str | None, final_step: int, timeout: float) -> None:
-        self._end = (status, error, final_step)
+    def stop(self, *, status: EndStatus, error: str | None, final_step: int, timeout: float,
+             exit_code: int | None = None) -> None:
+        self._end = (status, error, final_step, exit_code)
         self._stop_event.set()
         self.join(timeout)
 
     def dropped(self) -> int:
         return self._queue_dropped() + self.encode_dropped + self.session.lines_dropped
 
+    def resume_at(self, point: ResumePoint) -> None:
+        """Continue the run ``point.run`` (before the spool was opened): its directory, then a resume record first."""
+        self.session.requested_run = point.run
+        self.session.resuming = True
+        self._resume = ResumeRecord(step=point.step, t=time.time(), checkpoint=point.checkpoint)
+
+    @property
+    def opened(self) -> bool:
+        return self.session.run_dir is not None
+
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
-        self._guarded(self._open)  # create the run directory (and start an agent) before the first record
+        # the run directory is created with the first record (or when asked): until then load_state_dict() may
+        # still name the run this process resumes
         acting = False  # the agent acts on this run: read its commands often
         next_poll = 0.0
         while True:
@@ -108,6 +132,8 @@ class SpoolWriterThread(threading.Thread):
                 acting = acting or commands.path.parent.is_dir()
                 self._guarded(self._poll_commands)
                 next_poll = time.monotonic() + idle_wait
+            if self.open_requested.is_set() and not self.ready.is_set():
+                self._guarded(self._open)
             self._busy = False
             self._guarded(self._drain, final=stopping)
             if stopping:
@@ -116,7 +142,9 @@ class SpoolWriterThread(threading.Thread):
         self.session.close()
 
     def _open(self) -> None:
-        if self.session.open():
+        if self._resume is not None:
+            self._write([])  # the resume record is the first line, whatever comes next
+        elif self.session.open():
             self.ready.set()
 
     def _guarded(self, fn: Callable[..., object], **kwargs: Any) -> None:
@@ -192,6 +220,8 @@ class SpoolWriterThread(threading.Thread):
                                    total=torch.cuda.get_device_properties(self._cuda_device).total_memory)
 
     def _write(self, records: list[Record]) -> None:
+        if self._resume is not None:  # a resumed process's first line
+            records, self._resume = [self._resume, *records], None
         lines = []
         for record in records:
             self._seq += 1
@@ -220,5 +250,5 @@ class SpoolWriterThread(threading.Thread):
             worker=ident.worker, **self._run_settings)
 
     def _write_end(self) -> None:
-        status, error, final_step = self._end
-        self._write([EndRecord(step=final_step, t=time.time(), status=status, error=error)])
+        status, error, final_step, exit_code = self._end
+        self._write([EndRecord(step=final_step, t=time.time(), status=status, error=error, exit_code=exit_code)])

@@ -1,8 +1,13 @@
 """Deciding: feed a run's records to its rules and get decisions back. No I/O and no torch here;
 the agent's dispatcher turns decisions into events and commands (agent/actions.py).
 
-A decision's id is ``<rule>@<step>``: the same records always give the same decisions with
-the same ids, so a restarted agent that re-reads records cannot issue a command twice.
+A decision's id is ``<rule>@<step>`` (``<rule>@<step>~<k>`` after the run's k-th resume, whose steps
+repeat those after its checkpoint): the same records always give the same decisions with the same ids,
+so a restarted agent that re-reads records cannot issue a command twice.
+
+A run that resumes from a checkpoint gets its rules back as they were at that checkpoint
+(``checkpoint_state`` / ``resume_from``), as torch's schedulers get theirs from the checkpoint:
+detectors, counts towards ``max_actions``, cooldowns.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Decision:
     details: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "0"  # the optimizer whose series the rule watched
     target: str = ""  # the optimizer its reduce_lr cuts: the rule's, when it names one; "": every optimizer
+    history: bool = False  # made on records of a run that had ended before the agent started: never sent
 
     @property
     def acts(self) -> bool:
@@ -111,6 +117,7 @@ class RunRules:
         self.decisions: dict[tuple[str, str, str], int] = {}  # (rule, action, mode) -> count
         self.recent: list[dict[str, Any]] = []  # the newest decisions, for `gradwatch status`
         self.awaiting: dict[str, str] = {}  # rule -> id of its trajectory command the probe has not acknowledged
+        self.segment = 0  # resumes of the run so far: decision ids after the k-th end in ~k
 
     def reconfigure(self, config: RulesConfig) -> None:
         """New rules (a reloaded file): unchanged rules keep their state, changed ones restart."""
@@ -119,10 +126,12 @@ class RunRules:
         self.states = {rule.name: RuleState(rule) for rule in config.rules}
         self.load_state_dict(old)
 
-    def observe(self, step: int, t: float, values: dict[str, float], optimizer: str = "0") -> list[Decision]:
+    def observe(self, step: int, t: float, values: dict[str, float], optimizer: str = "0",
+                history: bool = False) -> list[Decision]:
         """Feed one record's observations (metric name -> value, as the agent's state interprets the
         record) of one optimizer's series ("0": the run's first) to the rules that watch it; returns the
-        decisions they make."""
+        decisions they make. ``history``: the record is of a run that ended before the agent started; its
+        decisions and triggers are marked so (never sent, never alerted)."""
         out = []
         if self.check_metrics:
             self._note_metrics(step, values if optimizer == "0" else {f"{optimizer}/{k}": v for k, v in values.items()})
@@ -136,7 +145,7 @@ class RunRules:
                     state.last_trigger["seen_t"] = t  # the condition goes on: its alert stays firing
                 continue
             state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
-                                  "details": dict(trigger.details)}
+                                  "details": dict(trigger.details), **({"history": True} if history else {})}
             if state.quiet(step) or name in self.awaiting:
                 continue  # awaiting: this record is from before the rule's last action took effect
             state.fired += 1
@@ -146,13 +155,13 @@ class RunRules:
             key = (name, action["type"], mode)
             self.decisions[key] = self.decisions.get(key, 0) + 1
             details = dict(trigger.details)
-            decision = Decision(id=f"{name}@{step}", run=self.run, rule=name, metric=rule.metric, action=action,
-                                mode=mode, reason=trigger.reason, step=step, t=t, details=details,
-                                optimizer=rule.optimizer,
-                                target=rule.optimizer if "optimizer" in rule.model_fields_set else "")
+            decision = Decision(id=f"{name}@{step}" + (f"~{self.segment}" if self.segment else ""), run=self.run,
+                                rule=name, metric=rule.metric, action=action, mode=mode, reason=trigger.reason,
+                                step=step, t=t, details=details, optimizer=rule.optimizer,
+                                target=rule.optimizer if "optimizer" in rule.model_fields_set else "", history=history)
             self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
                                            "reason": trigger.reason, "step": step}])[-10:]
-            if decision.acts and action["type"] in TRAJECTORY_ACTIONS:
+            if decision.acts and action["type"] in TRAJECTORY_ACTIONS and not history:
                 self.awaiting[name] = decision.id
             out.append(decision)
         return out
@@ -183,8 +192,24 @@ class RunRules:
         if outcome is not None and rule in self.states:
             self.states[rule].last_outcome = outcome
 
+    # -- checkpoints and resumes of the run -------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a run resumed from a checkpoint taken now gets back: each rule's detector, counts and cooldown."""
+        return {name: state.state_dict() for name, state in self.states.items()}
+
+    def resume_from(self, saved: dict[str, Any] | None) -> None:
+        """The run resumed (a new process continues it): the rules as they were at its checkpoint (``saved``,
+        from :meth:`checkpoint_state`; None: unknown, they go on as they are), a new decision-id segment, and
+        nothing awaited from the processes before."""
+        self.segment += 1
+        self.awaiting = {}
+        for name, rule_state in (saved or {}).items():
+            if name in self.states:
+                self.states[name].load_state_dict(rule_state)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "rules": {name: s.state_dict() for name, s in self.states.items()},
+        return {"source": self.source, "segment": self.segment,
+                "rules": {name: s.state_dict() for name, s in self.states.items()},
                 "decisions": [[*key, n] for key, n in sorted(self.decisions.items())], "recent": self.recent,
                 "awaiting": dict(self.awaiting), "unseen_metrics": dict(self.unseen_metrics),
                 "first_step": self.first_step, "metrics_seen": sorted(self.metrics_seen)}
@@ -204,3 +229,5 @@ class RunRules:
         awaiting = state.get("awaiting")
         self.awaiting = {str(k): str(v) for k, v in awaiting.items() if k in self.states} \
             if isinstance(awaiting, dict) else {}
+        segment = state.get("segment", self.segment)
+        self.segment = segment if isinstance(segment, int) and segment >= 0 else 0

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, parse_major
 from gradwatch.spool.records import Record, RecordError, RunMeta, decode_line, decode_meta
 
 SUPPORTED_MAJOR = parse_major(FORMAT_VERSION)
 ACK_MARKER = b'"kind":"ack"'  # how an encoded ack record line starts (spool.records.encode)
+RESUME_MARKER = b'"kind":"resume"'
+_BACKWARD_CHUNK = 1 << 20
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 
 
@@ -64,6 +67,35 @@ def read_ids(path: Path, only_lines_with: bytes = b"") -> set[str]:
     except FileNotFoundError:
         pass
     return ids
+
+
+def last_line_with(path: Path, marker: bytes, end: int) -> int | None:
+    """The byte offset where the last line before ``end`` that contains ``marker`` starts (read backwards in
+    chunks: only the file's tail is read when the line is near its end); None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            hit = _rfind(f, marker, end)
+            if hit is None:
+                return None
+            newline = _rfind(f, b"\n", hit)
+            return 0 if newline is None else newline + 1
+    except OSError:
+        return None
+
+
+def _rfind(f: IO[bytes], needle: bytes, end: int) -> int | None:
+    """The offset of the last ``needle`` that ends at or before ``end`` in the file ``f``."""
+    position, carry = end, b""
+    while position > 0:
+        start = max(0, position - _BACKWARD_CHUNK)
+        f.seek(start)
+        chunk = f.read(position - start) + carry
+        hit = chunk.rfind(needle)
+        if hit >= 0:
+            return start + hit
+        carry = chunk[:len(needle) - 1]  # a needle split across two chunks
+        position = start
+    return None
 
 
 def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) -> ReadResult:

@@ -40,6 +40,8 @@ class RecordKind(str, enum.Enum):
     END = "end"  # the process closed its probe: status finished | stopped | failed
     ACK = "ack"  # the probe applied (or refused) a command of the agent (since 1.1)
     LAYERS = "layers"  # per-layer gradient norms and update/weight ratios of a sampled step (since 1.2)
+    CHECKPOINT = "checkpoint"  # the script saved the probe's state (probe.state_dict()) after this step (1.5)
+    RESUME = "resume"  # a new process continues the run from a saved state: the next step is step + 1 (1.5)
 
 
 class AckStatus(str, enum.Enum):
@@ -61,7 +63,8 @@ class EndStatus(str, enum.Enum):
 
     FINISHED = "finished"
     STOPPED = "stopped"  # a rule stopped the run (1.1)
-    FAILED = "failed"  # the script raised
+    FAILED = "failed"  # the script raised, or exited with a non-zero status (exit_code, 1.5)
+    INTERRUPTED = "interrupted"  # Ctrl-C (KeyboardInterrupt) or SIGTERM (a scheduler's preemption) (1.5)
 
 
 class RecordError(ValueError):
@@ -143,6 +146,33 @@ class EndRecord:
     t: float
     status: EndStatus
     error: str | None = None
+    exit_code: int | None = None  # (1.5) the non-zero status the script exited with (sys.exit(3)), when failed so
+    seq: int = 0
+    dropped: int = 0
+
+
+@dataclass(slots=True)
+class CheckpointRecord:
+    """The script saved the probe's state after ``step`` (1.5): the agent keeps its rules' state at this point,
+    for a run that resumes from this checkpoint (``id`` travels in the saved state)."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.CHECKPOINT
+    step: int
+    t: float
+    id: str
+    seq: int = 0
+    dropped: int = 0
+
+
+@dataclass(slots=True)
+class ResumeRecord:
+    """A new process continues the run after ``step`` (1.5), the first record it writes: from the saved state
+    ``checkpoint`` (its id; "" when the step came from elsewhere: a framework's global_step, ``resume=N``)."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.RESUME
+    step: int
+    t: float
+    checkpoint: str = ""
     seq: int = 0
     dropped: int = 0
 
@@ -161,7 +191,7 @@ class LayersRecord:
     dropped: int = 0
 
 
-Record = StepRecord | LogRecord | AckRecord | EndRecord | LayersRecord
+Record = StepRecord | LogRecord | AckRecord | EndRecord | LayersRecord | CheckpointRecord | ResumeRecord
 
 
 @dataclass(slots=True)
@@ -177,6 +207,8 @@ class CommandRecord:
     reason: str = ""
     t: float = 0.0
     optimizer: str = ""  # (1.4) the optimizer a reduce_lr cuts ("1", ...); "": every optimizer of the run
+    launch: str = ""  # (1.5) the launch key of the processes it is for; "": any (a resumed run's new processes
+    # ignore the commands decided for the processes before them)
 
     @property
     def type(self) -> str:
@@ -236,6 +268,12 @@ def to_json(record: Record) -> dict[str, Any]:
                        apply_at_step=record.apply_at_step, status=record.status.value, detail=record.detail)
         elif isinstance(record, EndRecord):
             out.update(status=record.status.value, error=record.error)
+            if record.exit_code is not None:
+                out["exit_code"] = record.exit_code
+        elif isinstance(record, CheckpointRecord):
+            out["id"] = record.id
+        elif isinstance(record, ResumeRecord):
+            out["checkpoint"] = record.checkpoint
         elif isinstance(record, LayersRecord):
             out.update(layers=record.layers, grad_norm=record.grad_norm, update_ratio=record.update_ratio)
         else:
@@ -272,7 +310,8 @@ def encode_command(command: CommandRecord) -> bytes:
     return (_encode({"id": command.id, "t": command.t, "rule": command.rule, "reason": command.reason,
                      "trigger_step": command.trigger_step, "action": command.action,
                      "apply_at_step": command.apply_at_step,
-                     **({"optimizer": command.optimizer} if command.optimizer else {})}) + "\n").encode()
+                     **({"optimizer": command.optimizer} if command.optimizer else {}),
+                     **({"launch": command.launch} if command.launch else {})}) + "\n").encode()
 
 
 def meta_to_json(meta: RunMeta) -> dict[str, Any]:
@@ -374,8 +413,23 @@ def _decode_ack(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int
 def _decode_end(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> EndRecord:
     status = obj.get("status")
     # an unknown status is a process that did not end cleanly as far as we can tell
-    end = EndStatus(status) if status in ("finished", "stopped") else EndStatus.FAILED
-    return EndRecord(step=step, t=t, status=end, error=_text(obj.get("error")), seq=seq, dropped=dropped)
+    end = EndStatus(status) if status in ("finished", "stopped", "interrupted") else EndStatus.FAILED
+    code = obj.get("exit_code")
+    exit_code = code if isinstance(code, int) and not isinstance(code, bool) and -MAX_INT <= code <= MAX_INT else None
+    return EndRecord(step=step, t=t, status=end, error=_text(obj.get("error")), seq=seq, dropped=dropped,
+                     exit_code=exit_code)
+
+
+def _decode_checkpoint(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> CheckpointRecord:
+    checkpoint = _text(obj.get("id"), MAX_NAME)
+    if not checkpoint:
+        raise RecordError("invalid", "checkpoint record without an 'id'")
+    return CheckpointRecord(step=step, t=t, id=checkpoint, seq=seq, dropped=dropped)
+
+
+def _decode_resume(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> ResumeRecord:
+    return ResumeRecord(step=step, t=t, checkpoint=_text(obj.get("checkpoint"), MAX_NAME) or "", seq=seq,
+                        dropped=dropped)
 
 
 def _decode_layers(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> LayersRecord:
@@ -396,6 +450,7 @@ def _decode_log(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int
 _DECODERS: dict[str, Callable[[dict[str, Any], int, float, int, int], Record]] = {
     RecordKind.STEP.value: _decode_step, RecordKind.LOG.value: _decode_log, RecordKind.ACK.value: _decode_ack,
     RecordKind.END.value: _decode_end, RecordKind.LAYERS.value: _decode_layers,
+    RecordKind.CHECKPOINT.value: _decode_checkpoint, RecordKind.RESUME.value: _decode_resume,
 }
 
 
@@ -435,7 +490,8 @@ def decode_command(obj: Any) -> CommandRecord:
     return CommandRecord(id=obj["id"][:MAX_NAME], action=action, apply_at_step=apply_at,
                          trigger_step=_count(obj.get("trigger_step")) or 0, rule=_text(obj.get("rule"), MAX_NAME) or "",
                          reason=_text(obj.get("reason"), MAX_NAME) or "", t=_number(obj.get("t")) or 0.0,
-                         optimizer=_text(obj.get("optimizer"), MAX_OPTIMIZER_NAME) or "")
+                         optimizer=_text(obj.get("optimizer"), MAX_OPTIMIZER_NAME) or "",
+                         launch=_text(obj.get("launch"), MAX_NAME) or "")
 
 
 def decode_meta(obj: Any) -> RunMeta:

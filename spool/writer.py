@@ -28,9 +28,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def claim_run_dir(layout: SpoolLayout, name: str, launch_key: str) -> tuple[str, Path]:
+def claim_run_dir(layout: SpoolLayout, name: str, launch_key: str, take_over: bool = False) -> tuple[str, Path]:
     """Find the run directory for ``name``: the first of ``name``, ``name-2``, ... that is free or
-    already claimed by the same launch (the other ranks of this run).
+    already claimed by the same launch (the other ranks of this run). ``take_over``: ``name`` itself,
+    claimed for this launch whoever had it (a run resumed by new processes).
 
     The claim is a hard link of a fully written file, so it appears atomically and exactly one
     launch wins a name even when processes race.
@@ -41,6 +42,11 @@ def claim_run_dir(layout: SpoolLayout, name: str, launch_key: str) -> tuple[str,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(launch_key)
+        if take_over:
+            run_dir = layout.run_dir(base)
+            run_dir.mkdir(exist_ok=True)
+            os.replace(tmp, SpoolLayout.claim_file(run_dir))  # atomic: the ranks of this launch all write the same
+            return base, run_dir
         for attempt in range(1, _MAX_NAME_ATTEMPTS + 1):
             run = base if attempt == 1 else f"{base}-{attempt}"
             run_dir = layout.run_dir(run)

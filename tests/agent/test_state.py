@@ -127,9 +127,30 @@ def test_ended_runs_are_retired_after_the_ttl_and_not_read_again(env) -> None:  
     assert state.refresh(clock(), stall_after=1e9, ended_ttl=600, local_host=LOCAL) == []
     clock.advance(601)
     assert state.refresh(clock(), stall_after=1e9, ended_ttl=600, local_host=LOCAL) == ["old"]
-    assert set(state.runs) == {"new"} and state.retired == {"old"}
+    assert set(state.runs) == {"new"} and set(state.retired) == {"old"}
+    ingest.scan_all()
     ingest.scan_all()
     assert set(state.runs) == {"new"}  # a rescan does not bring it back
+
+
+def test_a_retired_run_whose_records_grow_again_is_read_afresh(env) -> None:  # type: ignore[no-untyped-def]
+    """A run resumed after the agent retired it: its records are read again, the new ones counted."""
+    spool, state, ingest, clock = env
+    spool.start("old")
+    spool.steps("old", 0, 1, 3)
+    spool.end("old", 0, 3)
+    ingest.scan_all()
+    state.refresh(clock(), stall_after=1e9, ended_ttl=600, local_host=LOCAL)
+    clock.advance(601)
+    assert state.refresh(clock(), stall_after=1e9, ended_ttl=600, local_host=LOCAL) == ["old"]
+    ingest.scan_all()  # measures the retired run's records
+    assert "old" not in state.runs
+    spool.append("old", 0, {"kind": "resume", "step": 3, "t": clock(), "checkpoint": ""})
+    spool.steps("old", 0, 4, 6)
+    ingest.scan_all()
+    rank = state.rank("old", 0)
+    assert rank is not None and rank.steps_total == 6 and rank.resumes == 1 and "old" not in state.retired
+    assert rank.refresh_status(clock(), 1e9, LOCAL).value == "running"
 
 
 def test_a_multi_rank_run_is_crashed_if_any_rank_crashed(env) -> None:  # type: ignore[no-untyped-def]
