@@ -174,7 +174,19 @@ ALERTS: list[PromAlert] = [
         meaning="The process exited without closing its probe, or closed it with an exception.",
         threshold="immediately",
         fires=Case([_state("crashed", "0 0 1 1"), _INFO + ("1x10",)], "3m"),
-        quiet=Case([_state("crashed", "0x10"), _state("finished", "0 0 1 1"), _INFO + ("1x10",)], "3m"),
+        quiet=Case([_state("crashed", "0x10"), _state("interrupted", "0 0 1 1"), _INFO + ("1x10",)], "3m"),
+    ),
+    PromAlert(
+        name="GradwatchRunFailed", severity="warning",
+        expr='max without (state) (gradwatch_run_state{state="failed"} == 1)', for_="0m",
+        summary="Run {run} rank {rank} failed",
+        description="The training script of run {run} (rank {rank}, host {host}) exited with a non-zero status "
+                    "(sys.exit(n)).",
+        hint="The script gave up on purpose: its last log lines say why.",
+        meaning="The script exited with a non-zero status.",
+        threshold="immediately",
+        fires=Case([_state("failed", "0 0 1 1"), _INFO + ("1x10",)], "3m"),
+        quiet=Case([_state("failed", "0x10"), _state("finished", "0 0 1 1"), _INFO + ("1x10",)], "3m"),
     ),
     PromAlert(
         name="GradwatchThroughputDropped", severity="warning",

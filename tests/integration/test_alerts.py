@@ -7,6 +7,7 @@ training in subprocesses, the agent as a subprocess; the receiver is a local HTT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, SUPPORT, AgentProcess, WebhookReceiver, free_port, metric, wait_until
+from tests.conftest import REPO, SUPPORT, AgentProcess, WebhookReceiver, free_port, http_json, metric, wait_until
 from tests.spool_records import run_records
 
 pytestmark = pytest.mark.integration
@@ -142,3 +143,84 @@ def test_alert_arrives_after_alertmanager_comes_back(isolated_home: Path, agent_
     assert metric(samples, "gradwatch_agent_notifications_total", endpoint="alertmanager", result="delivered") >= 1
     assert metric(samples, "gradwatch_agent_notifications_total", endpoint="alertmanager", result="expired") == 0
     report("Alertmanager down, then up -> alert delivered", seconds_after_restart=round(got[0][0] - started, 2))
+
+
+def test_an_interrupted_run_pages_nobody_and_a_failed_one_warns(stack: dict[str, Any]) -> None:
+    """Ctrl-C and SIGTERM (a scheduler preempting the job) end a run as interrupted, with no crash page from the
+    agent or from Prometheus; a script that exits with status 3 is failed (a warning), and a crash stays critical."""
+    home, receiver, agent = stack["home"], stack["receiver"], stack["agent"]
+    ctrl_c = start_training(home, "--run-name", "ctrl-c", "--steps", "400", "--sleep", "0.01", "--ctrl-c-at", "30")
+    exits = start_training(home, "--run-name", "exit-3", "--steps", "400", "--sleep", "0.01", "--exit-at", "30")
+    raises = start_training(home, "--run-name", "raises", "--steps", "400", "--sleep", "0.01", "--raise-at", "30")
+    preempted = start_training(home, "--run-name", "sigterm", "--steps", "100000", "--sleep", "0.02")
+    wait_until(lambda: (metric(agent.metrics(), "gradwatch_steps_total", optimizer="0", run="sigterm", rank="0") or 0)
+               > 20, timeout=60, what="the run under way")
+    preempted.send_signal(signal.SIGTERM)
+    assert preempted.wait(timeout=60) == -signal.SIGTERM  # still ended by the signal, as without gradwatch
+    assert ctrl_c.wait(timeout=120) == -signal.SIGINT and exits.wait(timeout=120) == 3 and raises.wait(120) == 1
+    states = {run: state for run in ("ctrl-c", "exit-3", "sigterm", "raises")
+              for state in ("interrupted", "failed", "finished", "crashed")
+              if wait_until(lambda run=run: metric(agent.metrics(), "gradwatch_run_state", run=run, rank="0",
+                                                    state="running") == 0, timeout=60, what=f"{run} ended")
+              and metric(agent.metrics(), "gradwatch_run_state", run=run, rank="0", state=state) == 1}
+    assert states == {"ctrl-c": "interrupted", "exit-3": "failed", "sigterm": "interrupted", "raises": "crashed"}
+    failed = wait_until(lambda: alerts_for(receiver, "exit-3", alertname="GradwatchRunFailed", source="agent"),
+                        timeout=60, what="the agent's failed alert")
+    assert failed[0][1]["labels"]["severity"] == "warning" and "status 3" in failed[0][1]["annotations"]["summary"]
+    wait_until(lambda: alerts_for(receiver, "exit-3", alertname="GradwatchRunFailed", source="prometheus"),
+               timeout=60, what="Prometheus' failed alert")
+    evaluated = time.monotonic()
+    wait_until(lambda: time.monotonic() - evaluated > 10, timeout=30)  # a few more rule evaluations and deliveries
+    for run in ("ctrl-c", "sigterm"):
+        assert alerts_for(receiver, run) == [], f"{run} paged someone"
+    crashed = wait_until(lambda: alerts_for(receiver, "raises", alertname="GradwatchRunCrashed", source="agent"),
+                         timeout=60, what="the crash alert")
+    assert crashed[0][1]["labels"]["severity"] == "critical"  # a crash is still a crash
+    assert {a["labels"]["run"] for _, a in receiver.alerts() if a["labels"]["alertname"] == "GradwatchRunCrashed"} \
+        == {"raises"}
+
+
+STOP_ON_NAN = """
+rules:
+  - name: nan-stop
+    metric: loss
+    detect: {type: nonfinite}
+    action: {type: stop}
+    mode: act
+    alert: critical
+"""
+
+
+def test_a_freshly_started_agent_records_runs_that_ended_before_it_as_history(
+        isolated_home: Path, tmp_path: Path, agent_process: Any, alertmanager: Any,
+        webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs that hit a NaN with no agent watching: one ended an hour ago, one just now. The agent that starts
+    afterwards decides on both, but sends no command and pages nobody for the old one; the one that just ended
+    still reaches a person (it may have started the agent itself)."""
+    from gradwatch.spool.format import SpoolLayout
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(STOP_ON_NAN)
+    for run in ("yesterday", "just-now"):
+        finish(start_training(isolated_home, "--run-name", run, "--steps", "60", "--nan-at", "30",
+                              "--rules", str(rules)))
+    hour_ago = time.time() - 3600
+    for path in SpoolLayout(isolated_home).run_dir("yesterday").iterdir():
+        os.utime(path, (hour_ago, hour_ago))
+    monkeypatch.setenv("GRADWATCH_ALERT_RESOLVE_AFTER_SECONDS", "3600")  # the NaN's trigger still stands
+    am = alertmanager(webhook_receiver.url)
+    agent = agent_process("--alertmanager-url", am.url)
+    wait_until(lambda: alerts_for(webhook_receiver, "just-now", alertname="GradwatchNanStop"), timeout=60,
+               what="the NaN alert of the run that just ended")
+    for run in ("yesterday", "just-now"):
+        wait_until(lambda run=run: metric(agent.metrics(), "gradwatch_run_state", run=run, rank="0",
+                                          state="finished") == 1, timeout=60, what=f"{run} read")
+    layout = SpoolLayout(isolated_home)
+    events = [json.loads(line) for line in SpoolLayout.events_file(layout.run_dir("yesterday")).read_text().splitlines()]
+    decided = [e for e in events if e["event"] == "decision"]
+    assert [(d["rule"], d["step"], d["history"], d["sent"]) for d in decided] == [("nan-stop", 30, True, False)]
+    assert not SpoolLayout.commands_file(layout.run_dir("yesterday")).exists() or \
+        SpoolLayout.commands_file(layout.run_dir("yesterday")).read_text() == ""
+    time.sleep(3)  # deliveries of anything else the agent had
+    assert alerts_for(webhook_receiver, "yesterday") == []
+    assert [a["run"] for a in http_json(agent.url + "/api/runs")["runs"] if a["alerts"]] == ["just-now"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -33,6 +35,10 @@ def main() -> None:
     parser.add_argument("--signal-at", type=int, default=0, help="log signal=1 at this step (0 otherwise)")
     parser.add_argument("--val-every", type=int, default=0, help="log val_loss on held-out data every N steps")
     parser.add_argument("--on-stop", default="flag")
+    parser.add_argument("--ctrl-c-at", type=int, default=0, help="press Ctrl-C at this step (SIGINT to itself)")
+    parser.add_argument("--exit-at", type=int, default=0, help="sys.exit(--exit-code) at this step")
+    parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--raise-at", type=int, default=0, help="raise RuntimeError at this step (a crash)")
     parser.add_argument("--result", default="")
     args = parser.parse_args()
 
@@ -78,6 +84,12 @@ def main() -> None:
             losses.append(loss.item())
             if args.sleep:
                 time.sleep(args.sleep)
+            if step == args.ctrl_c_at:
+                os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised here, ends the script
+            if step == args.exit_at:
+                sys.exit(args.exit_code)
+            if step == args.raise_at:
+                raise RuntimeError(f"a bug at step {step}")
             if probe.should_stop:
                 stopped_at = step
                 break
