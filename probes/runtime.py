@@ -123,8 +123,9 @@ class ProcessRuntime:
     def ending(self, exc: BaseException | None) -> tuple[EndStatus, str | None, int | None]:
         """How the runs of this process end, given the exception it ends with (None: none):
         (status, error, exit code)."""
-        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException" \
-                or (exc is None and self.interrupted_by) or (exc is not None and self.interrupted_by == "SIGTERM"):
+        # after Ctrl-C a script (Lightning) may exit(1) or finish; after SIGTERM whatever it raises is the signal's doing
+        signalled = self.interrupted_by == "SIGTERM" or (self.interrupted_by and (exc is None or isinstance(exc, SystemExit)))
+        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException" or signalled:
             return EndStatus.INTERRUPTED, self.interrupted_by or type(exc).__name__, None
         if isinstance(exc, StopTraining):
             return EndStatus.STOPPED, str(exc), None
