@@ -177,8 +177,9 @@ class SpoolIngestor:
         if isinstance(record, ResumeRecord):
             self._resumed(state, rules, record, path)
         elif isinstance(record, CheckpointRecord):
-            if rules is not None:
-                state.pending_checkpoint = [record.id, record.step]
+            if rules is not None:  # several saves after one step (Lightning's every-n and last.ckpt): one state
+                pending = state.pending_checkpoint
+                state.pending_checkpoint = [[*pending[0], record.id] if pending else [record.id], record.step]
             state.apply(record)
             return
         observed = state.apply(record)
@@ -194,11 +195,12 @@ class SpoolIngestor:
     @staticmethod
     def _keep_checkpoint(state: RankState, rules: RunRules) -> None:
         assert state.pending_checkpoint is not None
-        checkpoint_id = str(state.pending_checkpoint[0])
+        ids = state.pending_checkpoint[0]
         state.pending_checkpoint = None
-        state.checkpoints.pop(checkpoint_id, None)
-        state.checkpoints[checkpoint_id] = {"rules": rules.checkpoint_state(),
-                                            "spikes": {k: d.state_dict() for k, d in state.detectors.items()}}
+        saved = {"rules": rules.checkpoint_state(), "spikes": {k: d.state_dict() for k, d in state.detectors.items()}}
+        for checkpoint_id in ids if isinstance(ids, list) else [ids]:
+            state.checkpoints.pop(str(checkpoint_id), None)
+            state.checkpoints[str(checkpoint_id)] = saved
         while len(state.checkpoints) > MAX_CHECKPOINTS:
             del state.checkpoints[next(iter(state.checkpoints))]
 

@@ -107,7 +107,7 @@ class RankState:
     history_until: int = 0  # process already gone then (bytes of the file up to which records are history)
     # the rules' state at the run's checkpoints (rank 0), by checkpoint id, oldest first: a resume gets it back
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pending_checkpoint: list[Any] | None = None  # [id, step]: taken once the records of that step are in
+    pending_checkpoint: list[Any] | None = None  # [[ids], step]: taken once the records of that step are in
 
     def __post_init__(self) -> None:
         self.detectors = {name: EmaZScore() for name in SPIKE_METRICS}

@@ -12,14 +12,17 @@ Trainer logs is forwarded (``on_log``): ``eval_loss`` (also as ``val_loss``), ``
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from gradwatch.probes import interceptors
 from gradwatch.probes.framework import ProbeOptions
 from gradwatch.probes.identity import shared_launch_id
+from gradwatch.probes.lightning_hooks import resuming
 from gradwatch.probes.optimizers import unwrap
 from gradwatch.probes.probe import Probe
 
@@ -27,22 +30,33 @@ from gradwatch.probes.probe import Probe
 _PER_STEP = frozenset({"loss", "grad_norm", "learning_rate"})
 
 
-class GradwatchCallback(ProbeOptions, TrainerCallback):
-    """Watch a Transformers Trainer run with gradwatch; the arguments are those of :func:`gradwatch.attach`."""
+class GradwatchCallback(ProbeOptions, TrainerCallback, ExportableState):
+    """Watch a Transformers Trainer run with gradwatch; the arguments are those of :func:`gradwatch.attach`.
+
+    The probe's state goes into each checkpoint's ``trainer_state.json`` (a stateful callback), so
+    ``trainer.train(resume_from_checkpoint=...)`` continues the same run and step series (whether or not
+    ``restore_callback_states_from_checkpoint`` is set)."""
 
     def _reset(self) -> None:
         self._inputs: interceptors.StepInputs | None = None
+
+    # -- the Trainer saves this with each checkpoint, and restores it as a new callback built from it --------
+    def state(self) -> dict[str, Any]:
+        options = {k: _json_option(v) for k, v in self.options.items()}
+        saved = self.probe.state_dict() if self.probe is not None else getattr(self, "gradwatch_state", None)
+        return {"args": options, "attributes": {"gradwatch_state": saved}}
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         if (self.probe is not None and not self.probe.closed) or optimizer is None:
             return
-        self._reset()  # a new train() after an ended one: a new run
+        self._reset()  # a new train() after an ended one: a new run (from a checkpoint: the run it continues)
         run = self.options["run"] or (args.run_name if args.run_name != args.output_dir else None)
+        saved = getattr(self, "gradwatch_state", None) or _saved_state(state)
         self.probe = Probe(model, unwrap(optimizer), rank=args.process_index, world_size=args.world_size,
                            on_stop="flag", launch_id=shared_launch_id(),
-                           **{**self.options, "run": run})
+                           **{**self.options, "run": run}, **resuming(saved, int(state.global_step), run))
         self._inputs = interceptors.listen(self.probe)  # the loss and the Trainer's clip_grad_norm_ result
         if args.max_grad_norm and args.max_grad_norm > 0:
             def scale_max_grad_norm(factor: float, low: float, high: float) -> float:
@@ -82,3 +96,26 @@ class GradwatchCallback(ProbeOptions, TrainerCallback):
             interceptors.stop_listening(self._inputs)
         if self.probe is not None:
             self.probe.close()
+
+
+def _json_option(value: Any) -> Any:
+    """An attach() option as trainer_state.json can keep it: paths as strings, a RulesConfig as its dict."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _saved_state(state: TrainerState) -> dict[str, Any] | None:
+    """The probe's state in the trainer_state.json of the checkpoint the Trainer resumes from. The Trainer
+    restores callbacks from it only with ``restore_callback_states_from_checkpoint``; the probe's own part
+    is read either way."""
+    if not state.global_step:
+        return None
+    saved = (state.stateful_callbacks or {}).get("GradwatchCallback")
+    if isinstance(saved, list):  # several of our callbacks: the first one's
+        saved = saved[0] if saved else None
+    attributes = saved.get("attributes") if isinstance(saved, dict) else None
+    probe_state = attributes.get("gradwatch_state") if isinstance(attributes, dict) else None
+    return probe_state if isinstance(probe_state, dict) else None

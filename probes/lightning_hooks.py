@@ -37,18 +37,29 @@ class LightningHooks(ProbeOptions):
         self._samples = 0
         self._last_step = 0
         self._forwarded: dict[str, Any] = {}  # the callback metric (a small tensor) last recorded, by name
+        self._saved: dict[str, Any] | None = None  # the probe's state from the checkpoint fit() resumes from
 
     @property
     def state_key(self) -> str:
         return "GradwatchCallback"
 
+    # -- Lightning keeps this in its checkpoints and hands it back to fit(ckpt_path=...) -----------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.probe.state_dict() if self.probe is not None else dict(self._saved or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = dict(state_dict) if state_dict else None
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.probe is not None and not self.probe.closed:
             return
-        self._reset()  # a new fit() after an ended one: a new run
+        saved = self._saved
+        self._reset()  # a new fit() after an ended one: a new run (or, from a checkpoint, the run it continues)
         self.probe = Probe(pl_module, list(trainer.optimizers), rank=trainer.global_rank,
                            world_size=trainer.world_size, on_stop="flag", measure_in_step_hook=False,
-                           launch_id=shared_launch_id(), **self.options)
+                           launch_id=shared_launch_id(), **self.options,
+                           **resuming(saved, int(trainer.global_step), self.options["run"]))
+        self._last_step = self.probe.step
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             def scale_trainer_clip(factor: float, low: float, high: float) -> float:
                 trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val or 0.0) * factor))
@@ -139,6 +150,16 @@ class LightningHooks(ProbeOptions):
 
             interceptors.stop_listening(self._manual)
             self._manual = None
+
+
+def resuming(saved: dict[str, Any] | None, global_step: int, run: str | None) -> dict[str, Any]:
+    """The Probe arguments that continue a framework's resumed training: the probe's state from its checkpoint,
+    else the framework's global step (of the run named ``run``, else of a new run numbered from there)."""
+    if saved:
+        return {"resume": saved}
+    if global_step > 0:
+        return {"resume": global_step} if run else {"first_step": global_step}
+    return {}
 
 
 def batch_size(batch: Any) -> int:

@@ -84,6 +84,7 @@ class Probe:
         launch_id: str | None = None,
         runtime: ProcessRuntime | None = None,
         resume: Mapping[str, Any] | int | None = None,
+        first_step: int = 0,
     ) -> None:
         settings = ProbeSettings.resolve(
             model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
@@ -95,7 +96,7 @@ class Probe:
         self.identity = settings.identity
         self.layout = settings.layout
         self.requested_run = settings.requested_run
-        self.step = 0  # optimizer steps completed since attach
+        self.step = first_step  # optimizer steps completed (a framework resuming a new run: from its global step)
         self.internal_errors = 0
         self._warn = WarnOnce()
         self._queue = RecordQueue(settings.max_queue, self._warn)

@@ -53,3 +53,25 @@ def acks(home: Path, run: str, rank: int = 0) -> dict[str, dict[str, Any]]:
     events = [json.loads(line) for line in path.read_text().splitlines()]
     return {(a if isinstance(a := e["action"], str) else a["type"]): e for e in events
             if e["event"] == "ack" and e["rank"] == rank}
+
+
+def segments(home: Path, run: str, rank: int = 0) -> list[list[dict[str, Any]]]:
+    """The records of a run split at its resume records: one list per process that wrote them, in order."""
+    out: list[list[dict[str, Any]]] = [[]]
+    for record in run_records(home, run, rank):
+        if record["kind"] == "resume":
+            out.append([])
+        out[-1].append(record)
+    return out
+
+
+def assert_resumed_from(home: Path, run: str, checkpoint_step: int, last_step: int) -> None:
+    """The run's second process continued after ``checkpoint_step`` (the state saved in that checkpoint) to
+    ``last_step``; the first had saved that state at that step."""
+    first, second = segments(home, run)
+    resume = second[0]
+    assert resume["kind"] == "resume" and resume["step"] == checkpoint_step
+    saved = [r["id"] for r in first if r["kind"] == "checkpoint" and r["step"] == checkpoint_step]
+    assert resume["checkpoint"] in saved, "the state came from the checkpoint the framework resumed from"
+    assert [r["step"] for r in second if r["kind"] == "step"] == list(range(checkpoint_step + 1, last_step + 1))
+    assert [r["status"] for r in second if r["kind"] == "end"] == ["finished"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.frameworks.helpers import ACT_EARLY, acks, records, run_script
+from tests.frameworks.helpers import ACT_EARLY, acks, assert_resumed_from, records, run_script
 
 
 def test_loss_grad_norm_and_lr_equal_the_trainers_log_with_accumulation(isolated_home: Path, tmp_path: Path) -> None:
@@ -47,3 +47,18 @@ def test_actions_go_through_trainer_control(agent_process: Any, isolated_home: P
     assert [r["lr"][0] for r in after_cut] == pytest.approx([0.5 * scheduled[r["step"]] for r in after_cut], rel=1e-9)
     assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
                                                             "stop": "applied"}
+
+
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_train_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Path, tmp_path: Path,
+                                                                 restore_callbacks: bool) -> None:
+    """``train(resume_from_checkpoint=True)`` finds the probe's state in the checkpoint's trainer_state.json (the
+    callback is a stateful one; with restore_callback_states_from_checkpoint the Trainer rebuilds it from there):
+    the same run, even with another run= this time, and the steps from its global step."""
+    extra = ["--restore-callbacks"] if restore_callbacks else []
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "12", "--save-every", "8", *extra)
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "20", "--save-every", "8", "--resume",
+               "--run", "another-name", *extra)
+    assert json.loads((tmp_path / "result.json").read_text())["run"] == "hf"
+    assert [p.name for p in (isolated_home / "runs").iterdir()] == ["hf"]
+    assert_resumed_from(isolated_home, "hf", 12, 20)

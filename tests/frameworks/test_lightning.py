@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SUPPORT
-from tests.frameworks.helpers import ACT_EARLY, acks, records, run_script
+from tests.frameworks.helpers import ACT_EARLY, acks, assert_resumed_from, records, run_script
 
 
 def lightning_logs(out: Path) -> dict[str, dict[int, float]]:
@@ -116,3 +116,14 @@ def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, is
         assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
                                                                 "stop": "applied"}
         assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5 (the next clip used it)"
+
+
+def test_fit_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Path, tmp_path: Path) -> None:
+    """``fit(ckpt_path=...)`` restores the callback's state from Lightning's checkpoint: the same run (even with
+    another run= this time) and the step series from the checkpoint's global step."""
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "30", "--checkpoint-every", "10")
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "50", "--run", "another-name",
+               "--resume", str(tmp_path / "ckpt" / "epoch=0-step=20.ckpt"))
+    assert json.loads((tmp_path / "result.json").read_text())["run"] == "lightning"
+    assert [p.name for p in (isolated_home / "runs").iterdir()] == ["lightning"]
+    assert_resumed_from(isolated_home, "lightning", 20, 50)

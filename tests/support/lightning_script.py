@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import grad_norm
 
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--run", default="lightning")
     ap.add_argument("--no-callback", action="store_true", help="an unmodified script, for `gradwatch run`")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="ModelCheckpoint every N training steps")
+    ap.add_argument("--resume", default=None, help="fit(ckpt_path=...): a checkpoint file, or 'last'")
     a = ap.parse_args()
 
     pl.seed_everything(7, verbose=False)
@@ -60,14 +62,16 @@ def main() -> None:
     data = torch.utils.data.TensorDataset(x, x[:, :1] * 2 + 0.1 * torch.randn(4096, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
     callback = None if a.no_callback else GradwatchCallback(run=a.run, rules=a.rules, layer_stats_every=10)
+    checkpoints = ModelCheckpoint(dirpath=Path(a.out) / "ckpt", every_n_train_steps=a.checkpoint_every, save_top_k=-1,
+                                  save_last=True) if a.checkpoint_every else None
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto", max_steps=a.steps,
         accumulate_grad_batches=a.accumulate, gradient_clip_val=a.clip_val, log_every_n_steps=1,
-        logger=CSVLogger(a.out, name="csv", version=0), callbacks=[c for c in (callback, LearningRateMonitor("step")) if c],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        logger=CSVLogger(a.out, name="csv", version=0), callbacks=[c for c in (callback, LearningRateMonitor("step"), checkpoints) if c],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=checkpoints is not None,
     )
     module = Regressor(a.sleep)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=a.resume)
     if trainer.global_rank == 0:
         opt = trainer.optimizers[0]
         (Path(a.out) / "result.json").write_text(json.dumps({
@@ -75,6 +79,7 @@ def main() -> None:
             "gradient_clip_val": trainer.gradient_clip_val, "lr": opt.param_groups[0]["lr"],
             "base_lrs": trainer.lr_scheduler_configs[0].scheduler.base_lrs,
             "stop_reason": callback.probe.stop_reason if callback else None,
+            "run": callback.probe.run if callback else None,
         }))
 
 
