@@ -57,7 +57,8 @@ def main() -> None:
         output_dir=str(Path(a.out) / "trainer"), max_steps=a.steps, per_device_train_batch_size=8,
         gradient_accumulation_steps=a.accumulate, learning_rate=5e-3, warmup_steps=5, logging_steps=1,
         max_grad_norm=a.max_grad_norm, report_to="none",
-        **({"save_strategy": "steps", "save_steps": a.save_every} if a.save_every else {"save_strategy": "no"}), disable_tqdm=True, use_cpu=True, seed=0,
+        **({"save_strategy": "steps", "save_steps": a.save_every} if a.save_every else {"save_strategy": "no"}),
+        disable_tqdm=True, use_cpu=True, seed=0,
         dataloader_num_workers=0, restore_callback_states_from_checkpoint=a.restore_callbacks,
         **({"eval_strategy": "steps", "eval_steps": a.eval_every, "per_device_eval_batch_size": 16}
            if a.eval_every else {}),

@@ -67,7 +67,8 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto", max_steps=a.steps,
         accumulate_grad_batches=a.accumulate, gradient_clip_val=a.clip_val, log_every_n_steps=1,
-        logger=CSVLogger(a.out, name="csv", version=0), callbacks=[c for c in (callback, LearningRateMonitor("step"), checkpoints) if c],
+        logger=CSVLogger(a.out, name="csv", version=0),
+        callbacks=[c for c in (callback, LearningRateMonitor("step"), checkpoints) if c],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=checkpoints is not None,
     )
     module = Regressor(a.sleep)
