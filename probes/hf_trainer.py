@@ -113,7 +113,8 @@ def _saved_state(state: TrainerState) -> dict[str, Any] | None:
     is read either way."""
     if not state.global_step:
         return None
-    saved = (state.stateful_callbacks or {}).get("GradwatchCallback")
+    stored: Any = state.stateful_callbacks  # loaded from the JSON: a dict by callback class name
+    saved = stored.get("GradwatchCallback") if isinstance(stored, dict) else None
     if isinstance(saved, list):  # several of our callbacks: the first one's
         saved = saved[0] if saved else None
     attributes = saved.get("attributes") if isinstance(saved, dict) else None
