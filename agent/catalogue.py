@@ -74,7 +74,9 @@ RUN_INFO = MetricSpec(
     RUN_LABELS + ("host", "pid", "local_rank", "world_size", "torch_version", "gradwatch_version", "worker"),
 )
 RUN_STATE = _run("gradwatch_run_state", "gauge",
-                 "1 for the current state of the process (running, stalled, crashed, finished), else 0.", "state")
+                 "1 for the current state of the process, else 0: running, stalled, crashed (gone without finishing, "
+                 "or raised), failed (exited with a non-zero status), interrupted (Ctrl-C, SIGTERM), finished.",
+                 "state")
 METRIC = _run("gradwatch_metric", "gauge", "Last value of every other scalar logged with probe.log(name=value) "
               "(`loss` and `batch_size` have their own series above).", "name")
 ACTIONS = _run("gradwatch_actions_total", "counter",

@@ -455,7 +455,8 @@ class AgentState:
                     "probe_dropped": s.probe_dropped, "error": s.end_error, "end_status": s.end_status,
                     "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
                     "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
-                    "steps_from": s.meta.steps_from,
+                    "steps_from": s.meta.steps_from, "exit_code": s.exit_code, "resumes": s.resumes,
+                    "history": s.history,
                 } for s in states],
             })
         for run, reason in sorted(self.rejected_runs.items()):

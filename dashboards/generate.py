@@ -27,7 +27,7 @@ DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'run="$run"'
 RANK = 'run="$run",rank=~"$rank"'
 TAGS = ["gradwatch"]
-GREEN, ORANGE, RED, GREY, BLUE = "green", "orange", "red", "text", "blue"
+GREEN, ORANGE, RED, GREY, BLUE, PURPLE = "green", "orange", "red", "text", "blue", "purple"
 #: Per-layer update/weight ratios: about 1e-3 is healthy for Adam-style training; above 1e-2 the
 #: weights change fast relative to their size (Karpathy, "A Recipe for Training Neural Networks").
 UPDATE_RATIO_WARN, UPDATE_RATIO_HIGH = 1e-2, 1e-1
@@ -95,19 +95,19 @@ def single(title: str, description: str, expr: str, *, unit: str = "short", widt
     return panel
 
 
-STATE_CODE = ('max by (run) (gradwatch_run_state{%s,state="finished"} * 0 or gradwatch_run_state{%s,state="running"}'
-              ' or gradwatch_run_state{%s,state="stalled"} * 2 or gradwatch_run_state{%s,state="crashed"} * 3)')
+#: a run's states, least worrying first: a run's state is its worst rank's (agent/state.py run_status)
+STATES = (("finished", GREY), ("interrupted", PURPLE), ("running", GREEN), ("stalled", ORANGE), ("failed", RED),
+          ("crashed", RED))
+STATE_CODE = "max by (run) (" + " or ".join(f'gradwatch_run_state{{%s,state="{name}"}} * {code}'
+                                            for code, (name, _) in enumerate(STATES)) + ")"
 STATE_MAPPINGS = [models.ValueMap(options={
-    "0": models.ValueMappingResult(text="finished", color=GREY, index=0),
-    "1": models.ValueMappingResult(text="running", color=GREEN, index=1),
-    "2": models.ValueMappingResult(text="stalled", color=ORANGE, index=2),
-    "3": models.ValueMappingResult(text="crashed", color=RED, index=3),
+    str(code): models.ValueMappingResult(text=name, color=color, index=code) for code, (name, color) in enumerate(STATES)
 })]
 
 
 def state_code(selector: str) -> str:
-    """The worst state of a run's ranks as a number: 0 finished, 1 running, 2 stalled, 3 crashed."""
-    return STATE_CODE % ((selector,) * 4)
+    """The worst state of a run's ranks as a number: the index of its state in STATES."""
+    return STATE_CODE % ((selector,) * len(STATES))
 
 
 def datasource_variable() -> dashboard.DatasourceVariable:
@@ -286,8 +286,10 @@ def fleet_dashboard() -> dashboard.Dashboard:
             .with_panel(single("Stalled", "Runs with a rank that stopped reporting (agent setting "
                                "stall_after_seconds).", 'sum(gradwatch_agent_runs{state="stalled"})',
                                steps=((None, GREEN), (1, ORANGE)), width=6))
-            .with_panel(single("Crashed", "Runs whose process died or raised.",
-                               'sum(gradwatch_agent_runs{state="crashed"})', steps=((None, GREEN), (1, RED)), width=6))
+            .with_panel(single("Crashed or failed", "Runs whose process died or raised (crashed), or whose script exited "
+                               "with a non-zero status (failed). Interrupted runs (Ctrl-C, SIGTERM) are not counted.",
+                               'sum(gradwatch_agent_runs{state=~"crashed|failed"})', steps=((None, GREEN), (1, RED)),
+                               width=6))
             .with_panel(single("Alerts firing", "Prometheus alerts firing, all runs.",
                                'count(ALERTS{alertstate="firing",alertname=~"Gradwatch.*"}) or vector(0)',
                                steps=((None, GREEN), (1, RED)), width=6))

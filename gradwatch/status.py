@@ -14,7 +14,8 @@ from rich.table import Table
 
 from gradwatch.spool.format import SpoolLayout, default_home
 
-_STATUS_STYLE = {"running": "green", "stalled": "yellow", "crashed": "red", "finished": "blue", "rejected": "red"}
+_STATUS_STYLE = {"running": "green", "stalled": "yellow", "crashed": "red", "failed": "red", "interrupted": "magenta",
+                 "finished": "blue", "rejected": "red"}
 
 
 def agent_url(layout: SpoolLayout) -> str | None:
@@ -106,6 +107,12 @@ def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
 
 def _state(rank: dict[str, Any], style: str) -> str:
     state = rank["status"] + (" (stopped by a rule)" if rank.get("end_status") == "stopped" else "")
+    if rank["status"] == "failed" and rank.get("exit_code") is not None:
+        state += f" (exit {rank['exit_code']})"
+    if rank.get("resumes"):
+        state += " (resumed)" if rank["resumes"] == 1 else f" (resumed x{rank['resumes']})"
+    if rank.get("history"):
+        state += " (history)"
     return f"[{style}]{state}[/]" if style else state
 
 
