@@ -9,8 +9,9 @@ already applied.
 Consistent across ranks: a command for a multi-rank run carries ``apply_at_step``, far enough
 ahead (``command_lead_seconds`` at the run's step rate, at least ``command_min_lead_steps``) that
 every rank reads it before it gets there; every rank applies it after that same step. The agent
-acts only on runs whose ranks it all sees (a multi-node run needs one spool on a shared
-filesystem); otherwise the decision is recorded with a note and not sent.
+acts only on runs whose ranks it all sees, or whose rank 0 it sees when the probes agree commands over
+torch.distributed (a run spanning machines, probes/collective.py: rank 0 picks the step); otherwise the
+decision is recorded with a note and not sent.
 """
 
 from __future__ import annotations
@@ -212,8 +213,9 @@ class ActionDispatcher:
             if not ranks:
                 return None, "the run is gone"
             world = max(s.meta.world_size for s in ranks.values())
-            if world <= 1:
-                return None, None
+            rank0 = ranks.get(0)
+            if world <= 1 or (rank0 is not None and rank0.meta.command_sync == "collective"):
+                return None, None  # one process, or rank 0's probe hands it to every rank at a step they agree
             if len(ranks) < world:
                 return None, (f"this agent sees {len(ranks)} of {world} ranks; to act on a multi-node run, put "
                               f"GRADWATCH_HOME on a filesystem all nodes share")

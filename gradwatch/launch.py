@@ -8,6 +8,7 @@ agent, forwards signals and passes the command's exit status through.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -26,11 +27,27 @@ class CommandNotFound(GradwatchError):
 
 
 def default_run_name(command: Sequence[str]) -> str:
-    """``<script>-<6 hex>``: the first ``*.py`` argument, else the ``-m`` module, else the program."""
+    """``<script>-<6 hex>``: the first ``*.py`` argument, else the ``-m`` module, else the program. The hex is new
+    for each launch, but the same on every machine of one multi-machine launch: from the SLURM job, else
+    torchrun's ``--rdzv-id``."""
     script = next((Path(arg).stem for arg in command if arg.endswith(".py")), None)
     if script is None and "-m" in command[:-1]:
         script = command[command.index("-m") + 1].rsplit(".", 1)[-1]
-    return f"{script or Path(command[0]).name}-{secrets.token_hex(3)}"
+    shared = _shared_launch_id(command)
+    suffix = hashlib.sha1(shared.encode()).hexdigest()[:6] if shared else secrets.token_hex(3)
+    return f"{script or Path(command[0]).name}-{suffix}"
+
+
+def _shared_launch_id(command: Sequence[str]) -> str | None:
+    if os.environ.get("SLURM_JOB_ID"):
+        return ":".join(os.environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
+    for i, arg in enumerate(command):
+        for flag in ("--rdzv-id", "--rdzv_id"):
+            if arg == flag and i + 1 < len(command):
+                return f"rdzv:{command[i + 1]}"
+            if arg.startswith(flag + "="):
+                return f"rdzv:{arg.split('=', 1)[1]}"
+    return None
 
 
 def child_environment(run: str, rules: Path | None, home: Path | None, on_stop: str,

@@ -128,7 +128,11 @@ class Actuator:
             if self.snapshots is None:
                 raise ValueError("rewind needs snapshots: give a rewind rule mode 'act' in the rules the probe "
                                  "was attached with, or set guards.snapshots.enabled: true")
+            cuts = self.lr_cut.state_dict(self.optimizers.param_groups)
             restored = self.snapshots.restore(before_step=command.trigger_step - action.min_back_steps + 1)
+            if cuts:  # load_state_dict made new param-group dicts: the LR cuts in force follow them, by position
+                self.lr_cut.cuts.clear()
+                self.lr_cut.load_state_dict(cuts, self.optimizers.param_groups)
             self.guards.skip_next += action.skip_steps
             self.fast = self.guards.only_nonfinite_skip
             return f"restored the snapshot of step {restored}; skipping the next {action.skip_steps} updates"

@@ -67,8 +67,9 @@ def detect_identity(rank: int | None = None, world_size: int | None = None,
     elif worker is not None:
         key = f"{host}:mp-workers-of:{parent}"
     elif world_size > 1:
-        # Ranks started by one launcher (torchrun, mp.spawn, srun) on a host share these.
-        key = ":".join(
+        # every machine of the launch: the scheduler's or torchrun's own id; else the ranks one launcher (torchrun,
+        # mp.spawn, srun) started on this host share these
+        key = cluster_launch_id() or ":".join(
             [host, str(os.getppid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
              os.environ.get("TORCHELASTIC_RUN_ID", "")]
         )
@@ -84,6 +85,19 @@ def detect_identity(rank: int | None = None, world_size: int | None = None,
         launch_key=hashlib.sha1(key.encode()).hexdigest()[:16],
         worker=name if worker is not None else "",
     )
+
+
+def cluster_launch_id() -> str | None:
+    """What the launcher gives every process of one launch on every machine: SLURM's job, step and requeue
+    count, else torchrun's rendezvous id (``--rdzv-id``; random with ``--standalone``) and restart count.
+    None when there is neither (torchrun's static rendezvous without an id, mp.spawn)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm:" + ":".join(os.environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID",
+                                                                   "SLURM_RESTART_COUNT"))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return f"torchelastic:{run_id}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return None
 
 
 def _unranked_worker() -> tuple[int, str, int] | None:

@@ -25,6 +25,7 @@ from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import ensure_agent
 from gradwatch.probes.batch_size import SampleCounter
 from gradwatch.probes.captures import LayersCapture, LogCapture, StepCapture
+from gradwatch.probes.collective import command_sync
 from gradwatch.probes.commands import CommandApplier
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
@@ -145,12 +146,17 @@ class Probe:
         self._actuator = actuator
         inbox: deque[Command] = deque()
         self._commands = CommandApplier(inbox, actuator, settings.on_stop, self._warn, self._queue.put)
+        # ranks on several machines: rank 0 reads the commands and hands them to the others (probes/collective.py)
+        self._sync = command_sync(self.identity.rank, self.identity.world_size, self._warn)
+        reads: deque[Command] | None = inbox if self._sync is None else \
+            self._sync.incoming if self.identity.rank == 0 else None
         self._writer = SpoolWriterThread(
             queue=self._queue.items, layout=self.layout, run_name=self.requested_run, identity=self.identity,
             labels=settings.labels, queue_dropped=lambda: self._queue.dropped, warn=self._warn,
             flush_interval=settings.flush_interval,
             on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_device=_cuda_device(watched),
-            inbox=inbox, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward"})
+            inbox=reads, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward",
+                                       **({"command_sync": "collective"} if self._sync is not None else {})})
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
         self._wall_offset = time.time() - time.perf_counter()
         if self.primary_optimizer is not None:
@@ -571,6 +577,8 @@ class Probe:
                     self._record_layers(item.t)
             if self._actuator is not None:
                 self._actuator.after_step(self.step)
+            if self._sync is not None:
+                self._sync.at_step(self.step, self._commands.inbox)
             if self._commands.inbox:
                 self._commands.apply_due(self.step)
         except StopTraining:

@@ -241,6 +241,7 @@ class RunMeta:
     on_stop: str = "flag"
     steps_from: str = "optimizer"  # (1.3) what a step is: "optimizer" steps, or "backward" passes (no optimizer)
     worker: str = ""  # (1.4) a multiprocessing worker without a rank (Hogwild): its process name; rank = its index
+    command_sync: str = ""  # (1.5) "collective": rank 0 hands the commands to the other ranks over torch.distributed
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -324,6 +325,7 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         "argv": meta.argv, "python": meta.python, "torch": meta.torch, "gradwatch": meta.gradwatch,
         "rules": meta.rules, "guards": meta.guards, "dry_run": meta.dry_run, "on_stop": meta.on_stop,
         "steps_from": meta.steps_from, **({"worker": meta.worker} if meta.worker else {}),
+        **({"command_sync": meta.command_sync} if meta.command_sync else {}),
     }
 
 
@@ -522,7 +524,8 @@ def decode_meta(obj: Any) -> RunMeta:
         guards=obj["guards"] if isinstance(obj.get("guards"), dict) else None,
         dry_run=obj.get("dry_run") is True, on_stop=_text(obj.get("on_stop"), 20) or "flag",
         steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer",
-        worker=_text(obj.get("worker"), MAX_NAME) or "")
+        worker=_text(obj.get("worker"), MAX_NAME) or "",
+        command_sync="collective" if obj.get("command_sync") == "collective" else "")
 
 
 def merge_logged(records: list[Record]) -> list[Record]:

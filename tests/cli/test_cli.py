@@ -149,3 +149,25 @@ def test_the_demo_refuses_to_run_without_an_agent(isolated_home: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the demo needs a running agent" in result.stderr and "GRADWATCH_AUTOSTART is off" in result.stderr
     assert "step " not in result.stdout  # it did not train on as if rules were acting
+
+
+def test_status_tells_interrupted_failed_and_resumed_runs_apart(isolated_home: Path) -> None:
+    spool = SpoolBuilder(isolated_home)
+    for run in ("preempted", "gave-up", "resumed"):
+        spool.start(run)
+        spool.steps(run, 0, 1, 5)
+    spool.append("preempted", 0, {"kind": "end", "step": 5, "t": 1_000_100.0, "status": "interrupted",
+                                  "error": "SIGTERM"})
+    spool.append("gave-up", 0, {"kind": "end", "step": 5, "t": 1_000_100.0, "status": "failed",
+                                "error": "exited with status 3", "exit_code": 3})
+    spool.append("resumed", 0, {"kind": "end", "step": 5, "t": 1_000_100.0, "status": "interrupted"},
+                 {"kind": "resume", "step": 3, "t": 1_000_200.0, "checkpoint": ""})
+    spool.steps("resumed", 0, 4, 9, t0=1_000_200.0)
+    spool.end("resumed", 0, 9, t=1_000_300.0)
+    result = gradwatch("status")
+    assert result.returncode == 0, result.stderr
+    rows = {run: next(line for line in result.stdout.splitlines() if f" {run} " in f" {line} ")
+            for run in ("preempted", "gave-up", "resumed")}
+    assert "interrupted" in rows["preempted"]
+    assert "failed (exit 3)" in rows["gave-up"]
+    assert "finished (resumed)" in rows["resumed"] and " 9 " in rows["resumed"]

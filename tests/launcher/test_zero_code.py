@@ -185,3 +185,22 @@ def test_a_bad_batch_size_flag_is_one_line(isolated_home: Path) -> None:
     done = gradwatch_run(isolated_home, sys.executable, "-c", "pass", options=("--batch-size", "lots"))
     assert done.returncode == 2 and "expected auto, off or a positive number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_gradwatch_run_names_a_launch_alike_on_every_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --run: a new name per launch, but one every machine of a multi-machine launch computes alike (from
+    torchrun's --rdzv-id, or the SLURM job), so that each machine's spool holds the run under the same name."""
+    from gradwatch.launch import default_run_name
+
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    single = ["python", "train.py"]
+    assert default_run_name(single) != default_run_name(single) and default_run_name(single).startswith("train-")
+    for torchrun in (["torchrun", "--nnodes", "2", "--rdzv-id", "job-7", "train.py"],
+                     ["torchrun", "--nnodes=2", "--rdzv_id=job-7", "train.py"]):
+        assert default_run_name(torchrun) == default_run_name(["torchrun", "--rdzv-id", "job-7", "x/train.py"])
+    assert default_run_name(["torchrun", "--rdzv-id", "job-8", "train.py"]) != \
+        default_run_name(["torchrun", "--rdzv-id", "job-7", "train.py"])
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert default_run_name(single) == default_run_name(single)

@@ -346,3 +346,18 @@ def test_scale_clip_raises_and_lowers_the_fixed_threshold_within_its_bounds() ->
         ("applied", "clip threshold now 3 (then scaled again by down)"),
         ("applied", "clip threshold now 0.3 (the next clip used it)")]
     assert [r for r in _records(probe) if r["kind"] == "step"][-1]["clip"] == pytest.approx(0.3)
+
+
+def test_an_lr_cut_holds_through_a_rewind_applied_after_it() -> None:
+    """A rewind loads the optimizer's snapshot (new param-group dicts): the LR cut applied just before it holds."""
+    model, opt = _model()
+    snapshots = {"enabled": True, "every": 2, "keep": 16}
+    probe = gradwatch.attach(model, opt, run="cut-then-rewind", rules={"guards": {"snapshots": snapshots}})
+    for step in range(1, 5):
+        _step(model, opt, step, probe=probe)
+    _send(probe, id="cut@4", action={"type": "reduce_lr", "factor": 0.5, "min_lr": 0.0, "eps": 1e-8})
+    _send(probe, id="rewind@4", action={"type": "rewind", "skip_steps": 0, "min_back_steps": 1})
+    _train_until(_handled(probe, "cut@4", "rewind@4"), model, opt, probe, 4)
+    assert probe.learning_rates() == [0.005]
+    acks = _acks(probe)
+    assert sorted((a["id"], a["status"]) for a in acks) == [("cut@4", "applied"), ("rewind@4", "applied")], acks

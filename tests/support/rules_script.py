@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--exit-at", type=int, default=0, help="sys.exit(--exit-code) at this step")
     parser.add_argument("--exit-code", type=int, default=3)
     parser.add_argument("--raise-at", type=int, default=0, help="raise RuntimeError at this step (a crash)")
+    parser.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps 5x --sleep per step")
     parser.add_argument("--result", default="")
     args = parser.parse_args()
 
@@ -56,7 +57,7 @@ def main() -> None:
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    probe = gradwatch.attach(model, optimizer, run=args.run_name, rules=args.rules, on_stop=args.on_stop)
+    probe = gradwatch.attach(model, optimizer, run=args.run_name or None, rules=args.rules, on_stop=args.on_stop)
     data = torch.Generator().manual_seed(1 + rank)
     lrs, losses, stopped_at = [], [], None
     try:
@@ -83,7 +84,7 @@ def main() -> None:
             lrs.append(probe.learning_rates()[0])  # what the next update uses, gradwatch's LR cuts included
             losses.append(loss.item())
             if args.sleep:
-                time.sleep(args.sleep)
+                time.sleep(args.sleep * (5 if rank == args.slow_rank else 1))
             if step == args.ctrl_c_at:
                 os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised here, ends the script
             if step == args.exit_at:
