@@ -127,3 +127,15 @@ def test_fit_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Pa
     assert json.loads((tmp_path / "result.json").read_text())["run"] == "lightning"
     assert [p.name for p in (isolated_home / "runs").iterdir()] == ["lightning"]
     assert_resumed_from(isolated_home, "lightning", 20, 50)
+
+
+def test_ctrl_c_during_fit_ends_the_run_as_interrupted(isolated_home: Path, tmp_path: Path) -> None:
+    """Lightning catches the KeyboardInterrupt, shuts down and exits with status 1: the run is interrupted."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(SUPPORT / "lightning_script.py"), str(tmp_path), "--steps", "100",
+                           "--ctrl-c-at", "10"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GRADWATCH_HOME": str(isolated_home), "GRADWATCH_AUTOSTART": "0"})
+    assert done.returncode == 1 and "Detected KeyboardInterrupt" in done.stderr + done.stdout
+    assert [(e["step"], e["status"]) for e in records(isolated_home, "lightning", kind="end")] == [(10, "interrupted")]

@@ -56,3 +56,32 @@ def test_two_ranks_one_run_one_agent(isolated_home: Path) -> None:
     # DDP averages gradients across ranks: both ranks see the same global gradient norm
     assert run["ranks"][0]["grad_norm"] == pytest.approx(run["ranks"][1]["grad_norm"], rel=1e-6)
     assert run["ranks"][0]["pid"] != run["ranks"][1]["pid"]
+
+
+def test_a_torchrun_job_preempted_with_sigterm_is_interrupted_on_every_rank(isolated_home: Path) -> None:
+    """A scheduler preempts a torchrun job: torchrun gets SIGTERM and passes it to its workers, which end as
+    interrupted (no crash), each having written its end record."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import SUPPORT
+    from tests.spool_records import run_records
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+                             "--master-port", str(free_port()), str(SUPPORT / "rules_script.py"), "--run-name",
+                             "preempted", "--steps", "100000", "--sleep", "0.02"],
+                            env={**os.environ, "GRADWATCH_HOME": str(isolated_home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: all(len([r for r in run_records(isolated_home, "preempted", rank) if r["kind"] == "step"])
+                               > 20 for rank in range(WORLD)), timeout=120, what="both ranks under way")
+    except BaseException:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports the preemption
+    ends = [[r for r in run_records(isolated_home, "preempted", rank) if r["kind"] == "end"] for rank in range(WORLD)]
+    assert [[(e["status"], e["error"]) for e in rank_ends] for rank_ends in ends] == \
+        [[("interrupted", "SIGTERM")]] * WORLD

@@ -8,6 +8,8 @@ rate (LearningRateMonitor). Random data, a tiny random model: nothing is downloa
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,6 +44,20 @@ class Regressor(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
+class CtrlC(pl.Callback):
+    """A person pressing Ctrl-C during training (0: never)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def __bool__(self) -> bool:
+        return bool(self.at_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -55,6 +71,7 @@ def main() -> None:
     ap.add_argument("--no-callback", action="store_true", help="an unmodified script, for `gradwatch run`")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="ModelCheckpoint every N training steps")
     ap.add_argument("--resume", default=None, help="fit(ckpt_path=...): a checkpoint file, or 'last'")
+    ap.add_argument("--ctrl-c-at", type=int, default=0, help="press Ctrl-C (SIGINT) after this step")
     a = ap.parse_args()
 
     pl.seed_everything(7, verbose=False)
@@ -68,7 +85,7 @@ def main() -> None:
         accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto", max_steps=a.steps,
         accumulate_grad_batches=a.accumulate, gradient_clip_val=a.clip_val, log_every_n_steps=1,
         logger=CSVLogger(a.out, name="csv", version=0),
-        callbacks=[c for c in (callback, LearningRateMonitor("step"), checkpoints) if c],
+        callbacks=[c for c in (callback, LearningRateMonitor("step"), checkpoints, CtrlC(a.ctrl_c_at)) if c],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=checkpoints is not None,
     )
     module = Regressor(a.sleep)
