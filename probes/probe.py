@@ -454,7 +454,7 @@ class Probe:
     def close_on(self, exc: BaseException | None) -> None:
         """Close the probe as the exception ``exc`` (None: none) ends the training: failed, interrupted
         (Ctrl-C, SIGTERM), stopped (StopTraining), or finished."""
-        status, error, exit_code = self._runtime.ending(exc)
+        status, error, exit_code = self._runtime.ending(exc, self.opened_at)
         self.close(status=status, error=error, exit_code=exit_code)
 
     # -- hooks (training thread: keep them cheap) ----------------------------------------------

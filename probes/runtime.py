@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -39,6 +40,7 @@ class ProcessRuntime:
         self._exit_handlers = False
         self._exit_pid: int | None = None  # the process whose exit closes the probes (a fork child is another)
         self.interrupted_by: str | None = None  # "SIGINT" / "SIGTERM" once one arrived
+        self.interrupted_at = 0.0  # when (time.monotonic()): it ends only the probes opened before it
         self.exit_code: int | None = None  # what sys.exit() was called with, as a status
 
     def opened(self, probe: Probe) -> None:
@@ -96,7 +98,7 @@ class ProcessRuntime:
     def _watch_signals(self) -> None:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             def on_sigint(signum: int, frame: FrameType | None) -> None:
-                self.interrupted_by = "SIGINT"
+                self.interrupted_by, self.interrupted_at = "SIGINT", time.monotonic()
                 signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without gradwatch
 
             signal.signal(signal.SIGINT, on_sigint)
@@ -104,7 +106,7 @@ class ProcessRuntime:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.interrupted_by = "SIGTERM"
+        self.interrupted_by, self.interrupted_at = "SIGTERM", time.monotonic()
         if signal.getsignal(signal.SIGTERM) != self._on_sigterm:  # bound methods: equal, never identical
             return  # called by a handler installed over ours (it ends the process its own way; close_all follows)
         self.close_all(timeout=2.0)
@@ -114,19 +116,21 @@ class ProcessRuntime:
     def close_all(self, timeout: float = 5.0) -> None:
         pid = os.getpid()
         last = self._uncaught[-1] if self._uncaught else sys.exc_info()[1]  # a worker's target raising: in flight
-        ending = self.ending(last)
         for probe in list(self._open):
             if probe.identity.pid != pid:
                 continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
-            probe.close(status=ending[0], error=ending[1], exit_code=ending[2], timeout=timeout)
+            status, error, exit_code = self.ending(last, probe.opened_at)
+            probe.close(status=status, error=error, exit_code=exit_code, timeout=timeout)
 
-    def ending(self, exc: BaseException | None) -> tuple[EndStatus, str | None, int | None]:
-        """How the runs of this process end, given the exception it ends with (None: none):
-        (status, error, exit code)."""
+    def ending(self, exc: BaseException | None, opened_at: float = 0.0) -> tuple[EndStatus, str | None, int | None]:
+        """How a run opened at ``opened_at`` (time.monotonic()) ends, given the exception its process ends with
+        (None: none): (status, error, exit code). A signal before it opened (a Ctrl-C a script caught, then
+        training again) is not its."""
+        interrupted_by = self.interrupted_by if self.interrupted_at >= opened_at else None
         # after Ctrl-C a script (Lightning) may exit(1) or finish; after SIGTERM whatever it raises is the signal's doing
-        signalled = self.interrupted_by == "SIGTERM" or (self.interrupted_by and (exc is None or isinstance(exc, SystemExit)))
+        signalled = interrupted_by == "SIGTERM" or (interrupted_by and (exc is None or isinstance(exc, SystemExit)))
         if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException" or signalled:
-            return EndStatus.INTERRUPTED, self.interrupted_by or type(exc).__name__, None
+            return EndStatus.INTERRUPTED, interrupted_by or type(exc).__name__, None
         if isinstance(exc, StopTraining):
             return EndStatus.STOPPED, str(exc), None
         if isinstance(exc, SystemExit):

@@ -192,8 +192,10 @@ def test_commands_decided_for_the_processes_before_a_resume_are_not_applied(isol
 def test_how_a_process_ends_decides_how_its_run_ends(exc: BaseException | None, exit_code: int | None,
                                                      interrupted_by: str | None, expected: tuple[Any, ...]) -> None:
     runtime = ProcessRuntime()
-    runtime.exit_code, runtime.interrupted_by = exit_code, interrupted_by
-    assert runtime.ending(exc) == expected
+    runtime.exit_code, runtime.interrupted_by, runtime.interrupted_at = exit_code, interrupted_by, 10.0
+    assert runtime.ending(exc, opened_at=5.0) == expected
+    if interrupted_by and not isinstance(exc, KeyboardInterrupt):  # a probe opened after the signal: not its
+        assert runtime.ending(exc, opened_at=20.0)[0] is not EndStatus.INTERRUPTED
 
 
 SCRIPT = """
