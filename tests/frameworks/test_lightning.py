@@ -139,3 +139,17 @@ def test_ctrl_c_during_fit_ends_the_run_as_interrupted(isolated_home: Path, tmp_
                           env={**os.environ, "GRADWATCH_HOME": str(isolated_home), "GRADWATCH_AUTOSTART": "0"})
     assert done.returncode == 1 and "Detected KeyboardInterrupt" in done.stderr + done.stdout
     assert [(e["step"], e["status"]) for e in records(isolated_home, "lightning", kind="end")] == [(10, "interrupted")]
+
+
+def test_fit_from_a_checkpoint_without_gradwatch_state_numbers_steps_from_the_global_step(
+        isolated_home: Path, tmp_path: Path) -> None:
+    """A checkpoint saved before gradwatch was added: the run named run= continues after the checkpoint's
+    global_step (no saved state: a resume record without a checkpoint id)."""
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "20", "--checkpoint-every", "10",
+               "--no-callback")
+    assert not (isolated_home / "runs").exists()
+    run_script("lightning_script.py", isolated_home, str(tmp_path), "--steps", "30",
+               "--resume", str(tmp_path / "ckpt" / "epoch=0-step=20.ckpt"))
+    [resume] = records(isolated_home, "lightning", kind="resume")
+    assert (resume["step"], resume["checkpoint"]) == (20, "")
+    assert [r["step"] for r in records(isolated_home, "lightning")] == list(range(21, 31))
