@@ -165,7 +165,10 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
     probe = gradwatch.attach(model, optimizer, run=RUN_NAME, home=layout.home, labels={"example": "demo"},
                              rules=demo_rules(steps))
     probe.wait_ready()
-    url = _wait_for_agent(layout, timeout=20.0)
+    from gradwatch.probes.autostart import autostart_enabled
+
+    # an agent being started takes a few seconds; with autostart off only one already running can answer
+    url = _wait_for_agent(layout, timeout=20.0 if autostart_enabled() else 3.0)
     if url is None:  # without an agent no rule acts: the demo would only pretend
         probe.close(status="failed", error="no gradwatch agent answered")
         raise GradwatchError(_no_agent_message(layout))

@@ -65,10 +65,12 @@ def segments(home: Path, run: str, rank: int = 0) -> list[list[dict[str, Any]]]:
     return out
 
 
-def assert_resumed_from(home: Path, run: str, checkpoint_step: int, last_step: int) -> None:
-    """The run's second process continued after ``checkpoint_step`` (the state saved in that checkpoint) to
-    ``last_step``; the first had saved that state at that step."""
-    first, second = segments(home, run)
+def assert_resumed_from(home: Path, run: str, checkpoint_step: int, last_step: int, segment: int = 1) -> None:
+    """The run's ``segment``-th resumed process continued after ``checkpoint_step`` (the state saved in that
+    checkpoint) to ``last_step``; the process before it had saved that state at that step."""
+    parts = segments(home, run)
+    assert len(parts) == segment + 1
+    first, second = parts[segment - 1], parts[segment]
     resume = second[0]
     assert resume["kind"] == "resume" and resume["step"] == checkpoint_step
     saved = [r["id"] for r in first if r["kind"] == "checkpoint" and r["step"] == checkpoint_step]

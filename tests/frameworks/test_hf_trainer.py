@@ -49,16 +49,17 @@ def test_actions_go_through_trainer_control(agent_process: Any, isolated_home: P
                                                             "stop": "applied"}
 
 
-@pytest.mark.parametrize("restore_callbacks", [False, True])
-def test_train_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Path, tmp_path: Path,
-                                                                 restore_callbacks: bool) -> None:
+def test_train_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Path, tmp_path: Path) -> None:
     """``train(resume_from_checkpoint=True)`` finds the probe's state in the checkpoint's trainer_state.json (the
-    callback is a stateful one; with restore_callback_states_from_checkpoint the Trainer rebuilds it from there):
-    the same run, even with another run= this time, and the steps from its global step."""
-    extra = ["--restore-callbacks"] if restore_callbacks else []
-    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "12", "--save-every", "8", *extra)
+    callback is a stateful one): the same run, even with another run= this time, and the steps from its global
+    step; also when restore_callback_states_from_checkpoint makes the Trainer rebuild the callback from there."""
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "12", "--save-every", "8")
     run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "20", "--save-every", "8", "--resume",
-               "--run", "another-name", *extra)
+               "--run", "another-name")
     assert json.loads((tmp_path / "result.json").read_text())["run"] == "hf"
     assert [p.name for p in (isolated_home / "runs").iterdir()] == ["hf"]
     assert_resumed_from(isolated_home, "hf", 12, 20)
+    run_script("hf_script.py", isolated_home, str(tmp_path), "--steps", "28", "--save-every", "8", "--resume",
+               "--run", "another-name", "--restore-callbacks")
+    assert json.loads((tmp_path / "result.json").read_text())["run"] == "hf"
+    assert_resumed_from(isolated_home, "hf", 20, 28, segment=2)

@@ -170,7 +170,7 @@ def test_an_interrupted_run_pages_nobody_and_a_failed_one_warns(stack: dict[str,
     wait_until(lambda: alerts_for(receiver, "exit-3", alertname="GradwatchRunFailed", source="prometheus"),
                timeout=60, what="Prometheus' failed alert")
     evaluated = time.monotonic()
-    wait_until(lambda: time.monotonic() - evaluated > 10, timeout=30)  # a few more rule evaluations and deliveries
+    wait_until(lambda: time.monotonic() - evaluated > 5, timeout=30)  # a few more rule evaluations and deliveries
     for run in ("ctrl-c", "sigterm"):
         assert alerts_for(receiver, run) == [], f"{run} paged someone"
     crashed = wait_until(lambda: alerts_for(receiver, "raises", alertname="GradwatchRunCrashed", source="agent"),

@@ -94,17 +94,22 @@ def events(home: Path, run: str) -> list[dict[str, Any]]:
 
 def test_every_rank_on_every_machine_applies_each_action_after_the_same_step(
         machines: list[tuple[Path, Agent]], tmp_path: Path) -> None:
-    """Rank 1 steps five times slower than rank 0 would alone (DDP makes rank 0 wait for it at each all-reduce)."""
-    results = launch(machines, tmp_path, "--steps", "400", "--sleep", "0.01", "--signal-at", "60", slow_rank=1)
+    """Rank 1 steps five times slower than rank 0 would alone (DDP makes rank 0 wait for it at each all-reduce).
+    The run is not named: both machines find the same default name from torchrun's rendezvous id."""
+    results = launch(machines, tmp_path, "--steps", "400", "--sleep", "0.01", "--signal-at", "60", slow_rank=1,
+                     run=None)
+    names = [sorted(p.name for p in SpoolLayout(home).runs_dir.iterdir()) for home, _ in machines]
+    assert names[0] == names[1] and len(names[0]) == 1 and names[0][0].startswith("rules_script-")
+    run = names[0][0]
     for rank, (_, agent) in enumerate(machines):
         wait_until(lambda agent=agent: [r for r in http_json(agent.url + "/api/runs")["runs"]
-                                        if r["run"] == "multi" and r["status"] == "finished"],
+                                        if r["run"] == run and r["status"] == "finished"],
                    timeout=60, what=f"machine {rank}'s agent saw the run end")
-    decided = [e for e in events(machines[0][0], "multi") if e["event"] == "decision"]
+    decided = [e for e in events(machines[0][0], run) if e["event"] == "decision"]
     assert {d["rule"] for d in decided} == {"cut", "tighten-clip", "rewind", "give-up"}
     assert all(d["sent"] for d in decided), "the agent of rank 0's machine sends its commands"
-    assert [e for e in events(machines[1][0], "multi") if e["event"] == "decision"] == [], "rules read rank 0"
-    acks = {rank: {e["command"]: e for e in events(home, "multi") if e["event"] == "ack"}
+    assert [e for e in events(machines[1][0], run) if e["event"] == "decision"] == [], "rules read rank 0"
+    acks = {rank: {e["command"]: e for e in events(home, run) if e["event"] == "ack"}
             for rank, (home, _) in enumerate(machines)}
     for decision in decided:
         here, there = acks[0][decision["id"]], acks[1][decision["id"]]
@@ -117,10 +122,3 @@ def test_every_rank_on_every_machine_applies_each_action_after_the_same_step(
     runs = {rank: http_json(agent.url + "/api/runs")["runs"][0]["ranks"][0] for rank, (_, agent) in enumerate(machines)}
     assert runs[0]["clip_threshold"] == runs[1]["clip_threshold"] == 2.5
     assert runs[0]["actions"]["skip_step:rewind"] == runs[1]["actions"]["skip_step:rewind"] == 3
-
-
-def test_both_machines_name_the_run_alike_without_a_run_id(machines: list[tuple[Path, Agent]],
-                                                            tmp_path: Path) -> None:
-    launch(machines, tmp_path, "--steps", "20", run=None)
-    names = [sorted(p.name for p in SpoolLayout(home).runs_dir.iterdir()) for home, _ in machines]
-    assert names[0] == names[1] and len(names[0]) == 1 and names[0][0].startswith("rules_script-")
