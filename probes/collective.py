@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from gradwatch.probes.control import Command, parse_command
 from gradwatch.probes.warn_once import WarnOnce
+from gradwatch.spool.records import CommandRecord, encode_command
 
 SYNC_ENV = "GRADWATCH_COMMAND_SYNC"
 EVERY_ENV = "GRADWATCH_COMMAND_SYNC_EVERY"
@@ -64,39 +65,36 @@ class CommandSync:
         self._rounds.append((work, buffer))
 
     def _encode(self, buffer: torch.Tensor, apply_at: int) -> list[Command]:
+        """Command-file lines (the spool's own encoding) of as many waiting commands as fit, to apply after
+        ``apply_at``; returns those commands."""
         sent: list[Command] = []
-        lines: list[dict[str, Any]] = []
+        payload = b""
         while self.incoming:
             command = replace(self.incoming[0], apply_at_step=apply_at)
-            line = {"id": command.id, "action": command.action.model_dump(mode="json"), "apply_at_step": apply_at,
-                    "trigger_step": command.trigger_step, "rule": command.rule, "reason": command.reason,
-                    "optimizer": command.optimizer}
-            data = json.dumps([*lines, line]).encode()
-            if len(data) > PAYLOAD_BYTES:
-                if not lines:  # cannot ever be sent: refuse it rather than block the others
-                    self.incoming.popleft()
-                    self._warn("sync-too-big", "command %s is too large to send to the other ranks; dropped",
-                               command.id)
-                    continue
-                break
-            lines.append(line)
+            line = encode_command(CommandRecord(
+                id=command.id, action=command.action.model_dump(mode="json"), apply_at_step=apply_at,
+                trigger_step=command.trigger_step, rule=command.rule, reason=command.reason,
+                optimizer=command.optimizer))
+            if len(payload) + len(line) > PAYLOAD_BYTES:
+                if payload:
+                    break  # the rest in the next round
+                self.incoming.popleft()  # can never be sent: refused rather than blocking the others
+                self._warn("sync-too-big", "command %s is too large to send to the other ranks; dropped", command.id)
+                continue
+            payload += line
             sent.append(command)
             self.incoming.popleft()
-        if lines:
-            data = json.dumps(lines).encode()
-            buffer[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if payload:
+            buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         return sent
 
     def _decode(self, buffer: torch.Tensor) -> list[Command]:
-        raw = bytes(buffer.numpy().tobytes()).rstrip(b"\0")
-        if not raw:
-            return []
         commands = []
-        try:
-            for obj in json.loads(raw):
-                commands.append(parse_command(obj))
-        except ValueError as exc:
-            self._warn("sync-decode", "a command from rank 0 could not be read (%s); ignored", exc)
+        for line in buffer.numpy().tobytes().rstrip(b"\0").splitlines():
+            try:
+                commands.append(parse_command(json.loads(line)))
+            except ValueError as exc:  # one bad line costs only itself
+                self._warn("sync-decode", "a command from rank 0 could not be read (%s); ignored", exc)
         return commands
 
 

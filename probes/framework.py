@@ -1,4 +1,4 @@
-"""What the Lightning and Transformers callbacks share: the ``attach()`` options they take."""
+"""What the Lightning and Transformers callbacks share: the ``attach()`` options they take, and how they resume."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ class ProbeOptions:
 
     def _reset(self) -> None:
         """The callback's own per-run state."""
+
+
+def resuming(saved: dict[str, Any] | None, global_step: int, run: str | None) -> dict[str, Any]:
+    """The Probe arguments that continue a framework's resumed training: the probe's state from its checkpoint,
+    else the framework's global step (of the run named ``run``, else of a new run numbered from there)."""
+    if saved:
+        return {"resume": saved}
+    if global_step > 0:
+        return {"resume": global_step} if run else {"first_step": global_step}
+    return {}

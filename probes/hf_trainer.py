@@ -20,9 +20,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from gradwatch.probes import interceptors
-from gradwatch.probes.framework import ProbeOptions
+from gradwatch.probes.framework import ProbeOptions, resuming
 from gradwatch.probes.identity import shared_launch_id
-from gradwatch.probes.lightning_hooks import resuming
 from gradwatch.probes.optimizers import unwrap
 from gradwatch.probes.probe import Probe
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gradwatch.probes.framework import ProbeOptions
+from gradwatch.probes.framework import ProbeOptions, resuming
 from gradwatch.probes.identity import shared_launch_id
 from gradwatch.probes.probe import Probe
 
@@ -150,16 +150,6 @@ class LightningHooks(ProbeOptions):
 
             interceptors.stop_listening(self._manual)
             self._manual = None
-
-
-def resuming(saved: dict[str, Any] | None, global_step: int, run: str | None) -> dict[str, Any]:
-    """The Probe arguments that continue a framework's resumed training: the probe's state from its checkpoint,
-    else the framework's global step (of the run named ``run``, else of a new run numbered from there)."""
-    if saved:
-        return {"resume": saved}
-    if global_step > 0:
-        return {"resume": global_step} if run else {"first_step": global_step}
-    return {}
 
 
 def batch_size(batch: Any) -> int:
