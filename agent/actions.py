@@ -10,8 +10,9 @@ Consistent across ranks: a command for a multi-rank run carries ``apply_at_step`
 ahead (``command_lead_seconds`` at the run's step rate, at least ``command_min_lead_steps``) that
 every rank reads it before it gets there; every rank applies it after that same step. The agent
 acts only on runs whose ranks it all sees, or whose rank 0 it sees when the probes agree commands over
-torch.distributed (a run spanning machines, probes/collective.py: rank 0 picks the step); otherwise the
-decision is recorded with a note and not sent.
+torch.distributed (a run spanning machines, probes/collective.py: rank 0 picks the step). A decision made
+before every rank's files appeared (rank 1 of a starting run is often a moment behind rank 0) waits for
+them up to ``RANKS_WAIT_SECONDS``; after that it is recorded with a note and not sent.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger("gradwatch.agent")
 MAX_SKIP_EVENTS_PER_RUN = 1000  # a run that skips every step must not fill the disk with events
 MAX_SKIP_NOTES_PER_RUN = 100  # nor Grafana with annotations
 _UNKNOWN_RATE_LEAD_STEPS = 10
+RANKS_WAIT_SECONDS = 30.0  # how long a decision waits for the run's other ranks to appear before it is dropped
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -89,6 +91,7 @@ class ActionDispatcher:
         self._skip_events: dict[str, int] = {}
         self._noted_commands: dict[str, set[str]] = {}  # run -> command ids already reported as carried out
         self._prepared: set[str] = set()
+        self._waiting: list[tuple[Decision, float]] = []  # decisions waiting for their run's ranks, oldest first
 
     def _file(self, cache: dict[str, _AppendOnce], run: str, path: Path) -> _AppendOnce:
         if run not in cache:
@@ -116,10 +119,13 @@ class ActionDispatcher:
     def dispatch(self, outbox: list[Outgoing]) -> list[ActionNote]:
         """Write events and commands; return the actions newly carried out (for annotations)."""
         notes: list[ActionNote] = []
-        for item in outbox:
+        waiting, self._waiting = self._waiting, []
+        now = self.clock()
+        items: list[tuple[Outgoing, float]] = [*waiting, *((item, now) for item in outbox)]
+        for item, since in items:
             try:
                 if isinstance(item, Decision):
-                    self._decision(item)
+                    self._decision(item, since)
                 elif isinstance(item.record, AckRecord):
                     new = self._ack(item.run, item.rank, item.record)
                     notes += [] if item.history else new
@@ -130,6 +136,11 @@ class ActionDispatcher:
                 self._error(item.run, exc)
         return notes
 
+    @property
+    def waiting(self) -> int:
+        """Decisions waiting for their run's other ranks to appear."""
+        return len(self._waiting)
+
     def _error(self, run: str, exc: OSError) -> None:
         with self.state.lock:
             self.state.counters.handler_errors += 1
@@ -137,14 +148,20 @@ class ActionDispatcher:
                   exc)
 
     # -- the three kinds of events -------------------------------------------------------------------
-    def _decision(self, d: Decision) -> None:
+    def _decision(self, d: Decision, since: float) -> None:
         run_dir = self.layout.run_dir(d.run)
         event: dict[str, Any] = {"id": d.id, "event": "decision", "t_decided": self.clock(), **d.to_json()}
+        if any(w.run == d.run for w, _ in self._waiting):
+            self._waiting.append((d, since))  # after the run's earlier decisions, in their order
+            return
         if d.acts and d.history:
             event["sent"] = False
             event["note"] = "history: the run had ended before this agent started"
         elif d.acts:
-            apply_at, problem = self._apply_at(d.run)
+            apply_at, problem, ranks_missing = self._apply_at(d.run)
+            if ranks_missing and self.clock() - since < RANKS_WAIT_SECONDS:
+                self._waiting.append((d, since))
+                return
             if problem:
                 event["sent"] = False
                 event["note"] = problem
@@ -206,25 +223,26 @@ class ActionDispatcher:
             rank0 = self.state.runs.get(run, {}).get(0)
             return rank0.meta.launch_key if rank0 is not None else ""
 
-    def _apply_at(self, run: str) -> tuple[int | None, str | None]:
-        """(the step after which every rank applies the command, or None: at once; a problem, or None)."""
+    def _apply_at(self, run: str) -> tuple[int | None, str | None, bool]:
+        """(the step after which every rank applies the command, or None: at once; a problem, or None; whether
+        the problem is ranks the agent does not see)."""
         with self.state.lock:
             ranks = self.state.runs.get(run, {})
             if not ranks:
-                return None, "the run is gone"
+                return None, "the run is gone", False
             world = max(s.meta.world_size for s in ranks.values())
             rank0 = ranks.get(0)
             if world <= 1 or (rank0 is not None and rank0.meta.command_sync == "collective"):
-                return None, None  # one process, or rank 0's probe hands it to every rank at a step they agree
+                return None, None, False  # one process, or rank 0's probe hands it to every rank at a step they agree
             if len(ranks) < world:
-                return None, (f"this agent sees {len(ranks)} of {world} ranks; to act on a multi-node run, put "
-                              f"GRADWATCH_HOME on a filesystem all nodes share")
+                return None, (f"this agent sees {len(ranks)} of {world} ranks after {RANKS_WAIT_SECONDS:.0f} s; to "
+                              f"act on a multi-node run, put GRADWATCH_HOME on a filesystem all nodes share"), True
             paces = [s.step_duration_ema for s in ranks.values() if s.step_duration_ema]
             if not paces:
-                return max(s.steps_total for s in ranks.values()) + _UNKNOWN_RATE_LEAD_STEPS, None
+                return max(s.steps_total for s in ranks.values()) + _UNKNOWN_RATE_LEAD_STEPS, None, False
             pace = max(paces)  # ranks of a data-parallel run go at the pace of the slowest
             now = self.clock()
             # where the ranks are now (records reach the agent a little late), then far enough ahead
             current = max(s.steps_total + int(max(0.0, now - (s.last_step_time or now)) / pace)
                           for s in ranks.values())
-        return current + max(self.min_lead_steps, math.ceil(self.lead_seconds / pace)), None
+        return current + max(self.min_lead_steps, math.ceil(self.lead_seconds / pace)), None, False

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gradwatch.agent.actions import ActionDispatcher
+from gradwatch.agent.actions import RANKS_WAIT_SECONDS, ActionDispatcher
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.rules import AgentRules
 from gradwatch.agent.state import AgentState
@@ -60,9 +60,34 @@ def test_an_agent_that_does_not_see_every_rank_records_but_does_not_act(isolated
     ingestor.scan_all()
     dispatcher.dispatch(ingestor.take_outbox())
     run_dir = spool.layout.run_dir("multinode")
+    assert dispatcher.waiting == 1 and not SpoolLayout.events_file(run_dir).exists()  # they may yet appear
+    clock.advance(RANKS_WAIT_SECONDS + 1)
+    dispatcher.dispatch(ingestor.take_outbox())
     assert not SpoolLayout.commands_file(run_dir).exists()
     [event] = _lines(SpoolLayout.events_file(run_dir))
-    assert event["sent"] is False and "sees 2 of 4 ranks" in event["note"]
+    assert event["sent"] is False and "sees 2 of 4 ranks" in event["note"] and dispatcher.waiting == 0
+
+
+def test_a_decision_made_before_the_other_ranks_appear_waits_for_them(isolated_home: Path) -> None:
+    """Under load rank 1 of a starting run writes its first files a moment after rank 0's first steps: a rule
+    that fires on those steps acts once every rank is there, in the order the decisions were made."""
+    spool, clock = SpoolBuilder(isolated_home), FakeClock()
+    spool.start("ddp", rank=0, world_size=2)
+    spool.steps("ddp", 0, 1, 3, loss=9.0)
+    _, ingestor, dispatcher = _agent(isolated_home, clock)
+    ingestor.scan_all()
+    dispatcher.dispatch(ingestor.take_outbox())
+    assert dispatcher.waiting == 1
+    spool.start("ddp", rank=1, world_size=2)
+    spool.steps("ddp", 1, 1, 3, loss=9.0)
+    clock.advance(5)
+    ingestor.scan_all()
+    dispatcher.dispatch(ingestor.take_outbox())
+    run_dir = spool.layout.run_dir("ddp")
+    [command] = _lines(SpoolLayout.commands_file(run_dir))
+    assert command["id"] == "hot@1" and command["apply_at_step"] > 3 and dispatcher.waiting == 0
+    [event] = _lines(SpoolLayout.events_file(run_dir))
+    assert event["sent"] is True
 
 
 def test_redeciding_after_a_restart_writes_nothing_twice(isolated_home: Path) -> None:

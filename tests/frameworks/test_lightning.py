@@ -100,6 +100,11 @@ def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, is
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["should_stop"] and 20 <= result["global_step"] < 400
     assert "rule give-up" in result["stop_reason"]
+    for rank in (0, 1):
+        applied = acks(isolated_home, "lightning", rank)
+        assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
+                                                                "stop": "applied"}, applied
+        assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5 (the next clip used it)"
     assert result["gradient_clip_val"] == 0.5  # the Trainer's own clipping was tightened
     # the warm-up schedule goes on setting its LR (LearningRateMonitor logs it); every update after the cut
     # uses half of it
@@ -111,11 +116,6 @@ def test_actions_go_through_the_trainer_on_every_ddp_rank(agent_process: Any, is
     ends = [records(isolated_home, "lightning", rank, kind="end")[0] for rank in (0, 1)]
     assert [e["status"] for e in ends] == ["stopped", "stopped"]
     assert ends[0]["step"] == ends[1]["step"] == result["global_step"]  # both ranks left after the same step
-    for rank in (0, 1):
-        applied = acks(isolated_home, "lightning", rank)
-        assert {k: v["status"] for k, v in applied.items()} == {"reduce_lr": "applied", "scale_clip": "applied",
-                                                                "stop": "applied"}
-        assert applied["scale_clip"]["detail"] == "the trainer's clip threshold now 0.5 (the next clip used it)"
 
 
 def test_fit_from_a_checkpoint_continues_the_run_and_its_steps(isolated_home: Path, tmp_path: Path) -> None:
