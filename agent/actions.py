@@ -28,7 +28,8 @@ from typing import Any
 
 from gradwatch.agent.ingest import Outgoing
 from gradwatch.agent.state import AgentState
-from gradwatch.rules.engine import Decision
+from gradwatch.rules.engine import Decision, RuleFailure
+from gradwatch.spool.files import open_for_appending
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import read_ids
 from gradwatch.spool.records import AckRecord, AckStatus, CommandRecord, StepRecord, encode_command
@@ -72,7 +73,7 @@ class _AppendOnce:
         if line_id in self.ids:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
+        with open_for_appending(self.path) as f:  # never a FIFO put in its place: that would block the loop
             f.write(line)
         self.ids.add(line_id)
         return True
@@ -91,6 +92,7 @@ class ActionDispatcher:
         self._skip_events: dict[str, int] = {}
         self._noted_commands: dict[str, set[str]] = {}  # run -> command ids already reported as carried out
         self._prepared: set[str] = set()
+        self._reported: set[tuple[str, str]] = set()
         self._waiting: list[tuple[Decision, float]] = []  # decisions waiting for their run's ranks, oldest first
 
     def _file(self, cache: dict[str, _AppendOnce], run: str, path: Path) -> _AppendOnce:
@@ -126,6 +128,8 @@ class ActionDispatcher:
             try:
                 if isinstance(item, Decision):
                     self._decision(item, since)
+                elif isinstance(item, RuleFailure):
+                    self._rule_failed(item)
                 elif isinstance(item.record, AckRecord):
                     new = self._ack(item.run, item.rank, item.record)
                     notes += [] if item.history else new
@@ -144,8 +148,11 @@ class ActionDispatcher:
     def _error(self, run: str, exc: OSError) -> None:
         with self.state.lock:
             self.state.counters.handler_errors += 1
-        log.error("run %s: cannot write its events or commands (%s); the decision is kept in the agent's log", run,
-                  exc)
+        key = (run, str(exc))
+        if key not in self._reported:  # once per run and problem, not once per decision
+            self._reported.add(key)
+            log.error("run %s: cannot write its events or commands (%s); the decision is kept in the agent's log",
+                      run, exc)
 
     # -- the three kinds of events -------------------------------------------------------------------
     def _decision(self, d: Decision, since: float) -> None:
@@ -183,6 +190,12 @@ class ActionDispatcher:
                     log.info("run %s: rule %s (%s at step %d) -> %s%s", d.run, d.rule, d.reason, d.step,
                              d.action["type"], "" if apply_at is None else f" at step {apply_at}")
         self._file(self._events, d.run, SpoolLayout.events_file(run_dir)).append(event)
+
+    def _rule_failed(self, failure: RuleFailure) -> None:
+        event = {"id": f"failed:{failure.rule}@{failure.step}", "event": "rule_failed", "rule": failure.rule,
+                 "step": failure.step, "t": self.clock(), "error": failure.error,
+                 "note": "the rule is disabled for this run; its other rules and its metrics go on"}
+        self._file(self._events, failure.run, SpoolLayout.events_file(self.layout.run_dir(failure.run))).append(event)
 
     def _ack(self, run: str, rank: int, ack: AckRecord) -> list[ActionNote]:
         event = {"id": f"{ack.id}/rank-{rank}", "event": "ack", "command": ack.id, "rank": rank,

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from gradwatch.agent.faults import Stage
 from gradwatch.agent.state import AgentState, RankState, RunStatus
 from gradwatch.rules.engine import RuleState
 
@@ -151,15 +152,28 @@ class AlertTracker:
     def _conditions(self, state: AgentState, now: float) -> dict[str, _Condition]:
         out: dict[str, _Condition] = {}
         for run, ranks in state.runs.items():
-            for rank_state in ranks.values():
-                self._state_alerts(out, rank_state, now)
-            rank0 = ranks.get(0)
-            if rank0 is None:
-                continue
-            # for_run, not runs.get: after a restart a run's rules (and their triggers) come from the checkpoint
-            for rule_state in state.rules.for_run(run, rank0.meta).states.values():
-                self._rule_alert(out, rule_state, rank0, now)
+            found: dict[str, _Condition] = {}
+            try:
+                self._run_conditions(found, state, run, ranks, now)
+            except Exception as exc:  # this run's alerts stay as they are (no false resolve); the others go on
+                state.faults.failed(run, Stage.ALERTS, f"{type(exc).__name__}: {exc}")
+                found = {key: _Condition(a.labels, a.annotations, a.starts_at) for key, a in self.active.items()
+                         if a.labels.get("run") == run}
+            else:
+                state.faults.recovered(run, Stage.ALERTS)
+            out.update(found)
         return out
+
+    def _run_conditions(self, out: dict[str, _Condition], state: AgentState, run: str, ranks: dict[int, RankState],
+                        now: float) -> None:
+        for rank_state in ranks.values():
+            self._state_alerts(out, rank_state, now)
+        rank0 = ranks.get(0)
+        if rank0 is None:
+            return
+        # for_run, not runs.get: after a restart a run's rules (and their triggers) come from the checkpoint
+        for rule_state in state.rules.for_run(run, rank0.meta).states.values():
+            self._rule_alert(out, rule_state, rank0, now)
 
     def _put(self, out: dict[str, _Condition], cond: _Condition) -> None:
         out[alert_key(cond.labels)] = cond

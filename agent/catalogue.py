@@ -134,7 +134,9 @@ GPU_THROTTLED = _gpu("gradwatch_gpu_throttled", "1 while the GPU's clocks are he
 # -- the agent itself -----------------------------------------------------------------------------
 AGENT_INGESTED = MetricSpec("gradwatch_agent_records_ingested_total", "counter", "Spool records ingested.", ())
 AGENT_REJECTED = MetricSpec("gradwatch_agent_records_rejected_total", "counter",
-                            "Spool record lines rejected, by reason (malformed, invalid).", ("reason",))
+                            "Spool record lines rejected, by reason: malformed (not JSON), invalid (a required field wrong), "
+                            "oversize (a line over 8 MiB), truncated (the process ended mid-line), unprocessable (a "
+                            "record the agent could not apply).", ("reason",))
 AGENT_INGEST_LAG = MetricSpec("gradwatch_agent_ingest_lag_seconds", "gauge",
                               "Seconds between the newest ingested record being written and being ingested.", ())
 AGENT_RESCANS = MetricSpec("gradwatch_agent_rescans_total", "counter",
@@ -150,6 +152,15 @@ AGENT_WATCHER_RESTARTS = MetricSpec("gradwatch_agent_watcher_restarts_total", "c
 AGENT_RUNS = MetricSpec("gradwatch_agent_runs", "gauge", "Runs the agent exports, by state.", ("state",))
 AGENT_RUNS_REJECTED = MetricSpec("gradwatch_agent_runs_rejected", "gauge",
                                  "Runs whose metadata the agent refused (e.g. newer spool format); see the agent log.", ())
+AGENT_RUN_FAULTS = MetricSpec(
+    "gradwatch_agent_run_faults_total", "counter",
+    "Failures of the agent's per-run steps, by stage: ingest (reading the run's files; retried with backoff), stuck "
+    "(a records file ending mid-line for 30 s while its process lives), rules (a rule failed on the run's values and "
+    "was disabled for it), refresh, alerts, collect. The other runs are not affected; the agent log names the run "
+    "once per episode, /api/runs shows its faults.", ("stage",))
+AGENT_RUNS_FAULTY = MetricSpec("gradwatch_agent_runs_faulty", "gauge",
+                               "Runs with an open fault now, by stage (see gradwatch_agent_run_faults_total).",
+                               ("stage",))
 AGENT_RULES_RELOADS = MetricSpec("gradwatch_agent_rules_reloads_total", "counter",
                                  "Reloads of the rules file, by result (ok, rejected: the previous rules stay).",
                                  ("result",))

@@ -14,6 +14,7 @@ from gradwatch.agent import catalogue as c
 from gradwatch.agent.alerts import Alert
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.notify import DeliveryStats
+from gradwatch.agent.faults import Stage
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 
 TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
@@ -43,70 +44,87 @@ class AgentCollector(Collector):
         yield duration
 
     def _run_families(self) -> list[c.Family]:
-        now = self.clock()
         f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS}
+        faults = self.state.faults
+        for run, ranks in sorted(self.state.runs.items()):
+            # a run's samples are added once all of them were made: a run that fails half-way adds none
+            staged: list[tuple[str, list[str], float]] = []
+            try:
+                self._run_samples(run, ranks, staged)
+            except Exception as exc:  # this run's series are left out of the scrape; the other runs are served
+                faults.failed(run, Stage.COLLECT, f"{type(exc).__name__}: {exc}", backoff=False)
+                continue
+            faults.recovered(run, Stage.COLLECT)
+            for name, labels, value in staged:
+                if name == c.RUN_INFO.name:
+                    f[name].add_sample(name, dict(zip(c.RUN_INFO.labels, labels, strict=False)) | _user_labels(labels),
+                                       value)
+                else:
+                    f[name].add_metric(labels, value)
+        return list(f.values())
+
+    def _run_samples(self, run: str, ranks: dict[int, RankState], staged: list[tuple[str, list[str], float]]) -> None:
+        now = self.clock()
 
         def put(spec: c.MetricSpec, labels: list[str], value: float | None) -> None:
             if value is not None:
-                f[spec.name].add_metric(labels, value)
+                staged.append((spec.name, labels, float(value)))
 
-        for run, ranks in sorted(self.state.runs.items()):
-            for rank, s in sorted(ranks.items()):
-                key = [run, str(rank)]
-                first = key + ["0"]  # the optimizer label of the run's first optimizer (its steps are the run's)
-                put(c.LOSS, first, s.loss)
-                put(c.GRAD_NORM, first, s.grad_norm)
-                for group, lr in enumerate(s.learning_rates):
-                    put(c.LEARNING_RATE, first + [str(group)], lr)
-                put(c.STEPS, first, s.steps_total)
-                for name, series in sorted(s.optimizers.items()):
-                    other = key + [name]
-                    put(c.LOSS, other, series.get("loss"))
-                    put(c.GRAD_NORM, other, series.get("grad_norm"))
-                    for group, lr in enumerate(series.get("lr") or []):
-                        put(c.LEARNING_RATE, other + [str(group)], lr)
-                    put(c.STEPS, other, series.get("steps"))
-                put(c.STEP_DURATION, key, s.step_duration)
-                put(c.DATA_WAIT, key, s.data_wait)
-                put(c.SAMPLES_PER_SECOND, key, s.samples_per_second)
-                put(c.SAMPLES, key, s.samples_total)
-                for quantity in NONFINITE_QUANTITIES:
-                    put(c.NONFINITE, key + [quantity], s.nonfinite.get(quantity, 0))
-                for quantity in SPIKE_METRICS:
-                    put(c.SPIKES, key + [quantity], s.spikes.get(quantity, 0))
-                put(c.LOSS_RECENT_MAX, key, s.recent_max["loss"].value(now))
-                put(c.GRAD_NORM_RECENT_MAX, key, s.recent_max["grad_norm"].value(now))
-                put(c.LAST_STEP_TIMESTAMP, key, s.last_step_time)
-                put(c.RUN_START_TIMESTAMP, key, s.meta.start_time)
-                for state in RunStatus:
-                    put(c.RUN_STATE, key + [state.value], 1.0 if s.status is state else 0.0)
-                for name, value in sorted(s.metrics.items()):
-                    put(c.METRIC, key + [name], value)
-                put(c.PROBE_DROPPED, key, s.probe_dropped)
-                for action_reason, n in sorted(s.actions.items()):
-                    put(c.ACTIONS, key + action_reason.split(":", 1), n)
-                put(c.COMMANDS_LATE, key, s.commands_late)
-                put(c.CLIP_THRESHOLD, key, s.clip_threshold)
-                if s.guarded_steps:
-                    put(c.CLIPPED_STEPS, key, s.clipped_steps)
-                    put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
-                if s.would_skip:
-                    put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
-                for name, value in _largest(s.layer_grad_norms):
-                    put(c.LAYER_GRAD_NORM, key + [name], value)
-                for name, value in _largest(s.layer_update_ratios):
-                    put(c.LAYER_UPDATE_RATIO, key + [name], value)
-                memory = s.cuda_memory
-                put(c.CUDA_MEMORY_ALLOCATED, key, memory.get("allocated"))
-                put(c.CUDA_MEMORY_RESERVED, key, memory.get("reserved"))
-                put(c.CUDA_MEMORY_PEAK, key, memory.get("peak"))
-                put(c.CUDA_MEMORY_TOTAL, key, memory.get("total"))
-                self._add_info(f[c.RUN_INFO.name], s)
-            rules = self.state.rules.runs.get(run)
-            if rules is not None:
-                for (rule, action, mode), n in sorted(rules.decisions.items()):
-                    put(c.RULE_DECISIONS, [run, "0", rule, action, mode], n)  # agent rules read rank 0
-        return list(f.values())
+        for rank, s in sorted(ranks.items()):
+            key = [run, str(rank)]
+            first = key + ["0"]  # the optimizer label of the run's first optimizer (its steps are the run's)
+            put(c.LOSS, first, s.loss)
+            put(c.GRAD_NORM, first, s.grad_norm)
+            for group, lr in enumerate(s.learning_rates):
+                put(c.LEARNING_RATE, first + [str(group)], lr)
+            put(c.STEPS, first, s.steps_total)
+            for name, series in sorted(s.optimizers.items()):
+                other = key + [name]
+                put(c.LOSS, other, series.get("loss"))
+                put(c.GRAD_NORM, other, series.get("grad_norm"))
+                for group, lr in enumerate(series.get("lr") or []):
+                    put(c.LEARNING_RATE, other + [str(group)], lr)
+                put(c.STEPS, other, series.get("steps"))
+            put(c.STEP_DURATION, key, s.step_duration)
+            put(c.DATA_WAIT, key, s.data_wait)
+            put(c.SAMPLES_PER_SECOND, key, s.samples_per_second)
+            put(c.SAMPLES, key, s.samples_total)
+            for quantity in NONFINITE_QUANTITIES:
+                put(c.NONFINITE, key + [quantity], s.nonfinite.get(quantity, 0))
+            for quantity in SPIKE_METRICS:
+                put(c.SPIKES, key + [quantity], s.spikes.get(quantity, 0))
+            put(c.LOSS_RECENT_MAX, key, s.recent_max["loss"].value(now))
+            put(c.GRAD_NORM_RECENT_MAX, key, s.recent_max["grad_norm"].value(now))
+            put(c.LAST_STEP_TIMESTAMP, key, s.last_step_time)
+            put(c.RUN_START_TIMESTAMP, key, s.meta.start_time)
+            for state in RunStatus:
+                put(c.RUN_STATE, key + [state.value], 1.0 if s.status is state else 0.0)
+            for name, value in sorted(s.metrics.items()):
+                put(c.METRIC, key + [name], value)
+            put(c.PROBE_DROPPED, key, s.probe_dropped)
+            for action_reason, n in sorted(s.actions.items()):
+                put(c.ACTIONS, key + action_reason.split(":", 1), n)
+            put(c.COMMANDS_LATE, key, s.commands_late)
+            put(c.CLIP_THRESHOLD, key, s.clip_threshold)
+            if s.guarded_steps:
+                put(c.CLIPPED_STEPS, key, s.clipped_steps)
+                put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
+            if s.would_skip:
+                put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
+            for name, value in _largest(s.layer_grad_norms):
+                put(c.LAYER_GRAD_NORM, key + [name], value)
+            for name, value in _largest(s.layer_update_ratios):
+                put(c.LAYER_UPDATE_RATIO, key + [name], value)
+            memory = s.cuda_memory
+            put(c.CUDA_MEMORY_ALLOCATED, key, memory.get("allocated"))
+            put(c.CUDA_MEMORY_RESERVED, key, memory.get("reserved"))
+            put(c.CUDA_MEMORY_PEAK, key, memory.get("peak"))
+            put(c.CUDA_MEMORY_TOTAL, key, memory.get("total"))
+            staged.append((c.RUN_INFO.name, _info_labels(s), 1.0))
+        rules = self.state.rules.runs.get(run)
+        if rules is not None:
+            for (rule, action, mode), n in sorted(rules.decisions.items()):
+                put(c.RULE_DECISIONS, [run, "0", rule, action, mode], n)  # agent rules read rank 0
 
     def _gpu_users(self) -> dict[int, tuple[str, str]]:
         """pid -> (run, rank) of this machine's live training processes."""
@@ -137,17 +155,6 @@ class AgentCollector(Collector):
         count.add_metric([], self.gpus.count if self.gpus is not None else 0)
         return list(families.values()) + [count]
 
-    @staticmethod
-    def _add_info(family: Metric, s: RankState) -> None:
-        meta = s.meta
-        labels = dict(zip(c.RUN_INFO.labels, [
-            s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
-            meta.gradwatch, meta.worker,
-        ], strict=True))
-        for key, value in sorted(meta.labels.items())[:16]:
-            labels["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key))] = str(value)
-        family.add_sample(c.RUN_INFO.name, labels, 1.0)
-
     def _agent_families(self) -> list[c.Family]:
         counters = self.state.counters
         out = []
@@ -173,6 +180,12 @@ class AgentCollector(Collector):
             runs.add_metric([state.value], n)
         out.append(runs)
         single(c.AGENT_RUNS_REJECTED, len(self.state.rejected_runs))
+        faults, faulty = c.AGENT_RUN_FAULTS.family(), c.AGENT_RUNS_FAULTY.family()
+        open_faults = self.state.faults.faulty_by_stage()
+        for stage, n in self.state.faults.totals.items():
+            faults.add_metric([stage.value], n)
+            faulty.add_metric([stage.value], open_faults[stage])
+        out += [faults, faulty]
         reloads = c.AGENT_RULES_RELOADS.family()
         for result, n in sorted(self.state.rules.reloads.items()):
             reloads.add_metric([result], n)
@@ -194,6 +207,21 @@ class AgentCollector(Collector):
             failures.add_metric([endpoint], st.failed_attempts)
             pending.add_metric([endpoint], st.pending)
         return [by_severity, results, failures, pending]
+
+
+def _info_labels(s: RankState) -> list[str]:
+    """gradwatch_run_info's label values, then the user's labels as alternating label_<key>, value."""
+    meta = s.meta
+    values = [s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
+              meta.gradwatch, meta.worker]
+    for key, value in sorted(meta.labels.items())[:16]:
+        values += ["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key)), str(value)]
+    return values
+
+
+def _user_labels(values: list[str]) -> dict[str, str]:
+    extra = values[len(c.RUN_INFO.labels):]
+    return dict(zip(extra[::2], extra[1::2], strict=False))
 
 
 def _largest(values: dict[str, float]) -> list[tuple[str, float]]:

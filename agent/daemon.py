@@ -42,6 +42,8 @@ except ImportError:  # Windows
 
 log = logging.getLogger("gradwatch.agent")
 _LOOP_TICK_SECONDS = 0.5
+_HEALTH_LOCK_SECONDS = 5.0
+_STUCK_LOOP_SECONDS = 30.0  # a loop pass taking longer than this (or 3 rescan intervals) is reported unhealthy
 
 
 class AgentAlreadyRunning(GradwatchError):
@@ -60,7 +62,7 @@ class Agent:
         self.rules = AgentRules.from_file(config.rules_file)  # a bad rules file stops the start: ConfigError
         self.state = AgentState(spike_window=config.spike_window_seconds, rules=self.rules)
         self.local_host = socket.gethostname()
-        self.ingestor = SpoolIngestor(self.layout, self.state, clock, self.local_host)
+        self.ingestor = SpoolIngestor(self.layout, self.state, clock, self.local_host, config.stuck_after_seconds)
         self.dispatcher = ActionDispatcher(self.layout, self.state, config.command_lead_seconds,
                                            config.command_min_lead_steps, clock)
         self.watcher = SpoolWatcher(self.layout.runs_dir)
@@ -77,6 +79,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._idle_since: float | None = None
         self._watcher_errors_seen = 0
+        self._started_at: float | None = None
+        self._heartbeat: float | None = None  # when the ingest loop last completed a pass (monotonic)
 
     @property
     def url(self) -> str:
@@ -115,7 +119,7 @@ class Agent:
             self.watcher.start()
             if self.rules_watcher is not None:
                 self.rules_watcher.start()
-            self.ingestor.scan_all()
+            self._started_at = time.monotonic()  # the loop's first pass reads the whole spool
             self._thread = threading.Thread(target=self._loop, name="gradwatch-ingest", daemon=True)
             self._thread.start()
         except BaseException:
@@ -191,7 +195,7 @@ class Agent:
     # -- the ingest loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         cfg = self.config
-        next_rescan = time.monotonic() + cfg.rescan_interval_seconds
+        next_rescan = time.monotonic()  # the first pass: every run directory
         next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
         while not self.stopped.is_set():
             try:
@@ -221,6 +225,7 @@ class Agent:
                 with self.state.lock:
                     self.state.counters.handler_errors += 1
                 log.exception("error in the ingest loop (continuing): %r", exc)
+            self._heartbeat = time.monotonic()
             self.watcher.wake.wait(_LOOP_TICK_SECONDS)
 
     def _refresh(self) -> None:
@@ -274,12 +279,34 @@ class Agent:
             run["alerts"] = firing.get(run["run"], [])
         return runs
 
+    def loop_stuck_for(self) -> float | None:
+        """Seconds since the ingest loop last completed a pass, when that is longer than it may take (None: it
+        is healthy). Its first pass reads the whole spool and gets longer."""
+        now = time.monotonic()
+        last = self._heartbeat if self._heartbeat is not None else self._started_at
+        if last is None:
+            return None
+        allowed = max(_STUCK_LOOP_SECONDS, 3 * self.config.rescan_interval_seconds)
+        if self._heartbeat is None:
+            allowed *= 4
+        return now - last if now - last > allowed else None
+
     def _health(self) -> dict[str, Any]:
         ingest_alive = self._thread is not None and self._thread.is_alive()
+        stuck = self.loop_stuck_for()
         watcher_alive = self.watcher.alive()
-        with self.state.lock:
-            runs = {status.value: n for status, n in self.state.runs_by_status().items()}
-            runs["rejected"] = len(self.state.rejected_runs)
-        return {"ok": ingest_alive, "ingest_loop": ingest_alive, "watcher": watcher_alive, "runs": runs,
+        runs: dict[str, int] = {}
+        if self.state.lock.acquire(timeout=_HEALTH_LOCK_SECONDS):  # a loop stuck holding it must not hang /healthz
+            try:
+                runs = {status.value: n for status, n in self.state.runs_by_status().items()}
+                runs["rejected"] = len(self.state.rejected_runs)
+            finally:
+                self.state.lock.release()
+        else:
+            stuck = stuck or _HEALTH_LOCK_SECONDS
+        faulty = {stage.value: n for stage, n in self.state.faults.faulty_by_stage().items() if n}
+        return {"ok": ingest_alive and stuck is None, "ingest_loop": ingest_alive and stuck is None,
+                **({"ingest_loop_stuck_seconds": round(stuck, 1)} if stuck is not None else {}),
+                "watcher": watcher_alive, "runs": runs, "faulty_runs": faulty,
                 "version": __version__, "home": str(self.config.home),
                 "gpus": {"count": self.gpus.count, "state": self.gpus.state}}

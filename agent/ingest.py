@@ -15,15 +15,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradwatch.agent.faults import Stage
 from gradwatch.agent.state import AgentState, RankState
-from gradwatch.rules.engine import Decision, RunRules
+from gradwatch.rules.engine import Decision, RuleFailure, RunRules
 from gradwatch.spool.format import SpoolLayout, parse_rank_file
 from gradwatch.spool.proc import process_alive
-from gradwatch.spool.reader import RESUME_MARKER, SpoolFormatError, last_line_with, read_meta, read_records
+from gradwatch.spool.reader import (
+    DEFAULT_MAX_BYTES,
+    RESUME_MARKER,
+    SpoolFormatError,
+    last_line_with,
+    read_meta,
+    read_records,
+)
 from gradwatch.spool.records import (
     AckRecord,
     CheckpointRecord,
@@ -52,13 +61,55 @@ class Seen:
     history: bool = False  # read as history: an event, no annotation
 
 
-Outgoing = Decision | Seen
+Outgoing = Decision | Seen | RuleFailure
+
+
+RankFiles = dict[int, tuple[int | None, tuple[int, int] | None]]
+
+
+def _rank_files(run_dir: Path, odd: list[str]) -> RankFiles | None:
+    """rank -> (stamp of its metadata file: inode and mtime, (inode, size) of its records file), of the regular files;
+    a FIFO, a device or a directory in a rank file's place is never opened: it is named in ``odd``. None when
+    ``run_dir`` is not a directory."""
+    files: RankFiles = {}
+    try:
+        entries = list(os.scandir(run_dir))
+    except (NotADirectoryError, FileNotFoundError):
+        return None
+    for entry in entries:
+        parsed = parse_rank_file(entry.name)
+        if parsed is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            odd.append(f"{entry.name} is {_kind(st.st_mode)}, not a regular file: remove it")
+            continue
+        meta, records = files.get(parsed[0], (None, None))
+        if parsed[1] == "meta.json":
+            # which file, and which version of it: a file recreated at once can get the inode of the one deleted
+            meta = (st.st_ino << 64) | (st.st_mtime_ns & 0xFFFF_FFFF_FFFF_FFFF)
+        else:
+            records = (st.st_ino, st.st_size)
+        files[parsed[0]] = (meta, records)
+    return files
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a link")):
+        if test(mode):
+            return name
+    return "something else"
 
 
 class SpoolIngestor:
     def __init__(self, layout: SpoolLayout, state: AgentState, clock: Callable[[], float],
-                 local_host: str = "") -> None:
+                 local_host: str = "", stuck_after: float = 30.0) -> None:
         self.layout = layout
+        self.stuck_after = stuck_after  # a records file ending mid-line this long, its process alive: stuck
         self.state = state
         self.clock = clock
         self.started_at = clock()
@@ -88,45 +139,81 @@ class SpoolIngestor:
 
     def scan(self, run_dirs: Iterable[Path]) -> int:
         applied = 0
+        faults = self.state.faults
         for run_dir in run_dirs:
-            try:
+            run = run_dir.name
+            if faults.backing_off(run, Stage.INGEST):
+                continue  # it failed a moment ago: retried after its backoff, the other runs go on
+            with faults.guard(run, Stage.INGEST):
                 applied += self._ingest_run(run_dir)
-            except Exception as exc:  # one bad run must not stop the others
-                with self.state.lock:
-                    self.state.counters.handler_errors += 1
-                self._report_once(f"run:{run_dir.name}:{type(exc).__name__}",
-                                  "error while reading run %s (%r); will retry", run_dir, exc)
         return applied
 
     def _ingest_run(self, run_dir: Path) -> int:
         run = run_dir.name
-        if not run_dir.is_dir():
+        odd: list[str] = []
+        files = _rank_files(run_dir, odd)
+        if files is None:
             return 0
-        ranks: set[int] = set()
-        size = 0
-        for entry in os.scandir(run_dir):
-            parsed = parse_rank_file(entry.name)
-            if parsed is not None and parsed[1] == "meta.json":
-                ranks.add(parsed[0])
-            elif parsed is not None:
-                size += entry.stat().st_size
-        if run in self.state.retired:
-            with self.state.lock:
-                retired_size = self.state.retired[run]
-                if retired_size is None or size <= retired_size:
-                    self.state.retired[run] = size if retired_size is None else retired_size
-                    return 0
-                del self.state.retired[run]  # it resumed after it was retired: read it afresh
-            log.info("run %s has new records after it was retired (resumed?): reading it again", run)
-            self._judged = {key for key in self._judged if key[0] != run}
+        if odd:
+            self.state.faults.failed(run, Stage.FILES, "; ".join(odd), backoff=False)
+        else:
+            self.state.faults.recovered(run, Stage.FILES)
+        if run in self.state.retired and not self._unretired(run, files):
+            return 0
         applied = 0
-        for rank in sorted(ranks):
-            state = self.state.rank(run, rank) or self._add_rank(run_dir, rank)
-            if state is not None:
-                applied += self._tail(state, SpoolLayout.records_file(run_dir, rank))
+        for rank, (meta_stamp, records) in sorted(files.items()):
+            if meta_stamp is None:
+                continue  # records without metadata (yet): read once it is written
+            state = self.state.rank(run, rank)
+            if state is not None and self._replaced(state, run_dir, meta_stamp, records):
+                log.info("run %s: its files were replaced (the directory recreated, a file truncated, or another run "
+                         "under the same name): reading it from the start as a new run", run)
+                with self.state.lock:
+                    self.state.drop_run(run)
+                self._judged = {key for key in self._judged if key[0] != run}
+                return applied + self._ingest_run(run_dir)
+            if state is None:
+                state = self._add_rank(run_dir, rank, meta_stamp)
+            if state is not None and records is not None:
+                applied += self._tail(state, SpoolLayout.records_file(run_dir, rank), *records)
         return applied
 
-    def _add_rank(self, run_dir: Path, rank: int) -> RankState | None:
+    def _unretired(self, run: str, files: RankFiles) -> bool:
+        """A retired run is read afresh when its records grew (it resumed) or its files were replaced (a new
+        run under its name); else it stays retired (False)."""
+        size = sum(records[1] for _, records in files.values() if records is not None)
+        metas = {rank: meta for rank, (meta, _) in files.items() if meta is not None}
+        with self.state.lock:
+            tomb = self.state.retired[run]
+            if tomb.size is None:  # retired since the last scan: the size it has now is the one it had
+                tomb.size = size
+            if not tomb.meta_stamps:  # a tombstone of an older agent's checkpoint
+                tomb.meta_stamps = metas
+            if size == tomb.size and (not tomb.meta_stamps or metas == tomb.meta_stamps):
+                return False
+            del self.state.retired[run]
+        log.info("run %s has new or replaced records after it was retired (resumed, or a new run under the name): "
+                 "reading it again", run)
+        self._judged = {key for key in self._judged if key[0] != run}
+        return True
+
+    def _replaced(self, state: RankState, run_dir: Path, meta_stamp: int, records: tuple[int, int] | None) -> bool:
+        """Whether the rank's files are no longer the ones its state was read from."""
+        if records is not None:
+            inode, size = records
+            if size < state.offset or (state.records_inode and inode != state.records_inode):
+                return True
+            state.records_inode = inode
+        if meta_stamp != state.meta_stamp:
+            known = state.meta_stamp
+            state.meta_stamp = meta_stamp
+            if known:  # rewritten: by a resumed process of the run (same run_uid), or by a new run
+                with contextlib.suppress(SpoolFormatError):
+                    meta = read_meta(SpoolLayout.meta_file(run_dir, state.rank))
+                    return bool(meta.run_uid and state.meta.run_uid and meta.run_uid != state.meta.run_uid)
+        return False
+
+    def _add_rank(self, run_dir: Path, rank: int, meta_stamp: int) -> RankState | None:
         try:
             meta = read_meta(SpoolLayout.meta_file(run_dir, rank))
         except SpoolFormatError as exc:
@@ -135,40 +222,82 @@ class SpoolIngestor:
             self._report_once(f"meta:{exc}", "%s", exc)
             return None
         with self.state.lock:
-            return self.state.add_rank(run_dir.name, rank, meta)
+            state = self.state.add_rank(run_dir.name, rank, meta)
+            state.meta_stamp = meta_stamp
+            return state
 
-    def _tail(self, state: RankState, path: Path) -> int:
-        self._judge_history(state, path)
+    def _tail(self, state: RankState, path: Path, inode: int, size: int) -> int:
+        self._judge_history(state, path, size)
+        state.records_inode = inode
         applied = 0
-        while True:
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                return applied
-            if size <= state.offset:
-                return applied
+        while size > state.offset:
             history = state.offset < state.history_until
             # a batch never spans the end of the history: its records are all history or all live
-            result = read_records(path, state.offset, *([state.history_until - state.offset] if history else []))
+            limit = min(DEFAULT_MAX_BYTES, state.history_until - state.offset) if history else DEFAULT_MAX_BYTES
+            result = read_records(path, state.offset, limit, in_long_line=state.in_long_line)
             if result.offset == state.offset:
-                return applied  # only a partial line so far
+                self._ends_mid_line(state, path, size)  # only a partial line so far
+                return applied
             now = self.clock()
             with self.state.lock:
                 state.history = history
                 rules = self.state.rules.for_run(state.run, state.meta) if state.rank == 0 else None
                 for record in result.records:
-                    self._apply(state, rules, record, path, history)
-                state.offset = result.offset
+                    self._apply_one(state, rules, record, path, history)
+                state.offset, state.in_long_line, state.partial_at = result.offset, result.in_long_line, None
                 counters = self.state.counters
                 counters.records_ingested += len(result.records)
                 for reason in result.rejected:
                     counters.reject(reason)
                 if result.records:
                     counters.ingest_lag_seconds = max(0.0, now - result.records[-1].t)
+            if rules is not None:
+                self._rules_failed(state, rules)
             if result.rejected:
-                self._report_once(f"rejected:{path}", "%s: %d invalid record line(s) skipped", path,
-                                  len(result.rejected))
+                self._report_once(f"rejected:{path}", "%s: %d invalid record line(s) skipped (%s)", path,
+                                  len(result.rejected), ", ".join(sorted(set(result.rejected))))
             applied += len(result.records)
+            self.state.faults.recovered(state.run, Stage.STUCK)
+            if result.at_end and not history:
+                break  # what was written while this read ran: the next scan
+        return applied
+
+    def _ends_mid_line(self, state: RankState, path: Path, size: int) -> None:
+        """The records file ends in a line without its newline. A writer in the middle of a write finishes it in
+        a moment; a process that died mid-line never will (its line is dropped as "truncated"); one that stays
+        unfinished while the process lives (a full disk) is reported as stuck."""
+        now = self.clock()
+        if state.partial_at is None or state.partial_at[:2] != [state.offset, size]:
+            state.partial_at = [state.offset, size, now]
+            return
+        if state.status.ended:
+            dropped = size - state.offset
+            with self.state.lock:
+                state.offset, state.partial_at, state.in_long_line = size, None, False
+                self.state.counters.reject("truncated")
+            self._report_once(f"truncated:{path}:{size}", "%s: its last line was never completed (the process ended "
+                              "mid-write); %d bytes dropped", path, dropped)
+            return
+        if now - state.partial_at[2] >= self.stuck_after:
+            self.state.faults.failed(state.run, Stage.STUCK, (
+                f"rank {state.rank}: {path.name} has ended mid-line for {now - state.partial_at[2]:.0f} s "
+                f"({size - int(state.partial_at[0])} bytes; a full disk, or a writer that hangs); its newer records "
+                f"wait for that line"), backoff=False)
+
+    def _apply_one(self, state: RankState, rules: RunRules | None, record: Record, path: Path, history: bool) -> None:
+        """Apply one record; one that the agent cannot apply is skipped (counted, named once), never retried."""
+        try:
+            self._apply(state, rules, record, path, history)
+        except Exception as exc:  # a record must never cost the records after it, nor be applied twice
+            self.state.counters.reject("unprocessable")
+            self._report_once(f"apply:{path}:{type(exc).__name__}", "%s: skipped a %s record of step %d that the agent "
+                              "could not apply (%s: %s)", path, record.KIND.value, record.step, type(exc).__name__, exc)
+
+    def _rules_failed(self, state: RankState, rules: RunRules) -> None:
+        for failure in rules.take_failures():
+            self.state.faults.failed(state.run, Stage.RULES, f"rule {failure.rule} failed at step {failure.step} "
+                                     f"({failure.error}); disabled for this run", backoff=False)
+            self.outbox.append(failure)
 
     def _apply(self, state: RankState, rules: RunRules | None, record: Record, path: Path, history: bool) -> None:
         if rules is not None and state.pending_checkpoint is not None and (
@@ -219,27 +348,27 @@ class SpoolIngestor:
                      f" from checkpoint {record.checkpoint}" if saved is not None else
                      " (no checkpoint of its rules' state: they go on as they were)")
 
-    def _judge_history(self, state: RankState, path: Path) -> None:
+    def _judge_history(self, state: RankState, path: Path, size: int) -> None:
         """Once per rank and agent process: which of its unread records are history (see the module's doc)."""
         key = (state.run, state.rank)
         if key in self._judged:
             return
         self._judged.add(key)
+        if size <= state.offset:
+            return
         try:
             stat = path.stat()
         except OSError:
-            return
-        if stat.st_size <= state.offset:
             return
         meta = state.meta
         gone = meta.host == self.local_host and meta.pid > 0 and \
             process_alive(meta.pid, meta.proc_start_ticks) is False
         if gone and stat.st_mtime < self.started_at - HISTORY_AFTER_SECONDS:
-            state.history_until = stat.st_size
+            state.history_until = size
             log.info("run %s rank %d ended before this agent started: its records are read as history (no "
                      "commands, no alerts)", state.run, state.rank)
             return
-        resumed_at = last_line_with(path, RESUME_MARKER, stat.st_size)
+        resumed_at = last_line_with(path, RESUME_MARKER, size)
         if resumed_at is not None and resumed_at > state.offset:
             state.history_until = resumed_at  # what the processes before its last resume wrote
 

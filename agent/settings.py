@@ -31,6 +31,8 @@ class AgentConfig(BaseModel):
     host: str = Field("127.0.0.1", min_length=1, description="address to serve /metrics on")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="port to serve /metrics on (0: any free port)")
     stall_after_seconds: float = Field(120.0, gt=0, description="a run with no record for this long is stalled")
+    stuck_after_seconds: float = Field(
+        30.0, gt=0, description="a records file ending mid-line this long while its process lives is reported stuck")
     ended_ttl_seconds: float = Field(900.0, ge=0, description="series of finished/crashed runs are dropped after this")
     rescan_interval_seconds: float = Field(5.0, gt=0, description="full rescan of the spool (missed file events)")
     checkpoint_interval_seconds: float = Field(5.0, gt=0, description="how often offsets and state are saved")

@@ -8,11 +8,14 @@ so a restarted agent goes on exactly where it stopped.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gradwatch.agent.faults import RunFaults, Stage
 from gradwatch.agent.recent_max import RecentMax
 from gradwatch.agent.rules import AgentRules
 from gradwatch.rules.config import default_rules
@@ -32,6 +35,7 @@ from gradwatch.spool.records import (
     meta_to_json,
 )
 
+log = logging.getLogger("gradwatch.agent")
 MAX_METRIC_NAMES = 64  # per rank; bounds the cardinality of gradwatch_metric{name=...}
 SPIKE_METRICS = ("loss", "grad_norm")
 NONFINITE_QUANTITIES = ("loss", "grad_norm", "metric")
@@ -108,6 +112,11 @@ class RankState:
     # the rules' state at the run's checkpoints (rank 0), by checkpoint id, oldest first: a resume gets it back
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     pending_checkpoint: list[Any] | None = None  # [[ids], step]: taken once the records of that step are in
+    # which files these are: a file replaced under the same name is another run's
+    records_inode: int = 0
+    meta_stamp: int = 0  # the metadata file's inode and modification time (rewritten by a resume, or a new run)
+    in_long_line: bool = False  # the offset is inside a line over the size limit (skipped to its end)
+    partial_at: list[float] | None = None  # [offset, size, since]: the file has ended mid-line since then
 
     def __post_init__(self) -> None:
         self.detectors = {name: EmaZScore() for name in SPIKE_METRICS}
@@ -349,6 +358,28 @@ class AgentCounters:
         self.records_rejected[reason] = self.records_rejected.get(reason, 0) + n
 
 
+@dataclass
+class Tombstone:
+    """A run whose series were dropped after it ended: the size of its records files then (None: not measured
+    yet) and the stamps (inode and mtime) of its metadata files. Records that grow again (it resumed) or files replaced
+    (a new run under the name) are read afresh."""
+
+    size: int | None = None
+    meta_stamps: dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> list[Any]:
+        return [self.size, {str(rank): inode for rank, inode in sorted(self.meta_stamps.items())}]
+
+    @classmethod
+    def from_json(cls, value: Any) -> Tombstone:
+        if isinstance(value, int) and not isinstance(value, bool):  # before 2026-12: the size alone
+            return cls(value)
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict):
+            size = value[0] if isinstance(value[0], int) and not isinstance(value[0], bool) else None
+            return cls(size, {int(r): i for r, i in value[1].items() if str(r).isdigit() and isinstance(i, int)})
+        return cls()
+
+
 class AgentState:
     """All runs, behind one lock shared by the ingest loop and the scrape."""
 
@@ -357,11 +388,10 @@ class AgentState:
         self.rules = rules if rules is not None else AgentRules(default_rules(), None)
         self.spike_window = spike_window
         self.runs: dict[str, dict[int, RankState]] = {}
-        # runs whose series were dropped after they ended -> bytes of their records then (None: not measured yet);
-        # a retired run whose records grow again (it resumed) is read afresh
-        self.retired: dict[str, int | None] = {}
+        self.retired: dict[str, Tombstone] = {}  # runs whose series were dropped after they ended
         self.rejected_runs: dict[str, str] = {}  # run -> why its metadata was refused
         self.counters = AgentCounters()
+        self.faults = RunFaults(time.monotonic)  # per-run failures of the agent's own steps (agent/faults.py)
 
     def rank(self, run: str, rank: int) -> RankState | None:
         return self.runs.get(run, {}).get(rank)
@@ -376,24 +406,31 @@ class AgentState:
         """Decide every rank's state; retire runs ended for longer than ``ended_ttl``. Returns retired runs."""
         retired = []
         for run, ranks in list(self.runs.items()):
-            for state in ranks.values():
-                state.refresh_status(now, stall_after, local_host)
-            if all(s.status.ended for s in ranks.values()):
-                ended_at = max(s.ended_at or now for s in ranks.values())
-                if now - ended_at > ended_ttl:
-                    del self.runs[run]
-                    self.rules.forget(run)
-                    self.retired[run] = None
-                    retired.append(run)
+            with self.faults.guard(run, Stage.REFRESH):
+                for state in ranks.values():
+                    state.refresh_status(now, stall_after, local_host)
+                if all(s.status.ended for s in ranks.values()):
+                    ended_at = max(s.ended_at or now for s in ranks.values())
+                    if now - ended_at > ended_ttl:
+                        meta_stamps = {rank: s.meta_stamp for rank, s in ranks.items()}
+                        self.drop_run(run)
+                        self.retired[run] = Tombstone(None, meta_stamps)
+                        retired.append(run)
         return retired
+
+    def drop_run(self, run: str) -> None:
+        """Forget everything about ``run`` (its series end; its tombstone, if any, too)."""
+        self.runs.pop(run, None)
+        self.rules.forget(run)
+        self.retired.pop(run, None)
+        self.faults.forget(run)
 
     def forget_missing(self, present: set[str]) -> None:
         """Runs whose directory was deleted: drop them and their tombstones."""
         for run in list(self.runs):
             if run not in present:
-                del self.runs[run]
-                self.rules.forget(run)
-        self.retired = {run: size for run, size in self.retired.items() if run in present}
+                self.drop_run(run)
+        self.retired = {run: tomb for run, tomb in self.retired.items() if run in present}
         for run in list(self.rejected_runs):
             if run not in present:
                 del self.rejected_runs[run]
@@ -402,18 +439,23 @@ class AgentState:
         return {
             "runs": {run: {str(r): s.state_dict() for r, s in ranks.items()}
                      for run, ranks in self.runs.items()},
-            "retired": dict(sorted(self.retired.items())),
+            "retired": {run: tomb.to_json() for run, tomb in sorted(self.retired.items())},
             "rules": self.rules.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.runs.clear()
         for run, ranks in state.get("runs", {}).items():
-            for rank, rank_state in ranks.items():
-                self.add_rank(run, int(rank), decode_meta(rank_state["meta"])).load_state_dict(rank_state)
+            try:
+                for rank, rank_state in ranks.items():
+                    self.add_rank(run, int(rank), decode_meta(rank_state["meta"])).load_state_dict(rank_state)
+            except Exception as exc:  # one run's bad entry costs only that run: it is read again from its start
+                self.runs.pop(run, None)
+                log.warning("agent checkpoint: the state of run %s is unusable (%s: %s); reading its records again",
+                            run, type(exc).__name__, exc)
         retired = state.get("retired", {})
-        self.retired = {str(run): None for run in retired} if isinstance(retired, list) else \
-            {str(run): size if isinstance(size, int) else None for run, size in retired.items()}
+        self.retired = {str(run): Tombstone() for run in retired} if isinstance(retired, list) else \
+            {str(run): Tombstone.from_json(value) for run, value in retired.items()}
         self.rules.load_state_dict(state.get("rules", {}))
 
     def runs_by_status(self) -> dict[RunStatus, int]:
@@ -427,38 +469,49 @@ class AgentState:
         """The JSON list of runs served at /api/runs and shown by ``gradwatch status``."""
         out = []
         for run, ranks in sorted(self.runs.items()):
-            states = [ranks[r] for r in sorted(ranks)]
-            first = states[0]
-            rules = self.rules.runs.get(run)
-            out.append({
-                "run": run,
-                "status": run_status(states).value,
-                "world_size": first.meta.world_size,
-                "host": first.meta.host,
-                "start_time": first.meta.start_time,
-                "labels": first.meta.labels,
-                "rules": None if rules is None else {
-                    "source": rules.source, "dry_run": rules.config.dry_run,
-                    "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
-                    "recent_decisions": list(rules.recent),
-                    "error": self.rules.run_rule_errors.get(run),
-                    "unseen_metrics": dict(rules.unseen_metrics),
-                },
-                "ranks": [{
-                    "rank": s.rank, **({"worker": s.meta.worker} if s.meta.worker else {}), "status": s.status.value,
-                    "pid": s.meta.pid, "steps": s.steps_total,
-                    "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
-                    "step_duration_seconds": s.step_duration, "data_wait_seconds": s.data_wait,
-                    "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,
-                    "seconds_since_last_record": None if s.last_record_time is None else now - s.last_record_time,
-                    "nonfinite": s.nonfinite, "spikes": s.spikes, "metrics": s.metrics,
-                    "probe_dropped": s.probe_dropped, "error": s.end_error, "end_status": s.end_status,
-                    "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
-                    "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
-                    "steps_from": s.meta.steps_from, "exit_code": s.exit_code, "resumes": s.resumes,
-                    "history": s.history,
-                } for s in states],
-            })
+            try:
+                out.append(self._run_summary(run, ranks, now))
+            except Exception as exc:  # this run is left out of the list, the others are served
+                self.faults.failed(run, Stage.COLLECT, f"{type(exc).__name__}: {exc}", backoff=False)
+        listed = {entry["run"] for entry in out}
+        for run in sorted({run for run, _ in self.faults.open} - listed - set(self.rejected_runs)):
+            out.append({"run": run, "status": "faulty", "faults": self.faults.of_run(run), "ranks": []})
         for run, reason in sorted(self.rejected_runs.items()):
             out.append({"run": run, "status": "rejected", "error": reason, "ranks": []})
         return out
+
+    def _run_summary(self, run: str, ranks: dict[int, RankState], now: float) -> dict[str, Any]:
+        states = [ranks[r] for r in sorted(ranks)]
+        first = states[0]
+        rules = self.rules.runs.get(run)
+        return {
+            "run": run,
+            "status": run_status(states).value,
+            "world_size": first.meta.world_size,
+            "host": first.meta.host,
+            "start_time": first.meta.start_time,
+            "labels": first.meta.labels,
+            "rules": None if rules is None else {
+                "source": rules.source, "dry_run": rules.config.dry_run,
+                "acting": [r.name for r in rules.config.rules if rules.config.acting(r)],
+                "recent_decisions": list(rules.recent),
+                "error": self.rules.run_rule_errors.get(run),
+                "unseen_metrics": dict(rules.unseen_metrics),
+                "failed": rules.failed_rules,
+            },
+            "ranks": [{
+                "rank": s.rank, **({"worker": s.meta.worker} if s.meta.worker else {}), "status": s.status.value,
+                "pid": s.meta.pid, "steps": s.steps_total,
+                "loss": s.loss, "grad_norm": s.grad_norm, "learning_rates": s.learning_rates,
+                "step_duration_seconds": s.step_duration, "data_wait_seconds": s.data_wait,
+                "samples_per_second": s.samples_per_second, "last_step_time": s.last_step_time,
+                "seconds_since_last_record": None if s.last_record_time is None else now - s.last_record_time,
+                "nonfinite": s.nonfinite, "spikes": s.spikes, "metrics": s.metrics,
+                "probe_dropped": s.probe_dropped, "error": s.end_error, "end_status": s.end_status,
+                "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
+                "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
+                "steps_from": s.meta.steps_from, "exit_code": s.exit_code, "resumes": s.resumes,
+                "history": s.history,
+            } for s in states],
+            "faults": self.faults.of_run(run),
+        }

@@ -15,7 +15,14 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from gradwatch.spool.format import parse_rank_file
+
 log = logging.getLogger("gradwatch.agent")
+
+
+#: Events that mean a file was written, created, replaced or removed. Not "opened" or "closed_no_write": the
+#: agent's own reads produce those, and reacting to them would read again, forever (a core at 100 %).
+_WRITE_EVENTS = frozenset({"modified", "created", "moved", "deleted", "closed"})  # "closed": after writing
 
 
 class _RunChangeHandler(FileSystemEventHandler):
@@ -23,6 +30,8 @@ class _RunChangeHandler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in _WRITE_EVENTS:
+            return
         try:
             self._watcher.note(event.src_path)
             if getattr(event, "dest_path", ""):
@@ -79,7 +88,9 @@ class SpoolWatcher:
             relative = Path(path_str).relative_to(self.runs_dir)
         except ValueError:
             return
-        if relative.parts:
+        # the run's rank files (or the run directory itself); not what the agent writes there (events, commands)
+        if relative.parts and (len(relative.parts) == 1 or
+                               (len(relative.parts) == 2 and parse_rank_file(relative.parts[1]) is not None)):
             with self._lock:
                 self._dirty.add(relative.parts[0])
             self.wake.set()
@@ -88,9 +99,6 @@ class SpoolWatcher:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
         return dirty
-
-
-_WRITE_EVENTS = {"modified", "created", "moved", "closed"}  # "closed": closed after writing
 
 
 class RulesFileWatcher:

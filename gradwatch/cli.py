@@ -77,6 +77,9 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, por
     from gradwatch.agent.settings import load_agent_config
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # watchdog logs every inotify event at debug level: with the log file beside the watched rules file, each line
+    # it writes would be one more event to log, a core spinning forever
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
     flags = {p.name: p.opts[0] for p in click.get_current_context().command.params if p.name and p.opts}
     config = load_agent_config(cli={"home": home, **settings}, config_file=config_file, cli_flags=flags)
     try:

@@ -18,6 +18,7 @@ from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.lr_cut import LRCut
 from gradwatch.probes.optimizers import OptimizerSet
 from gradwatch.probes.snapshots import Snapshots
+from gradwatch.rules.clip import scaled_threshold
 from gradwatch.rules.lr import min_lr_for
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class Actuator:
             raise ValueError("scale_clip: nothing clips this run's gradients by norm (no clip_grad_norm_ call seen, "
                              "and guards.clip.scheme is not 'fixed')")
         current = self._scaled_script_clip(seen)
-        new = self.expected_clip_threshold = min(high, max(low, current * factor))
+        new = self.expected_clip_threshold = scaled_threshold(current, factor, low, high)
         self._script_clip = (new / seen, low, high)
         return f"the script's clip threshold now {new:.6g} (it passes {seen:.6g})"
 
@@ -165,7 +166,7 @@ class Actuator:
         if self._script_clip is None:
             return max_norm
         ratio, low, high = self._script_clip
-        return min(high, max(low, max_norm * ratio))
+        return scaled_threshold(max_norm, ratio, low, high)
 
     # -- saved with the probe's state (probe.state_dict) ---------------------------------------------
     def state_dict(self) -> dict[str, Any]:

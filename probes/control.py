@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradwatch.spool.files import open_for_reading
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import ACK_MARKER, read_ids
 from gradwatch.spool.records import decode_command
@@ -90,7 +91,7 @@ class CommandReader:
             return []
         if size <= self.offset:
             return []
-        with open(self.path, "rb") as f:
+        with open_for_reading(self.path) as f:  # never a FIFO: the writer thread must not block
             f.seek(self.offset)
             chunk = f.read(size - self.offset)
         end = chunk.rfind(b"\n")

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gradwatch.rules.clip import scaled_threshold
 from gradwatch.rules.ema import EmaZScore
 
 if TYPE_CHECKING:  # pydantic is loaded at attach(), not when the probe is imported
@@ -159,7 +160,7 @@ class GradientGuards:
     def scale_fixed_threshold(self, factor: float, low: float, high: float) -> float:
         if self.scheme != "fixed" or self.fixed_threshold is None:
             raise ValueError(f"scale_clip needs guards.clip.scheme 'fixed' (this run uses {self.scheme!r})")
-        self.fixed_threshold = min(high, max(low, self.fixed_threshold * factor))
+        self.fixed_threshold = scaled_threshold(self.fixed_threshold, factor, low, high)
         return self.fixed_threshold
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from gradwatch.probes.framework import ProbeOptions, resuming
 from gradwatch.probes.identity import shared_launch_id
 from gradwatch.probes.optimizers import unwrap
 from gradwatch.probes.probe import Probe
+from gradwatch.rules.clip import scaled_threshold
 
 #: Recorded at each optimizer step by the probe itself (the Trainer logs them every logging_steps).
 _PER_STEP = frozenset({"loss", "grad_norm", "learning_rate"})
@@ -59,7 +60,7 @@ class GradwatchCallback(ProbeOptions, TrainerCallback, ExportableState):
         self._inputs = interceptors.listen(self.probe)  # the loss and the Trainer's clip_grad_norm_ result
         if args.max_grad_norm and args.max_grad_norm > 0:
             def scale_max_grad_norm(factor: float, low: float, high: float) -> float:
-                args.max_grad_norm = min(high, max(low, args.max_grad_norm * factor))
+                args.max_grad_norm = scaled_threshold(args.max_grad_norm, factor, low, high)
                 return args.max_grad_norm
 
             self.probe.control_clipping(scale_max_grad_norm)

@@ -23,6 +23,7 @@ import torch
 from gradwatch.probes.framework import ProbeOptions, resuming
 from gradwatch.probes.identity import shared_launch_id
 from gradwatch.probes.probe import Probe
+from gradwatch.rules.clip import scaled_threshold
 
 #: Recorded per step from the training loop itself; an epoch-level copy would count twice.
 _PER_STEP = frozenset({"loss", "batch_size"})
@@ -62,7 +63,7 @@ class LightningHooks(ProbeOptions):
         self._last_step = self.probe.step
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             def scale_trainer_clip(factor: float, low: float, high: float) -> float:
-                trainer.gradient_clip_val = min(high, max(low, float(trainer.gradient_clip_val or 0.0) * factor))
+                trainer.gradient_clip_val = scaled_threshold(float(trainer.gradient_clip_val or 0.0), factor, low, high)
                 return trainer.gradient_clip_val
 
             self.probe.control_clipping(scale_trainer_clip)

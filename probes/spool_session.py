@@ -7,16 +7,18 @@ the next attempt waits ``RETRY_OPEN_SECONDS``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gradwatch.probes.control import CommandReader, acked_ids
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.probes.warn_once import WarnOnce
+from gradwatch.spool.files import load_json
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.proc import process_alive
+from gradwatch.spool.reader import MAX_META_BYTES
 from gradwatch.spool.records import RunMeta, meta_to_json
 from gradwatch.spool.writer import RecordFileWriter, claim_run_dir, write_json_atomic
 
@@ -54,8 +56,12 @@ class SpoolSession:
                 name, run_dir = claim_run_dir(self.layout, self.requested_run, self.identity.launch_key,
                                               take_over=self.resuming)
                 meta_file = SpoolLayout.meta_file(run_dir, self.identity.rank)
-                self._check_rank_unclaimed(meta_file)
-                write_json_atomic(meta_file, meta_to_json(self._make_meta(name)))
+                before = self._check_rank_unclaimed(meta_file)
+                meta = self._make_meta(name)
+                # the directory's creator: kept by a resumed run, so the agent knows it is the same run
+                created_by = before.get("run_uid") if self.resuming else None
+                meta.run_uid = created_by if isinstance(created_by, str) and created_by else meta.launch_key
+                write_json_atomic(meta_file, meta_to_json(meta))
                 self.run_name, self.run_dir = name, run_dir
                 if self._read_commands:
                     records_file = SpoolLayout.records_file(run_dir, self.identity.rank)
@@ -89,18 +95,22 @@ class SpoolSession:
             self._file.close()
             self._file = None
 
-    def _check_rank_unclaimed(self, meta_file: Path) -> None:
-        """Two live processes of one launch with the same rank: attach ran before the rank was known."""
+    def _check_rank_unclaimed(self, meta_file: Path) -> dict[str, Any]:
+        """Two live processes of one launch with the same rank: attach ran before the rank was known.
+        Returns the metadata found there ({} if none)."""
         try:
-            other = json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            return
-        pid = other.get("pid") if isinstance(other, dict) else None
+            other = load_json(meta_file, MAX_META_BYTES)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        if not isinstance(other, dict):
+            return {}
+        pid = other.get("pid")
         if isinstance(pid, int) and pid != self.identity.pid and other.get("host") == self.identity.host \
                 and process_alive(pid) is not False:
             self._warn("rank-clash", "process %d also claims rank %d of run %s; their records will be mixed. Call "
                        "gradwatch.attach() after torch.distributed.init_process_group(), or pass rank= and "
                        "world_size=", pid, self.identity.rank, meta_file.parent.name)
+        return other
 
     def _start_agent_if_needed(self) -> None:
         if self._on_agent_needed is None:

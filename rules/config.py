@@ -30,7 +30,9 @@ Direction = Literal["min", "max"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity in a rules file: every bound and factor is a finite number (a NaN threshold never
+    # compares true, an infinite max_max_norm lets the clip threshold overflow)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # -- detectors ------------------------------------------------------------------------------------

@@ -99,13 +99,16 @@ class DivergenceDetector(Detector):
             return None
         sign = 1.0 if s.mode == "min" else -1.0
         previous = self.smoothed
-        self.smoothed = value if previous is None else previous + s.alpha * (value - previous)
+        smoothed = value if previous is None else previous + s.alpha * (value - previous)
+        if not math.isfinite(smoothed):
+            return None  # the difference of two huge values overflows: that value would poison the average for good
+        self.smoothed = smoothed
         self.count += 1
-        self.rising = self.rising + 1 if previous is not None and sign * (self.smoothed - previous) > 0 else 0
+        self.rising = self.rising + 1 if previous is not None and sign * (smoothed - previous) > 0 else 0
+        if self.best is None or (self.count < s.warmup and sign * (smoothed - self.best) < 0):
+            self.best = smoothed
         if self.count < s.warmup:
-            self.best = self.smoothed if self.best is None or sign * (self.smoothed - self.best) < 0 else self.best
             return None
-        assert self.best is not None
         ratio = (self.smoothed / self.best) if self.best > 0 else None
         if s.mode == "max" and ratio:
             ratio = 1.0 / ratio

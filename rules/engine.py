@@ -46,6 +46,17 @@ class Decision:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RuleFailure:
+    """A rule whose detector raised on a run's value (a configuration the schema accepts, a case the detector
+    did not foresee): the rule is disabled for that run; the agent reports it."""
+
+    run: str
+    rule: str
+    step: int
+    error: str
+
+
 class RuleState:
     """One rule on one run: its detector, how often it fired, and when last."""
 
@@ -59,6 +70,7 @@ class RuleState:
         self.last_trigger: dict[str, Any] | None = None
         # what became of its last command: {"step", "action", "status", "detail"} from the probe's ack
         self.last_outcome: dict[str, Any] | None = None
+        self.failed: str | None = None  # why the rule failed on this run's values: it is disabled for the run
 
     def quiet(self, step: int) -> bool:
         rule = self.rule
@@ -76,7 +88,7 @@ class RuleState:
     def state_dict(self) -> dict[str, Any]:
         return {"spec": self._spec(), "detector": self.detector.state_dict(),
                 "fired": self.fired, "last_fired_step": self.last_fired_step, "last_trigger": self.last_trigger,
-                "last_outcome": self.last_outcome}
+                "last_outcome": self.last_outcome, "failed": self.failed}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore unless the rule changed since (then it starts afresh); True when restored."""
@@ -88,6 +100,8 @@ class RuleState:
         self.last_trigger = state.get("last_trigger")
         outcome = state.get("last_outcome")
         self.last_outcome = outcome if isinstance(outcome, dict) else None
+        failed = state.get("failed")
+        self.failed = failed if isinstance(failed, str) else None
         return True
 
 
@@ -118,6 +132,7 @@ class RunRules:
         self.recent: list[dict[str, Any]] = []  # the newest decisions, for `gradwatch status`
         self.awaiting: dict[str, str] = {}  # rule -> id of its trajectory command the probe has not acknowledged
         self.segment = 0  # resumes of the run so far: decision ids after the k-th end in ~k
+        self.failures: list[RuleFailure] = []  # rules that failed since the agent last took them (take_failures)
 
     def reconfigure(self, config: RulesConfig) -> None:
         """New rules (a reloaded file): unchanged rules keep their state, changed ones restart."""
@@ -137,34 +152,58 @@ class RunRules:
             self._note_metrics(step, values if optimizer == "0" else {f"{optimizer}/{k}": v for k, v in values.items()})
         for name, state in self.states.items():
             rule = state.rule
-            if rule.optimizer != optimizer or rule.metric not in values or step < rule.start_step:
+            if rule.optimizer != optimizer or rule.metric not in values or step < rule.start_step or state.failed:
                 continue
-            trigger = state.detector.update(values[rule.metric])
-            if trigger is None:
-                if state.last_trigger is not None and state.detector.holding():
-                    state.last_trigger["seen_t"] = t  # the condition goes on: its alert stays firing
+            try:
+                decision = self._observe_rule(name, state, step, t, values[rule.metric], history)
+            except Exception as exc:  # a rule that fails on a value must cost only itself, on this run
+                state.failed = f"{type(exc).__name__}: {exc}"[:300]
+                self.failures.append(RuleFailure(self.run, name, step, state.failed))
+                log.warning("run %s: rule %s failed at step %d on %s=%r (%s); it is disabled for this run, the other "
+                            "rules and the metrics go on", self.run, name, step, rule.metric, values[rule.metric],
+                            state.failed)
                 continue
-            state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
-                                  "details": dict(trigger.details), **({"history": True} if history else {})}
-            if state.quiet(step) or name in self.awaiting:
-                continue  # awaiting: this record is from before the rule's last action took effect
-            state.fired += 1
-            state.last_fired_step = step
-            mode = "act" if self.config.acting(rule) else "dry_run" if rule.mode == "act" else "observe"
-            action = rule.action.model_dump(mode="json")
-            key = (name, action["type"], mode)
-            self.decisions[key] = self.decisions.get(key, 0) + 1
-            details = dict(trigger.details)
-            decision = Decision(id=f"{name}@{step}" + (f"~{self.segment}" if self.segment else ""), run=self.run,
-                                rule=name, metric=rule.metric, action=action, mode=mode, reason=trigger.reason,
-                                step=step, t=t, details=details, optimizer=rule.optimizer,
-                                target=rule.optimizer if "optimizer" in rule.model_fields_set else "", history=history)
-            self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
-                                           "reason": trigger.reason, "step": step}])[-10:]
-            if decision.acts and action["type"] in TRAJECTORY_ACTIONS and not history:
-                self.awaiting[name] = decision.id
-            out.append(decision)
+            if decision is not None:
+                out.append(decision)
         return out
+
+    def _observe_rule(self, name: str, state: RuleState, step: int, t: float, value: float,
+                      history: bool) -> Decision | None:
+        """One rule's part of observe(): its detector on the value, and its decision, if it makes one."""
+        rule = state.rule
+        trigger = state.detector.update(value)
+        if trigger is None:
+            if state.last_trigger is not None and state.detector.holding():
+                state.last_trigger["seen_t"] = t  # the condition goes on: its alert stays firing
+            return None
+        state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
+                              "details": dict(trigger.details), **({"history": True} if history else {})}
+        if state.quiet(step) or name in self.awaiting:
+            return None  # awaiting: this record is from before the rule's last action took effect
+        state.fired += 1
+        state.last_fired_step = step
+        mode = "act" if self.config.acting(rule) else "dry_run" if rule.mode == "act" else "observe"
+        action = rule.action.model_dump(mode="json")
+        key = (name, action["type"], mode)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        decision = Decision(id=f"{name}@{step}" + (f"~{self.segment}" if self.segment else ""), run=self.run,
+                            rule=name, metric=rule.metric, action=action, mode=mode, reason=trigger.reason,
+                            step=step, t=t, details=dict(trigger.details), optimizer=rule.optimizer,
+                            target=rule.optimizer if "optimizer" in rule.model_fields_set else "", history=history)
+        self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
+                                       "reason": trigger.reason, "step": step}])[-10:]
+        if decision.acts and action["type"] in TRAJECTORY_ACTIONS and not history:
+            self.awaiting[name] = decision.id
+        return decision
+
+    def take_failures(self) -> list[RuleFailure]:
+        out, self.failures = self.failures, []
+        return out
+
+    @property
+    def failed_rules(self) -> dict[str, str]:
+        """Rules disabled for this run, and why."""
+        return {name: state.failed for name, state in self.states.items() if state.failed}
 
     def _note_metrics(self, step: int, values: dict[str, float]) -> None:
         if len(self.metrics_seen) < _MAX_SEEN:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from gradwatch.spool.files import load_json, open_for_reading
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, parse_major
 from gradwatch.spool.records import Record, RecordError, RunMeta, decode_line, decode_meta
 
+log = logging.getLogger("gradwatch")
 SUPPORTED_MAJOR = parse_major(FORMAT_VERSION)
 ACK_MARKER = b'"kind":"ack"'  # how an encoded ack record line starts (spool.records.encode)
 RESUME_MARKER = b'"kind":"resume"'
 _BACKWARD_CHUNK = 1 << 20
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+MAX_LINE_BYTES = DEFAULT_MAX_BYTES  # a longer record line is rejected ("oversize") and skipped
+MAX_META_BYTES = 1024 * 1024  # a metadata file larger than this is refused
 
 
 class SpoolFormatError(Exception):
@@ -26,13 +31,15 @@ class ReadResult:
     records: list[Record] = field(default_factory=list)
     offset: int = 0  # just past the last complete line consumed
     rejected: list[str] = field(default_factory=list)  # one reason per rejected line
+    in_long_line: bool = False  # the offset is inside a line over MAX_LINE_BYTES: skip to its end next time
+    at_end: bool = True  # the read reached the end of the file (as it was then)
 
 
 def read_meta(path: Path) -> RunMeta:
     """Load and check a ``rank-<r>.meta.json``; raise SpoolFormatError with a clear message."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        obj = load_json(path, MAX_META_BYTES)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, too large
         raise SpoolFormatError(f"{path}: cannot read run metadata ({exc})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise SpoolFormatError(f"{path}: not gradwatch run metadata (field 'format' must be {FORMAT_NAME!r})")
@@ -56,7 +63,7 @@ def read_ids(path: Path, only_lines_with: bytes = b"") -> set[str]:
     when ``only_lines_with`` is ``ACK_MARKER``). A missing file has none; bad lines are skipped."""
     ids: set[str] = set()
     try:
-        with open(path, "rb") as f:
+        with open_for_reading(path) as f:
             for line in f:
                 if only_lines_with not in line:
                     continue
@@ -66,6 +73,8 @@ def read_ids(path: Path, only_lines_with: bytes = b"") -> set[str]:
                     continue
     except FileNotFoundError:
         pass
+    except OSError as exc:  # not a regular file, unreadable: no ids, and the caller's write will say why
+        log.debug("cannot read %s: %s", path, exc)
     return ids
 
 
@@ -73,7 +82,7 @@ def last_line_with(path: Path, marker: bytes, end: int) -> int | None:
     """The byte offset where the last line before ``end`` that contains ``marker`` starts (read backwards in
     chunks: only the file's tail is read when the line is near its end); None when there is none."""
     try:
-        with open(path, "rb") as f:
+        with open_for_reading(path) as f:
             hit = _rfind(f, marker, end)
             if hit is None:
                 return None
@@ -98,21 +107,36 @@ def _rfind(f: IO[bytes], needle: bytes, end: int) -> int | None:
     return None
 
 
-def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) -> ReadResult:
-    """Read complete lines of ``path`` from byte ``offset``.
+def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES, in_long_line: bool = False) -> ReadResult:
+    """Read complete lines of ``path`` from byte ``offset`` (at most ``max_bytes`` of it).
 
     A last line without its newline is being written: it is left for the next read. A line
     that is not a valid record is rejected (with a reason) and skipped, never retried; a record
-    of a kind from a newer minor version is skipped.
+    of a kind from a newer minor version is skipped. A line longer than MAX_LINE_BYTES is rejected
+    ("oversize") and skipped: ``in_long_line`` says the offset is inside one (from the last result).
+    Raises OSError (NotARegularFile for a FIFO or a device in the file's place).
     """
     result = ReadResult(offset=offset)
-    with open(path, "rb") as f:
+    with open_for_reading(path) as f:
         f.seek(offset)
         chunk = f.read(max_bytes)
+    result.at_end = len(chunk) < max_bytes
+    start = 0
+    if in_long_line:
+        newline = chunk.find(b"\n")
+        if newline < 0:  # still inside it
+            result.offset, result.in_long_line = offset + len(chunk), bool(chunk)
+            return result
+        start = newline + 1
     end = chunk.rfind(b"\n")
-    if end < 0:
+    if end < start:  # no complete line after start
+        if len(chunk) - start >= MAX_LINE_BYTES:
+            result.rejected.append("oversize")
+            result.offset, result.in_long_line = offset + len(chunk), True
+        else:
+            result.offset = offset + start
         return result
-    for line in chunk[:end].split(b"\n"):
+    for line in chunk[start:end].split(b"\n"):
         if not line.strip():
             continue
         try:
@@ -129,10 +153,10 @@ def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES) ->
 def read_all_records(path: Path) -> list[Record]:
     """Every valid record of a records file (tools and tests; the agent tails with read_records)."""
     records: list[Record] = []
-    offset = 0
+    offset, in_long_line = 0, False
     while True:
-        result = read_records(path, offset)
+        result = read_records(path, offset, in_long_line=in_long_line)
         records += result.records
         if result.offset == offset:
             return records
-        offset = result.offset
+        offset, in_long_line = result.offset, result.in_long_line

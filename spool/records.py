@@ -242,6 +242,9 @@ class RunMeta:
     steps_from: str = "optimizer"  # (1.3) what a step is: "optimizer" steps, or "backward" passes (no optimizer)
     worker: str = ""  # (1.4) a multiprocessing worker without a rank (Hogwild): its process name; rank = its index
     command_sync: str = ""  # (1.5) "collective": rank 0 hands the commands to the other ranks over torch.distributed
+    # (1.6) who created the run directory: the launch key of its first processes, kept by the processes that resume
+    # it; a directory recreated under the same name has another (the agent then reads it as a new run)
+    run_uid: str = ""
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -326,6 +329,7 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         "rules": meta.rules, "guards": meta.guards, "dry_run": meta.dry_run, "on_stop": meta.on_stop,
         "steps_from": meta.steps_from, **({"worker": meta.worker} if meta.worker else {}),
         **({"command_sync": meta.command_sync} if meta.command_sync else {}),
+        **({"run_uid": meta.run_uid} if meta.run_uid else {}),
     }
 
 
@@ -525,7 +529,8 @@ def decode_meta(obj: Any) -> RunMeta:
         dry_run=obj.get("dry_run") is True, on_stop=_text(obj.get("on_stop"), 20) or "flag",
         steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer",
         worker=_text(obj.get("worker"), MAX_NAME) or "",
-        command_sync="collective" if obj.get("command_sync") == "collective" else "")
+        command_sync="collective" if obj.get("command_sync") == "collective" else "",
+        run_uid=_text(obj.get("run_uid"), MAX_NAME) or "")
 
 
 def merge_logged(records: list[Record]) -> list[Record]:

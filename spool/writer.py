@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from gradwatch.spool.files import open_for_appending, open_for_reading
 from gradwatch.spool.format import SpoolLayout, safe_run_name
 
 _MAX_NAME_ATTEMPTS = 1000
@@ -73,7 +74,12 @@ class RecordFileWriter:
 
     def append(self, data: bytes) -> None:
         if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches, closed by close()
+            mid_line = _ends_mid_line(self.path)
+            self._file = open_for_appending(self.path)  # kept open across batches, closed by close()
+            if mid_line:
+                # a process before this one died mid-line (or the disk filled up): end that line, so that it is
+                # rejected alone and does not swallow this process's first record
+                self._file.write(b"\n")
         self._file.write(data)
         self._file.flush()  # the agent tails the file: hand each batch to the OS now
 
@@ -82,6 +88,19 @@ class RecordFileWriter:
             with _suppress_oserror():
                 self._file.close()
             self._file = None
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file's last line lacks its newline."""
+    try:
+        with open_for_reading(path) as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 class _suppress_oserror:

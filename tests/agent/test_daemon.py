@@ -67,8 +67,8 @@ def test_rescans_catch_what_the_watcher_missed(start_agent, tmp_path: Path, monk
     spool.steps("missed", 0, 1, 3)
     wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", optimizer="0", run="missed", rank="0") == 3,
                timeout=20, what="a rescan to ingest the run")
-    samples = _samples(agent)
-    assert samples[("gradwatch_agent_handler_errors_total", frozenset())] > 0  # counted, not fatal
+    wait_until(lambda: _samples(agent)[("gradwatch_agent_handler_errors_total", frozenset())] > 0,
+               what="the handler's errors counted, not fatal")
     assert agent.watcher.alive()  # the observer thread survived its handler raising
 
 
