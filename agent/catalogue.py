@@ -96,6 +96,10 @@ RULE_DECISIONS = _run(
     "rule", "action", "mode")
 PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
                      "Records the probe dropped (queue full, spool unwritable): training went on without them.")
+VALUES_DROPPED = _run("gradwatch_logged_values_dropped_total", "counter",
+                      "Logged values that were not kept, by reason: unreadable (the probe could not read the value, "
+                      "e.g. a tensor on the meta device; the step's other values were recorded), over_cap (a metric "
+                      "name beyond the 64 per rank the agent keeps).", "reason")
 LAYER_GRAD_NORM = _run(
     "gradwatch_layer_grad_norm", "gauge",
     "Gradient L2 norm of a layer (the module owning the parameters) at the last sampled step "

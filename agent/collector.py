@@ -12,9 +12,9 @@ from prometheus_client.registry import Collector
 from gradwatch import __version__
 from gradwatch.agent import catalogue as c
 from gradwatch.agent.alerts import Alert
+from gradwatch.agent.faults import Stage
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.notify import DeliveryStats
-from gradwatch.agent.faults import Stage
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 
 TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
@@ -102,6 +102,8 @@ class AgentCollector(Collector):
             for name, value in sorted(s.metrics.items()):
                 put(c.METRIC, key + [name], value)
             put(c.PROBE_DROPPED, key, s.probe_dropped)
+            put(c.VALUES_DROPPED, key + ["unreadable"], s.values_unreadable)
+            put(c.VALUES_DROPPED, key + ["over_cap"], s.metric_names_dropped)
             for action_reason, n in sorted(s.actions.items()):
                 put(c.ACTIONS, key + action_reason.split(":", 1), n)
             put(c.COMMANDS_LATE, key, s.commands_late)

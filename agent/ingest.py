@@ -251,8 +251,6 @@ class SpoolIngestor:
                     counters.reject(reason)
                 if result.records:
                     counters.ingest_lag_seconds = max(0.0, now - result.records[-1].t)
-            if rules is not None:
-                self._rules_failed(state, rules)
             if result.rejected:
                 self._report_once(f"rejected:{path}", "%s: %d invalid record line(s) skipped (%s)", path,
                                   len(result.rejected), ", ".join(sorted(set(result.rejected))))
@@ -315,6 +313,8 @@ class SpoolIngestor:
         if rules is not None and observed:
             optimizer = record.opt if isinstance(record, StepRecord) and record.opt else "0"
             self.outbox.extend(rules.observe(record.step, record.t, observed, optimizer, history=history))
+            if rules.failures:
+                self._rules_failed(state, rules)
         if rules is not None and isinstance(record, AckRecord):
             rules.acknowledged(record.id, {"step": record.step, "action": record.action,
                                            "status": record.status.value, "detail": record.detail})

@@ -86,7 +86,9 @@ class RankState:
     nonfinite: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NONFINITE_QUANTITIES, 0))
     spikes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPIKE_METRICS, 0))
     metrics: dict[str, float] = field(default_factory=dict)
-    metric_names_dropped: int = 0
+    metric_names_dropped: int = 0  # logged names beyond MAX_METRIC_NAMES: their values are not kept
+    values_unreadable: int = 0  # logged values the probe could not read (its count: values_dropped)
+    values_unreadable_before_resume: int = 0
     actions: dict[str, int] = field(default_factory=dict)  # "action:reason" -> times carried out by this rank
     commands_late: int = 0
     clip_threshold: float | None = None
@@ -130,6 +132,9 @@ class RankState:
         t = record.t
         self.last_record_time = t if self.last_record_time is None else max(self.last_record_time, t)
         self.probe_dropped = max(self.probe_dropped, self.dropped_before_resume + record.dropped)
+        if record.__class__ is StepRecord or record.__class__ is LogRecord:
+            self.values_unreadable = max(self.values_unreadable, self.values_unreadable_before_resume +
+                                         record.values_dropped)
         if isinstance(record, StepRecord):
             if record.opt:  # for the rules that watch this optimizer (rule field `optimizer`)
                 return self._apply_other_optimizer(record)
@@ -157,6 +162,7 @@ class RankState:
             self.meta = meta
         self.resumes += 1
         self.dropped_before_resume = self.probe_dropped
+        self.values_unreadable_before_resume = self.values_unreadable
         self.status, self.ended_at = RunStatus.RUNNING, None
         self.end_status = self.end_error = self.exit_code = None
         self.last_step = record.step
@@ -275,6 +281,10 @@ class RankState:
                 self.metrics[name] = value
             else:
                 self.metric_names_dropped += 1
+                if self.metric_names_dropped == 1:
+                    log.warning("run %s rank %d logs more than %d metric names: the values of the others (%r first) "
+                                "are not kept (counted in gradwatch_logged_values_dropped_total{reason=\"over_cap\"})",
+                                self.run, self.rank, MAX_METRIC_NAMES, name)
         return observed
 
     def _observe(self, quantity: str, value: float, t: float) -> None:

@@ -65,13 +65,21 @@ class LayersCapture(NamedTuple):
 Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord  # a checkpoint has no device values
 
 
-def _resolve_values(values: dict[str, Any]) -> dict[str, float] | None:
+def _resolve_values(values: dict[str, Any], unreadable: list[tuple[str, str]] | None) -> dict[str, float] | None:
+    """The logged values as numbers (None while one is still being copied from the device). A value that
+    cannot be read (a tensor on the meta device, a freed buffer) is left out alone and named in ``unreadable``:
+    the step's other values and its record stay."""
     resolved = {}
     for name, value in values.items():
         if value.__class__ is float or value.__class__ is int:  # most are: skip the call
             resolved[name] = value
             continue
-        number = readback.resolve(value)
+        try:
+            number = readback.resolve(value)
+        except Exception as exc:  # one value's failure is that value's, not the step's
+            if unreadable is not None:
+                unreadable.append((name, f"{type(exc).__name__}: {exc}"))
+            continue
         if number is readback.NOT_READY:
             return None
         resolved[name] = number
@@ -95,9 +103,11 @@ def _apply_guard(record: StepRecord, guard: GuardInfo) -> bool:
     return True
 
 
-def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
+def to_record(item: Capture, logged: LogCapture | None = None,
+              unreadable: list[tuple[str, str]] | None = None) -> Record | None:
     """The record for a queue item (with the scalars logged right after a step merged into it), or None
-    while a device value is still in flight."""
+    while a device value is still in flight. Logged values that cannot be read are left out and named in
+    ``unreadable`` (name, why)."""
     if item.__class__ is StepCapture:
         step: StepCapture = item  # type: ignore[assignment,unused-ignore]  # by the class test
         norm = step.grad_norm
@@ -122,14 +132,15 @@ def to_record(item: Capture, logged: LogCapture | None = None) -> Record | None:
                 return None
             record.loss_scale = scale
         if logged is not None or step.values:
-            values = _resolve_values(logged.values if logged is not None else step.values)  # type: ignore[arg-type]
+            values = _resolve_values(logged.values if logged is not None else step.values,  # type: ignore[arg-type]
+                                     unreadable)
             if values is None:
                 return None
             record.values = values
         record.opt = step.opt
         return record
     if isinstance(item, LogCapture):
-        values = _resolve_values(item.values)
+        values = _resolve_values(item.values, unreadable)
         return None if values is None else LogRecord(step=item.step, t=item.t, values=values)
     if isinstance(item, AckCapture):
         c = item.command

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -315,6 +316,10 @@ class Probe:
         """Mark the end of the data wait (when no model forward hook can: the framework calls the
         model another way)."""
         self._on_forward_pre()
+
+    def records(self, optimizer: Any) -> bool:
+        """Whether this probe hooks ``optimizer`` (or the framework's wrapper of it)."""
+        return self._optimizers is not None and any(unwrap(optimizer) is member for member in self._optimizers.members)
 
     def steps_with(self, optimizer: Any) -> bool:
         """Whether ``optimizer`` (or the framework's wrapper of it) is the one whose steps the probe counts."""
@@ -649,6 +654,14 @@ def attach(
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
     """
+    given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [] if optimizer is None else [optimizer]
+    existing = process_runtime().probe_on(given)
+    if existing is not None:
+        # two probes on one optimizer would make two runs of one training, each hook firing twice over
+        warnings.warn(f"gradwatch.attach(): this optimizer already has an open probe (run {existing.run!r}); "
+                      "returning that probe. Call probe.close() first to attach a new one.", RuntimeWarning,
+                      stacklevel=2)
+        return existing
     probe = Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
                   max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
                   on_stop=on_stop, layer_stats_every=layer_stats_every, resume=resume)

@@ -8,6 +8,7 @@ memory plus a CUDA event, which the writer thread polls with ``event.query()`` (
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -102,6 +103,12 @@ def capture(value: Any) -> Any:
         return DeferredTensor(value.detach())
     if isinstance(value, (int, float)):
         return float(value) if isinstance(value, bool) else value
+    if isinstance(value, numbers.Real):  # numpy's scalars (float32, int64, bool_...) register as numbers
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d numpy array (np.mean(...) of some)
+        item = value.item()
+        if isinstance(item, numbers.Real):
+            return float(item)
     raise NotAScalar(f"expected a number or a one-element tensor, got {type(value).__name__}")
 
 

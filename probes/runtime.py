@@ -56,6 +56,14 @@ class ProcessRuntime:
         mine = [probe for probe in list(self._open) if probe.identity.pid == pid]
         return max(mine, key=lambda probe: probe.opened_at) if mine else None
 
+    def probe_on(self, optimizers: list[Any]) -> Probe | None:
+        """An open probe of this process that already records one of ``optimizers``."""
+        pid = os.getpid()
+        for probe in list(self._open):
+            if probe.identity.pid == pid and not probe.closed and any(probe.records(o) for o in optimizers):
+                return probe
+        return None
+
     def has_open_probe(self) -> bool:
         """Whether this process (not a forked parent's copy) has an open probe."""
         pid = os.getpid()

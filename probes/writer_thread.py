@@ -33,6 +33,7 @@ from gradwatch.spool.records import (
     CudaMemory,
     EndRecord,
     EndStatus,
+    LogRecord,
     Record,
     ResumeRecord,
     RunMeta,
@@ -88,6 +89,7 @@ class SpoolWriterThread(threading.Thread):
         self.open_requested = threading.Event()  # open before the first record (wait_ready)
         self._resume: ResumeRecord | None = None  # the first record of a resumed process, until written
         self.encode_dropped = 0  # records lost to encoding errors or device values that never arrived
+        self.values_dropped = 0  # logged values that could not be read (each left out of its record alone)
 
     @property
     def run_name(self) -> str | None:
@@ -177,8 +179,13 @@ class SpoolWriterThread(threading.Thread):
                 self._held = item  # until the next drain
                 break
             merge = own_step and follower.__class__ is LogCapture and follower.step == item.step
+            unreadable: list[tuple[str, str]] = []
             try:
-                record = to_record(item, follower if merge else None)  # type: ignore[arg-type]
+                record = to_record(item, follower if merge else None, unreadable)  # type: ignore[arg-type]
+                if record is not None and unreadable:
+                    self._values_unreadable(unreadable)
+                if self.values_dropped and (record.__class__ is StepRecord or record.__class__ is LogRecord):
+                    record.values_dropped = self.values_dropped  # as of this record
             except Exception as exc:
                 self._warn("encode", "could not encode a record (%s); it was dropped", exc)
                 self.encode_dropped += 1
@@ -201,6 +208,13 @@ class SpoolWriterThread(threading.Thread):
             self._add_cuda_memory(records)
             self._write(records)
         return bool(records) and len(records) == _SLICE and bool(queue)
+
+    def _values_unreadable(self, unreadable: list[tuple[str, str]]) -> None:
+        self.values_dropped += len(unreadable)
+        for name, why in unreadable:
+            self._warn(f"unreadable-{name[:60]}", "the value logged as %r could not be read (%s); it is left out of "
+                       "its step's record (the step's other values are recorded), here and each time it happens",
+                       name, why)
 
     def _add_cuda_memory(self, records: list[Record]) -> None:
         """The CUDA allocator's counters, once a second, on the newest step record. Read here, not on

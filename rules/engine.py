@@ -158,10 +158,7 @@ class RunRules:
                 decision = self._observe_rule(name, state, step, t, values[rule.metric], history)
             except Exception as exc:  # a rule that fails on a value must cost only itself, on this run
                 state.failed = f"{type(exc).__name__}: {exc}"[:300]
-                self.failures.append(RuleFailure(self.run, name, step, state.failed))
-                log.warning("run %s: rule %s failed at step %d on %s=%r (%s); it is disabled for this run, the other "
-                            "rules and the metrics go on", self.run, name, step, rule.metric, values[rule.metric],
-                            state.failed)
+                self.failures.append(RuleFailure(self.run, name, step, state.failed))  # the agent reports it
                 continue
             if decision is not None:
                 out.append(decision)

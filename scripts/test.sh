@@ -19,4 +19,6 @@ fi
 bash scripts/setup.sh test
 bash scripts/check.sh  # ruff and mypy: the lint and type gate
 echo "==> running the tests"
-exec .venv/bin/python -m pytest "$@"
+# two workers, one test file each at a time (a file's module fixtures are built once); GRADWATCH_TEST_WORKERS=0
+# runs in this process
+exec .venv/bin/python -m pytest -n "${GRADWATCH_TEST_WORKERS:-2}" --dist loadfile "$@"

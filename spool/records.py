@@ -107,6 +107,7 @@ class StepRecord:
     opt: str = ""  # (1.4) a step of the run's other optimizers ("1", "2"...); "": the first optimizer's
     seq: int = 0
     dropped: int = 0
+    values_dropped: int = 0  # (1.6) cumulative: logged values the probe could not read (each left out alone)
 
 
 @dataclass(slots=True)
@@ -119,6 +120,7 @@ class LogRecord:
     values: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     dropped: int = 0
+    values_dropped: int = 0  # (1.6) as StepRecord.values_dropped
 
 
 @dataclass(slots=True)
@@ -285,6 +287,8 @@ def to_json(record: Record) -> dict[str, Any]:
     out["seq"] = record.seq
     if record.dropped:  # cumulative; absent means none so far
         out["dropped"] = record.dropped
+    if (record.__class__ is StepRecord or record.__class__ is LogRecord) and record.values_dropped:
+        out["values_dropped"] = record.values_dropped
     return out
 
 
@@ -392,7 +396,8 @@ def _decode_step(obj: dict[str, Any], step: int, t: float, seq: int, dropped: in
         skip=_text(obj.get("skip"), 40), would_skip=_text(obj.get("would_skip"), 40),
         cuda_mem=CudaMemory(*(_number(memory.get(k)) for k in ("allocated", "reserved", "peak", "total")))
         if isinstance(memory, dict) else None,
-        loss_scale=_number(obj.get("loss_scale")), opt=_optimizer_name(obj.get("opt")), seq=seq, dropped=dropped)
+        loss_scale=_number(obj.get("loss_scale")), opt=_optimizer_name(obj.get("opt")), seq=seq, dropped=dropped,
+        values_dropped=_count(obj.get("values_dropped")) or 0)
 
 
 def _optimizer_name(value: Any) -> str:
@@ -450,7 +455,8 @@ def _decode_layers(obj: dict[str, Any], step: int, t: float, seq: int, dropped: 
 
 
 def _decode_log(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> LogRecord:
-    return LogRecord(step=step, t=t, values=_values(obj.get("values")) or {}, seq=seq, dropped=dropped)
+    return LogRecord(step=step, t=t, values=_values(obj.get("values")) or {}, seq=seq, dropped=dropped,
+                     values_dropped=_count(obj.get("values_dropped")) or 0)
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any], int, float, int, int], Record]] = {

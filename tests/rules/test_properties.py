@@ -151,8 +151,8 @@ def test_the_engine_never_raises_on_any_accepted_rule(spec: Any, values: list[fl
                                                                     st.floats(0, 10)), min_size=1, max_size=4),
        times=st.integers(1, 30))
 def test_reduce_lr_gives_a_finite_non_negative_lr_that_never_grows(action: Any, lrs: list[float], times: int) -> None:
-    for group, lr in enumerate(lrs):
-        floor = min_lr_for(action.min_lr, group)
+    for group, start in enumerate(lrs):
+        floor, lr = min_lr_for(action.min_lr, group), start
         for _ in range(times):
             new = reduced_lr(lr, action.factor, floor, action.eps)
             assert math.isfinite(new) and new >= 0
