@@ -29,7 +29,7 @@ from typing import Any
 from gradwatch.agent.ingest import Outgoing
 from gradwatch.agent.state import AgentState
 from gradwatch.rules.engine import Decision, RuleFailure
-from gradwatch.spool.files import open_for_appending
+from gradwatch.spool.files import open_for_appending, private_dir
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.reader import read_ids
 from gradwatch.spool.records import AckRecord, AckStatus, CommandRecord, StepRecord, encode_command
@@ -72,7 +72,7 @@ class _AppendOnce:
         """Append one encoded line unless its id is in the file already; True when appended."""
         if line_id in self.ids:
             return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         with open_for_appending(self.path) as f:  # never a FIFO put in its place: that would block the loop
             f.write(line)
         self.ids.add(line_id)
@@ -113,7 +113,7 @@ class ActionDispatcher:
         self._prepared &= known
         for run in runs:
             try:
-                SpoolLayout.commands_file(self.layout.run_dir(run)).parent.mkdir(parents=True, exist_ok=True)
+                private_dir(SpoolLayout.commands_file(self.layout.run_dir(run)).parent)
                 self._prepared.add(run)
             except OSError as exc:
                 self._error(run, exc)

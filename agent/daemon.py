@@ -29,6 +29,7 @@ from gradwatch.agent.settings import AgentConfig
 from gradwatch.agent.state import AgentState
 from gradwatch.agent.watcher import RulesFileWatcher, SpoolWatcher
 from gradwatch.errors import GradwatchError
+from gradwatch.spool.files import open_lock_file, private_dir
 from gradwatch.spool.format import SpoolLayout
 from gradwatch.spool.writer import write_json_atomic
 
@@ -80,6 +81,7 @@ class Agent:
         self._idle_since: float | None = None
         self._watcher_errors_seen = 0
         self._started_at: float | None = None
+        self._lost_lock = False
         self._heartbeat: float | None = None  # when the ingest loop last completed a pass (monotonic)
 
     @property
@@ -100,8 +102,8 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self.layout.agent_dir.mkdir(parents=True, exist_ok=True)
-        self.layout.runs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.layout.agent_dir)
+        private_dir(self.layout.runs_dir)
         self._acquire_lock()
         try:
             if load_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts}):
@@ -157,16 +159,17 @@ class Agent:
         if self.notifier is not None:
             self.notifier.stop()
         self.gpus.close()
-        try:
-            save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
-        except OSError as exc:
-            log.error("could not save the checkpoint %s: %s", self.layout.checkpoint_file, exc)
-        try:
-            info = json.loads(self.layout.agent_info_file.read_text())
-            if info.get("pid") == os.getpid():
-                self.layout.agent_info_file.unlink()
-        except (OSError, ValueError):
-            pass
+        if not self._lost_lock:
+            try:
+                save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
+            except OSError as exc:
+                log.error("could not save the checkpoint %s: %s", self.layout.checkpoint_file, exc)
+            try:
+                info = json.loads(self.layout.agent_info_file.read_text())
+                if info.get("pid") == os.getpid():
+                    self.layout.agent_info_file.unlink()
+            except (OSError, ValueError):
+                pass
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock
             self._lock_file = None
@@ -174,7 +177,7 @@ class Agent:
     def _acquire_lock(self) -> None:
         if fcntl is None:
             return
-        lock = open(self.layout.agent_lock_file, "a+b")  # noqa: SIM115 - held open while the agent runs: it is the flock
+        lock = open_lock_file(self.layout.agent_lock_file)  # held open while the agent runs: it is the flock
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -184,6 +187,42 @@ class Agent:
                 f"stop it first, or point this one at another spool with --home"
             ) from None
         self._lock_file = lock
+        if not self._holds_lock_path() and not self._relock():  # deleted or replaced between our open and flock
+            raise AgentAlreadyRunning(f"another gradwatch agent took over {self.config.home} while this one started")
+
+    def _holds_lock_path(self) -> bool:
+        """Whether ``agent.lock`` is still the file this agent holds the flock of (deleting it would let a
+        second agent lock a new file of that name, and both would send every command and event twice)."""
+        if self._lock_file is None:
+            return True
+        try:
+            return os.stat(self.layout.agent_lock_file).st_ino == os.fstat(self._lock_file.fileno()).st_ino
+        except OSError:
+            return False
+
+    def _relock(self) -> bool:
+        """``agent.lock`` was deleted or replaced: lock the file now there (made if absent). False when another
+        agent holds it: that agent serves the spool now, and this one stops."""
+        assert fcntl is not None
+        try:
+            lock = open_lock_file(self.layout.agent_lock_file)
+        except OSError as exc:
+            log.error("agent.lock at %s was removed and cannot be made again (%s); stopping, so that a second "
+                      "agent cannot serve the spool alongside this one", self.layout.agent_lock_file, exc)
+            return False
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            log.error("agent.lock at %s was removed and another agent (%s) has locked it since; stopping this one "
+                      "so that the spool has one agent", self.layout.agent_lock_file, self._describe_running())
+            self._lost_lock = True  # the spool is the other agent's: its checkpoint and agent.json stay as they are
+            return False
+        if self._lock_file is not None:
+            self._lock_file.close()
+        self._lock_file = lock
+        log.warning("agent.lock at %s was removed; made again and locked by this agent", self.layout.agent_lock_file)
+        return True
 
     def _describe_running(self) -> str:
         try:
@@ -200,6 +239,9 @@ class Agent:
         while not self.stopped.is_set():
             try:
                 self.watcher.wake.clear()
+                if fcntl is not None and not self._holds_lock_path() and not self._relock():
+                    self.stopped.set()
+                    return
                 if self.rules_watcher is not None and self.rules_watcher.take_change():
                     with self.state.lock:
                         self.rules.reload()

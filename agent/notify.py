@@ -25,6 +25,7 @@ from typing import Any, Literal
 from gradwatch import __version__
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
+from gradwatch.agent.redact import redact, redact_url
 from gradwatch.agent.settings import AgentConfig
 from gradwatch.errors import require_grafana_client
 
@@ -82,7 +83,7 @@ class _HttpSink(Sink):
                 response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(200).decode("utf-8", "replace")
-            raise RuntimeError(f"HTTP {exc.code} from {url}: {detail}") from None
+            raise RuntimeError(f"HTTP {exc.code} from {redact_url(url)}: {detail}") from None
 
 
 class AlertmanagerSink(_HttpSink):
@@ -338,8 +339,9 @@ class DeliveryWorker:
 
 
 def _safe(exc: BaseException) -> str:
-    """An exception as one line, without anything that could hold a credential (headers are never in it)."""
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    """An exception as one line, without anything that could hold a credential: headers are never in it, and the
+    path, query and userinfo of every URL in it are cut (a webhook's secret is its path)."""
+    return redact(f"{type(exc).__name__}: {str(exc)[:300]}")[:200]
 
 
 # -- the front the daemon uses ----------------------------------------------------------------------
@@ -369,7 +371,8 @@ class Notifier:
                    console=config.alert_console)
 
     def describe(self) -> str:
-        names = [w.sink.name for w in self.workers] + (["log"] if self.console else [])
+        names = [f"{w.sink.name} ({redact_url(w.sink.url)})" if isinstance(w.sink, _HttpSink) else w.sink.name
+                 for w in self.workers] + (["log"] if self.console else [])
         return ", ".join(names) or "nowhere (no endpoint configured, alert_console off)"
 
     def start(self) -> None:

@@ -67,13 +67,15 @@ class AgentRules:
         """Re-read the rules file; True when new rules are in force."""
         if self.path is None:
             return False
-        text = _read_text(self.path)
-        if text is None or text == self._last_text:
-            return False  # gone (an editor replacing it), or one save seen as several file events
-        self._last_text = text
         try:
+            text = read_rules_text(self.path)  # at most MAX_YAML_BYTES; parse_rules bounds its aliases
+            if text == self._last_text:
+                return False  # one save seen as several file events
+            self._last_text = text
             config = parse_rules(text, source=str(self.path))
         except ConfigError as exc:
+            if not self.path.exists():
+                return False  # gone for a moment: an editor replacing it
             self.reloads["rejected"] += 1
             self.last_error = str(exc)
             log.error("%s; the previous rules stay in force", exc)
@@ -95,10 +97,3 @@ class AgentRules:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.runs.clear()
         self._saved = dict(state)
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return None

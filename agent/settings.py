@@ -14,10 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from gradwatch.agent.redact import redact_url
 from gradwatch.errors import ConfigError
+from gradwatch.rules.bounded_yaml import MAX_YAML_BYTES, load_bounded
 from gradwatch.spool.format import default_home
 
 SECRET_SETTINGS = frozenset({"grafana_token"})  # never printed, not even in an error message
+URL_SETTINGS = frozenset({"alertmanager_url", "webhook_url", "grafana_url"})  # printed redacted (agent/redact.py)
+#: settings read from a file: the file's setting -> the setting it gives
+SECRET_FILES = {"alertmanager_url_file": "alertmanager_url", "webhook_url_file": "webhook_url",
+                "grafana_token_file": "grafana_token"}
+MAX_SECRET_FILE_BYTES = 64 * 1024
 DEFAULT_PORT = 9478  # not 9400: that is the DCGM exporter's default, and both run on GPU nodes
 ENV_PREFIX = "GRADWATCH_"
 
@@ -59,6 +66,12 @@ class AgentConfig(BaseModel):
                                                                "alert")
     grafana_token: SecretStr | None = Field(
         None, description="Grafana service-account token (set it in GRADWATCH_GRAFANA_TOKEN; never logged)")
+    # -- secrets from files (as Prometheus and Alertmanager take them): nothing on the command line, which `ps`
+    # shows every user of the machine ------------------------------------------------------------------
+    alertmanager_url_file: Path | None = Field(
+        None, description="read alertmanager_url from this file (a URL with basic-auth credentials)")
+    webhook_url_file: Path | None = Field(None, description="read webhook_url from this file (its path is its secret)")
+    grafana_token_file: Path | None = Field(None, description="read grafana_token from this file")
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -72,10 +85,13 @@ def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
 
 def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
     try:
-        with open(path, encoding="utf-8") as f:  # a file stream: YAML's error marks name the file
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+        data = load_bounded(text, f"config file {path}")  # capped in size, aliases bounded; errors name the file
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -86,6 +102,28 @@ def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
     if not isinstance(agent_section, dict):
         raise ConfigError(f"config file {path}: 'agent' must be a mapping of settings")
     return {str(k): (v, f"config file {path}, key {k}") for k, v in agent_section.items()}
+
+
+def _read_secret_files(layered: dict[str, tuple[Any, str]]) -> None:
+    """Replace each ``*_file`` setting by the setting it names, read from the file (stripped)."""
+    for file_setting, setting in SECRET_FILES.items():
+        if file_setting not in layered:
+            continue
+        raw, source = layered.pop(file_setting)
+        if setting in layered:
+            raise ConfigError(f"{setting} is given twice: {layered[setting][1]} and {file_setting} ({source}); "
+                              "give one of them")
+        path = Path(str(raw)).expanduser()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_SECRET_FILE_BYTES + 1)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot read {file_setting} {path} ({source}): {reason}") from None
+        value = text.strip()
+        if not value or len(text) > MAX_SECRET_FILE_BYTES:
+            raise ConfigError(f"{file_setting} {path} ({source}) is empty or too large: it holds one value")
+        layered[setting] = (value, f"{file_setting} {path}")
 
 
 def load_agent_config(
@@ -105,6 +143,7 @@ def load_agent_config(
     flags = cli_flags or {}
     layered.update({k: (v, f"option {flags.get(k, '--' + k.replace('_', '-'))}")
                     for k, v in (cli or {}).items() if v is not None})
+    _read_secret_files(layered)
     try:
         config = AgentConfig(**{k: v for k, (v, _) in layered.items()})
     except ValidationError as exc:
@@ -114,6 +153,8 @@ def load_agent_config(
             value, source = layered.get(field, (err.get("input"), "defaults"))
             if field in SECRET_SETTINGS:
                 value = "<hidden>"
+            elif field in URL_SETTINGS and isinstance(value, str):
+                value = redact_url(value)
             if err["type"] == "extra_forbidden":
                 known = ", ".join(AgentConfig.model_fields)
                 problems.append(f"unknown setting {field!r} ({source}); known settings: {known}")

@@ -15,6 +15,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from gradwatch.spool.files import private_dir
 from gradwatch.spool.format import parse_rank_file
 
 log = logging.getLogger("gradwatch.agent")
@@ -53,7 +54,7 @@ class SpoolWatcher:
         self._observer: BaseObserver | None = None
 
     def start(self) -> None:
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.runs_dir)
         observer = Observer()
         observer.schedule(_RunChangeHandler(self), str(self.runs_dir), recursive=True)
         observer.daemon = True

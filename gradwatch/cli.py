@@ -53,13 +53,21 @@ _home_option = click.option(
               help="Exit after this many seconds with no running run. [default: never]")
 @click.option("--alertmanager-url", "alertmanager_url", default=None, metavar="URL",
               help="Send step-resolution alerts to this Alertmanager (API v2). [env: GRADWATCH_ALERTMANAGER_URL]")
+@click.option("--alertmanager-url-file", "alertmanager_url_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Read the Alertmanager URL from FILE (one with credentials in it). [env: GRADWATCH_ALERTMANAGER_URL_FILE]")
 @click.option("--webhook-url", "webhook_url", default=None, metavar="URL",
-              help="Also POST alerts to this webhook. [env: GRADWATCH_WEBHOOK_URL]")
+              help="Also POST alerts to this webhook. Visible to every user in `ps`: prefer --webhook-url-file or "
+                   "GRADWATCH_WEBHOOK_URL for a URL whose path is its secret (Slack's). [env: GRADWATCH_WEBHOOK_URL]")
+@click.option("--webhook-url-file", "webhook_url_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="Read the webhook URL from FILE. [env: GRADWATCH_WEBHOOK_URL_FILE]")
 @click.option("--webhook-format", "webhook_format", type=click.Choice(["alertmanager", "slack"]), default=None,
               help="Webhook payload: Alertmanager's webhook JSON or a Slack message. [default: alertmanager]")
 @click.option("--grafana-url", "grafana_url", default=None, metavar="URL",
-              help="Annotate actions and alerts in this Grafana; the token comes from GRADWATCH_GRAFANA_TOKEN "
-                   "(or the config file), never from the command line. [env: GRADWATCH_GRAFANA_URL]")
+              help="Annotate actions and alerts in this Grafana; the token comes from GRADWATCH_GRAFANA_TOKEN, "
+                   "--grafana-token-file or the config file, never from the command line. [env: GRADWATCH_GRAFANA_URL]")
+@click.option("--grafana-token-file", "grafana_token_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE", help="Read the Grafana token from FILE. [env: GRADWATCH_GRAFANA_TOKEN_FILE]")
 @click.option("--if-not-running", is_flag=True, help="Exit quietly (status 0) if an agent already serves the spool.")
 @click.option("--port-fallback", is_flag=True,
               help="If the port is taken, listen on a free one instead and say so (clients find it through "
@@ -82,6 +90,14 @@ def agent(home: Path | None, config_file: Path | None, if_not_running: bool, por
     logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
     flags = {p.name: p.opts[0] for p in click.get_current_context().command.params if p.name and p.opts}
     config = load_agent_config(cli={"home": home, **settings}, config_file=config_file, cli_flags=flags)
+    from gradwatch.agent.redact import redact_url
+
+    for name in ("webhook_url", "alertmanager_url"):
+        url = settings.get(name)
+        if url and redact_url(str(url)) != str(url):  # a path, query or credentials: what makes it a secret
+            logging.getLogger("gradwatch.agent").warning(
+                "--%s is visible to every user of this machine (ps); put the URL in a file (--%s-file) or in "
+                "GRADWATCH_%s instead", name.replace("_", "-"), name.replace("_", "-"), name.upper())
     try:
         daemon = Agent(config, port_fallback=port_fallback)
         daemon.serve_forever()

@@ -26,6 +26,7 @@ from gradwatch.agent.settings import DEFAULT_PORT
 from gradwatch.errors import GradwatchError
 from gradwatch.spool.format import SpoolLayout, default_home
 from gradwatch.status import actions_text, agent_url, get_json, make_console, runs_table
+from gradwatch.terminal import safe
 
 BASE_LR = 0.01
 SPIKE_FACTOR = 80.0
@@ -239,6 +240,7 @@ def _finish(console: Console, url: str | None, run: str, steps: int, layout: Spo
             break
         time.sleep(0.2)
     if view:
+        view = safe(view)  # its strings came through the spool: escaped for the terminal
         console.print(runs_table([view], "what the agent exported"))
         spikes = view["ranks"][0]["spikes"]
         console.print(f"Spikes detected at step resolution: loss {spikes['loss']}, grad norm {spikes['grad_norm']} "

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwatch.spool.format import SpoolLayout, default_home
+from gradwatch.terminal import safe
 
 _STATUS_STYLE = {"running": "green", "stalled": "yellow", "crashed": "red", "failed": "red", "interrupted": "magenta",
                  "finished": "blue", "rejected": "red"}
@@ -143,6 +144,7 @@ def make_console() -> Console:
 
 def print_runs(runs: list[dict[str, Any]], source: str) -> None:
     console = make_console()
+    runs = safe(runs)  # every string from the spool, escaped for the terminal
     if not runs:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return

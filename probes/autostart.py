@@ -12,6 +12,7 @@ import subprocess
 import sys
 from types import ModuleType
 
+from gradwatch.spool.files import open_for_appending, open_lock_file, private_dir
 from gradwatch.spool.format import SpoolLayout
 
 fcntl: ModuleType | None
@@ -34,8 +35,8 @@ def agent_running(layout: SpoolLayout) -> bool:
     """Whether some process holds the agent lock of this spool."""
     if fcntl is None:
         return True
-    layout.agent_dir.mkdir(parents=True, exist_ok=True)
-    with open(layout.agent_lock_file, "a+b") as lock:
+    private_dir(layout.agent_dir)
+    with open_lock_file(layout.agent_lock_file) as lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -46,8 +47,8 @@ def agent_running(layout: SpoolLayout) -> bool:
 
 def spawn_agent(layout: SpoolLayout) -> subprocess.Popen[bytes]:
     """Start ``gradwatch agent`` detached, logging to ``<home>/agent/agent.log``."""
-    layout.agent_dir.mkdir(parents=True, exist_ok=True)
-    log = open(layout.agent_log_file, "ab")  # noqa: SIM115 - handed to the child; closed after Popen
+    private_dir(layout.agent_dir)
+    log = open_for_appending(layout.agent_log_file)  # handed to the child; closed after Popen
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "gradwatch", "agent", "--home", str(layout.home),

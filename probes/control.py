@@ -10,10 +10,12 @@ same run directory) are skipped: each command is applied once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +85,8 @@ class CommandReader:
         self.offset = 0
         self.seen = set(already_applied)
         self.launch_key = launch_key  # commands for other processes of the run (before a resume) are not ours
+        self.trusted_uids = _trusted_uids(run_dir.parent.parent)
+        self._refused: str | None = None  # why the file's commands are not taken (reported once per reason)
 
     def poll(self) -> list[Command]:
         try:
@@ -92,6 +96,15 @@ class CommandReader:
         if size <= self.offset:
             return []
         with open_for_reading(self.path) as f:  # never a FIFO: the writer thread must not block
+            refused = _untrusted(os.fstat(f.fileno()), self.trusted_uids)
+            if refused is not None:
+                if refused != self._refused:
+                    self._refused = refused
+                    log.warning("gradwatch: ignoring the commands in %s: %s. Commands are taken only from a file "
+                                "owned by this user (or the spool's owner) that nobody else can write "
+                                "(docs/security.md)", self.path, refused)
+                return []
+            self._refused = None
             f.seek(self.offset)
             chunk = f.read(size - self.offset)
         end = chunk.rfind(b"\n")
@@ -113,3 +126,22 @@ class CommandReader:
                     commands.append(command)
         return commands
 
+
+def _trusted_uids(home: Path) -> frozenset[int]:
+    """Who may command this process: its own user, and the spool's owner (an agent running as its own user
+    that created GRADWATCH_HOME)."""
+    uids = {os.getuid()} if hasattr(os, "getuid") else set()
+    with contextlib.suppress(OSError):  # no home: only this user
+        uids.add(home.stat().st_uid)
+    return frozenset(uids)
+
+
+def _untrusted(st: os.stat_result, trusted: frozenset[int]) -> str | None:
+    """Why a commands file with this status must not be obeyed, or None."""
+    if not hasattr(os, "getuid"):
+        return None  # no POSIX owners (Windows): the directory's ACL is what protects it
+    if st.st_uid not in trusted:
+        return f"it is owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"it is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {st.st_mode & 0o777:o})"
+    return None

@@ -12,7 +12,6 @@ expected, e.g. ``rules.yaml:7: rules[1].detect.patience = 'ten': Input should be
 
 from __future__ import annotations
 
-import io
 import os
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradwatch.errors import ConfigError
+from gradwatch.rules.bounded_yaml import MAX_YAML_BYTES, compose_bounded, named_stream
 
 Mode = Literal["observe", "act"]
 Severity = Literal["critical", "warning", "info", "none"]
@@ -268,9 +268,15 @@ def default_rules() -> RulesConfig:
 def read_rules_text(path: str | os.PathLike[str]) -> str:
     path = Path(path).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)  # never more than the cap into memory
     except OSError as exc:
         raise ConfigError(f"cannot read rules file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"rules file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"rules file {path} is larger than {MAX_YAML_BYTES} bytes; a rules file is a few kilobytes")
+    return text
 
 
 def load_rules(path: str | os.PathLike[str]) -> RulesConfig:
@@ -290,16 +296,10 @@ def rules_from(value: RulesConfig | dict[str, Any] | str | os.PathLike[str] | No
     raise ConfigError(f"rules must be a RulesConfig, a dict or a path to a YAML file, got {type(value).__name__}")
 
 
-def _named_stream(text: str, name: str) -> io.StringIO:
-    stream = io.StringIO(text)
-    stream.name = name  # read by YAML's reader for its error marks
-    return stream
-
-
 def parse_rules(text: str, source: str) -> RulesConfig:
     try:  # a named stream: YAML's error marks then name the file, not "<unicode string>"
-        node = yaml.compose(_named_stream(text, source), Loader=yaml.SafeLoader)
-        data = yaml.safe_load(_named_stream(text, source))
+        node = compose_bounded(text, source)  # a size cap, and aliases that cannot expand without end
+        data = yaml.safe_load(named_stream(text, source))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if data is None:

@@ -8,6 +8,7 @@ before anything reads or writes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,11 +16,30 @@ import stat
 from pathlib import Path
 from typing import IO, Any
 
-PRIVATE_FILE_MODE = 0o600
+PRIVATE_FILE_MODE = 0o600  # metadata holds argv, records the run's numbers, commands steer it: the user's alone
+PRIVATE_DIR_MODE = 0o700
 
 
 class NotARegularFile(OSError):
     """The path exists but is not a regular file (a FIFO, a device, a socket, a directory)."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` and any missing parent created 0700 (whatever the umask: it can only take bits away). Existing
+    directories are left as they are (docs/security.md: a spool made by an older version)."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile (another rank): checked below
+            os.mkdir(directory, PRIVATE_DIR_MODE)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    return path
 
 
 def _open_fd(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
@@ -56,6 +76,11 @@ def open_for_appending(path: Path, mode: int = PRIVATE_FILE_MODE) -> IO[bytes]:
     """``open(path, "ab")`` of a regular file, created with ``mode`` (whatever the umask) when absent."""
     fd = _open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     return os.fdopen(fd, "ab")
+
+
+def open_lock_file(path: Path) -> IO[bytes]:
+    """The agent's lock file, opened read-write (created 0600) for ``flock``."""
+    return os.fdopen(_open_fd(path, os.O_RDWR | os.O_CREAT), "r+b")
 
 
 def read_text(path: Path, limit: int | None = None) -> str:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from gradwatch.spool.files import open_for_appending, open_for_reading
+from gradwatch.spool.files import open_for_appending, open_for_reading, private_dir
 from gradwatch.spool.format import SpoolLayout, safe_run_name
 
 _MAX_NAME_ATTEMPTS = 1000
@@ -16,12 +16,11 @@ _MAX_NAME_ATTEMPTS = 1000
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file beside ``path`` and rename it over ``path``: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, separators=(",", ":"), sort_keys=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an agent of another user must read it
         os.replace(tmp, path)
     except BaseException:
         with _suppress_oserror():
@@ -38,20 +37,20 @@ def claim_run_dir(layout: SpoolLayout, name: str, launch_key: str, take_over: bo
     launch wins a name even when processes race.
     """
     base = safe_run_name(name)
-    layout.runs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(layout.runs_dir)
     fd, tmp = tempfile.mkstemp(prefix=".claim.", dir=layout.runs_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(launch_key)
         if take_over:
             run_dir = layout.run_dir(base)
-            run_dir.mkdir(exist_ok=True)
+            private_dir(run_dir)
             os.replace(tmp, SpoolLayout.claim_file(run_dir))  # atomic: the ranks of this launch all write the same
             return base, run_dir
         for attempt in range(1, _MAX_NAME_ATTEMPTS + 1):
             run = base if attempt == 1 else f"{base}-{attempt}"
             run_dir = layout.run_dir(run)
-            run_dir.mkdir(exist_ok=True)
+            private_dir(run_dir)
             claim = SpoolLayout.claim_file(run_dir)
             try:
                 os.link(tmp, claim)
