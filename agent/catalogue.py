@@ -147,6 +147,10 @@ AGENT_RESCANS = MetricSpec("gradwatch_agent_rescans_total", "counter",
                            "Full rescans of the spool (periodic, in case file events were missed).", ())
 AGENT_SCRAPE_DURATION = MetricSpec("gradwatch_agent_scrape_duration_seconds", "gauge",
                                    "Time taken to build this scrape's metrics.", ())
+AGENT_CHECKPOINT_DURATION = MetricSpec("gradwatch_agent_checkpoint_duration_seconds", "gauge",
+                                       "Time the last periodic checkpoint of the agent's state took to save.", ())
+AGENT_CHECKPOINT_BYTES = MetricSpec("gradwatch_agent_checkpoint_bytes", "gauge",
+                                    "Size of the agent's last checkpoint (agent/state.json).", ())
 AGENT_HANDLER_ERRORS = MetricSpec("gradwatch_agent_handler_errors_total", "counter",
                                   "Errors caught in file-event handlers and ingestion (logged, never fatal).", ())
 AGENT_WATCHER_UP = MetricSpec("gradwatch_agent_watcher_up", "gauge",

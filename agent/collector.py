@@ -173,6 +173,8 @@ class AgentCollector(Collector):
             rejected.add_metric([reason], counters.records_rejected.get(reason, 0))
         out.append(rejected)
         single(c.AGENT_INGEST_LAG, counters.ingest_lag_seconds)
+        single(c.AGENT_CHECKPOINT_DURATION, counters.checkpoint_seconds)
+        single(c.AGENT_CHECKPOINT_BYTES, counters.checkpoint_bytes)
         single(c.AGENT_RESCANS, counters.rescans)
         single(c.AGENT_HANDLER_ERRORS, counters.handler_errors)
         single(c.AGENT_WATCHER_UP, 1.0 if self.watcher_alive() else 0.0)

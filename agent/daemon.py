@@ -82,6 +82,8 @@ class Agent:
         self._watcher_errors_seen = 0
         self._started_at: float | None = None
         self._lost_lock = False
+        self._saved_signature: tuple[int, ...] | None = None  # what the last checkpoint saved (see _save_checkpoint)
+        self._saved_at = 0.0
         self._heartbeat: float | None = None  # when the ingest loop last completed a pass (monotonic)
 
     @property
@@ -257,7 +259,7 @@ class Agent:
                 self._refresh()
                 self._alert(notes)
                 if time.monotonic() >= next_checkpoint:
-                    save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
+                    self._save_checkpoint()
                     next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
                 if self._idle_too_long():
                     log.info("no running run for %.0f s; exiting", cfg.exit_when_idle_seconds)
@@ -269,6 +271,24 @@ class Agent:
                 log.exception("error in the ingest loop (continuing): %r", exc)
             self._heartbeat = time.monotonic()
             self.watcher.wake.wait(_LOOP_TICK_SECONDS)
+
+    def _save_checkpoint(self, force: bool = False) -> None:
+        """Save the state when something was read, a run came or went, or an alert changed since the last save
+        (an idle agent of thousands of runs then saves nothing); at least once a minute, for what changes with
+        time alone (stalled runs, alerts that resolve)."""
+        with self.state.lock:
+            counters = self.state.counters
+            signature = (counters.records_ingested, sum(counters.records_rejected.values()), len(self.state.runs),
+                         len(self.state.retired), len(self.alerts.active), self.state.rules.reloads.get("ok", 0))
+        if not force and signature == self._saved_signature and time.monotonic() - self._saved_at < 60:
+            return
+        self._saved_signature, self._saved_at = signature, time.monotonic()
+        started = time.perf_counter()
+        save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
+        size = self.layout.checkpoint_file.stat().st_size
+        with self.state.lock:
+            self.state.counters.checkpoint_seconds = time.perf_counter() - started
+            self.state.counters.checkpoint_bytes = size
 
     def _refresh(self) -> None:
         restarted = self.watcher.ensure_alive()

@@ -42,6 +42,7 @@ NONFINITE_QUANTITIES = ("loss", "grad_norm", "metric")
 MAX_LAYERS = 10_000  # per rank; layer statistics beyond this many layers are not kept
 CUDA_MEMORY_FIELDS = ("allocated", "reserved", "peak", "total")
 MAX_OPTIMIZERS = 16  # other optimizers of one rank with series of their own
+PROCESS_CHECK_SECONDS = 2.0  # a crash is seen at most this late (the loop looks every 0.5 s)
 
 
 class RunStatus(str, enum.Enum):
@@ -119,6 +120,7 @@ class RankState:
     meta_stamp: int = 0  # the metadata file's inode and modification time (rewritten by a resume, or a new run)
     in_long_line: bool = False  # the offset is inside a line over the size limit (skipped to its end)
     partial_at: list[float] | None = None  # [offset, size, since]: the file has ended mid-line since then
+    process_checked_at: float = 0.0  # when the process was last looked for (not saved: looked at after a restart)
 
     def __post_init__(self) -> None:
         self.detectors = {name: EmaZScore() for name in SPIKE_METRICS}
@@ -304,12 +306,20 @@ class RankState:
             return self.status
         if self.end_status is not None:
             self._end(_END_STATES.get((self.end_status, self.exit_code is not None), RunStatus.FINISHED), now)
-        elif self.meta.host == local_host and self.meta.pid > 0 and process_alive(self.meta.pid, self.meta.proc_start_ticks) is False:
+        elif self.meta.host == local_host and self.meta.pid > 0 and self._process_gone(now):
             self._end(RunStatus.CRASHED, now)
         else:
             last = self.last_record_time or self.meta.start_time or now
             self.status = RunStatus.STALLED if now - last > stall_after else RunStatus.RUNNING
         return self.status
+
+    def _process_gone(self, now: float) -> bool:
+        """Whether the rank's process is gone; looked at once every PROCESS_CHECK_SECONDS (a /proc read per
+        rank and loop pass would keep a 5,000-rank agent busy doing nothing else)."""
+        if now - self.process_checked_at < PROCESS_CHECK_SECONDS:
+            return False
+        self.process_checked_at = now
+        return process_alive(self.meta.pid, self.meta.proc_start_ticks) is False
 
     def _end(self, status: RunStatus, now: float) -> None:
         self.status = status
@@ -341,7 +351,7 @@ class RankState:
 _END_STATES = {("failed", False): RunStatus.CRASHED, ("failed", True): RunStatus.FAILED,
                ("interrupted", False): RunStatus.INTERRUPTED, ("interrupted", True): RunStatus.INTERRUPTED}
 
-_NOT_SAVED = frozenset({"run", "rank", "spike_window"})  # the checkpoint's keys and the agent's configuration
+_NOT_SAVED = frozenset({"run", "rank", "spike_window", "process_checked_at"})  # the checkpoint's keys and the agent's configuration
 
 
 def run_status(ranks: list[RankState]) -> RunStatus:
@@ -363,6 +373,8 @@ class AgentCounters:
     handler_errors: int = 0
     watcher_restarts: int = 0
     ingest_lag_seconds: float | None = None
+    checkpoint_seconds: float | None = None  # the last periodic checkpoint: time to save, and its size
+    checkpoint_bytes: int | None = None
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.records_rejected[reason] = self.records_rejected.get(reason, 0) + n

@@ -20,7 +20,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"), sort_keys=True)
+            # dumps, then one write: json.dump streams through the pure-Python encoder (10x slower on an agent's
+            # checkpoint of thousands of runs)
+            f.write(json.dumps(obj, separators=(",", ":"), sort_keys=True))
         os.replace(tmp, path)
     except BaseException:
         with _suppress_oserror():

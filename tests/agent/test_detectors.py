@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import random
 
-from gradwatch.agent.recent_max import RecentMax
+import pytest
+
+from gradwatch.agent.recent_max import BUCKETS, RecentMax
 from gradwatch.rules.ema import EmaZScore as SpikeDetector
 
 
@@ -73,3 +75,17 @@ def test_recent_max_keeps_a_spike_visible_for_the_window_only() -> None:
     assert window.value(now=5.0) == 9.0
     assert window.value(now=11.5) == 1.0  # the spike left the window, the later value is still in it
     assert window.value(now=13.0) is None
+
+
+def test_recent_max_holds_a_bounded_number_of_values_whatever_the_rate() -> None:
+    """A falling loss at 20 steps/s: every value is a new minimum, none may be forgotten by a plain monotonic
+    deque, and 5,000 ranks of them filled the agent's memory."""
+    window = RecentMax(window=60.0)
+    for i in range(20 * 600):
+        window.add(1000.0 + i / 20, 100.0 - i * 0.001)
+    assert len(window.state_dict()) <= BUCKETS + 2  # the slices of the window, and one at each edge
+    # the largest value of the last 60 s, to one slice (1 s: 20 steps of 0.001)
+    assert window.value(now=1000.0 + 600) == pytest.approx(100.0 - (20 * 540) * 0.001, abs=0.021)
+    restored = RecentMax(window=60.0)
+    restored.load_state_dict(window.state_dict())
+    assert restored.value(now=1600.0) == window.value(now=1600.0)
