@@ -112,3 +112,33 @@ def test_stop_saves_a_checkpoint_and_a_new_agent_resumes_from_it(start_agent, tm
     agent = start_agent()
     wait_until(lambda: metric(_samples(agent), "gradwatch_samples_total", run="r", rank="0") == 96.0, timeout=20)
     assert metric(_samples(agent), "gradwatch_agent_records_ingested_total") == 4.0  # only the new records
+
+
+def test_a_stuck_ingest_loop_makes_healthz_unhealthy(start_agent, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """/healthz follows the loop's heartbeat: a thread that is alive but blocked (a read that never returns)
+    is reported, not hidden behind ``is_alive()``."""
+    import threading
+    import urllib.error
+
+    from gradwatch.agent import daemon
+
+    monkeypatch.setattr(daemon, "_STUCK_LOOP_SECONDS", 1.0)
+    agent = start_agent(rescan_interval_seconds=0.2)
+    wait_until(lambda: http_json(agent.url + "/healthz")["ok"], what="a healthy agent")
+    release = threading.Event()
+    monkeypatch.setattr(agent.ingestor, "scan_all", lambda: release.wait(60))  # the next rescan blocks
+
+    def unhealthy() -> dict | None:  # type: ignore[type-arg]
+        try:
+            http_get(agent.url + "/healthz")
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())  # type: ignore[no-any-return]
+        return None
+
+    try:
+        report = wait_until(unhealthy, timeout=20, what="/healthz to answer 503")
+    finally:
+        release.set()
+    assert report["ok"] is False and report["ingest_loop"] is False and report["ingest_loop_stuck_seconds"] >= 1
+    wait_until(lambda: http_json(agent.url + "/healthz")["ok"], what="healthy again once the loop goes on")
