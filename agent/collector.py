@@ -51,16 +51,15 @@ class AgentCollector(Collector):
             staged: list[tuple[str, list[str], float]] = []
             try:
                 self._run_samples(run, ranks, staged)
+                infos = [_info_labels(s) for _, s in sorted(ranks.items())]
             except Exception as exc:  # this run's series are left out of the scrape; the other runs are served
                 faults.failed(run, Stage.COLLECT, f"{type(exc).__name__}: {exc}", backoff=False)
                 continue
             faults.recovered(run, Stage.COLLECT)
             for name, labels, value in staged:
-                if name == c.RUN_INFO.name:
-                    f[name].add_sample(name, dict(zip(c.RUN_INFO.labels, labels, strict=False)) | _user_labels(labels),
-                                       value)
-                else:
-                    f[name].add_metric(labels, value)
+                f[name].add_metric(labels, value)
+            for info in infos:
+                f[c.RUN_INFO.name].add_sample(c.RUN_INFO.name, info, 1.0)
         return list(f.values())
 
     def _run_samples(self, run: str, ranks: dict[int, RankState], staged: list[tuple[str, list[str], float]]) -> None:
@@ -122,7 +121,6 @@ class AgentCollector(Collector):
             put(c.CUDA_MEMORY_RESERVED, key, memory.get("reserved"))
             put(c.CUDA_MEMORY_PEAK, key, memory.get("peak"))
             put(c.CUDA_MEMORY_TOTAL, key, memory.get("total"))
-            staged.append((c.RUN_INFO.name, _info_labels(s), 1.0))
         rules = self.state.rules.runs.get(run)
         if rules is not None:
             for (rule, action, mode), n in sorted(rules.decisions.items()):
@@ -213,19 +211,16 @@ class AgentCollector(Collector):
         return [by_severity, results, failures, pending]
 
 
-def _info_labels(s: RankState) -> list[str]:
-    """gradwatch_run_info's label values, then the user's labels as alternating label_<key>, value."""
+def _info_labels(s: RankState) -> dict[str, str]:
+    """gradwatch_run_info's labels: the run's metadata, and the user's labels as label_<key>."""
     meta = s.meta
-    values = [s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
-              meta.gradwatch, meta.worker]
+    labels = dict(zip(c.RUN_INFO.labels, [
+        s.run, str(s.rank), meta.host, str(meta.pid), str(meta.local_rank), str(meta.world_size), meta.torch,
+        meta.gradwatch, meta.worker,
+    ], strict=True))
     for key, value in sorted(meta.labels.items())[:16]:
-        values += ["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key)), str(value)]
-    return values
-
-
-def _user_labels(values: list[str]) -> dict[str, str]:
-    extra = values[len(c.RUN_INFO.labels):]
-    return dict(zip(extra[::2], extra[1::2], strict=False))
+        labels["label_" + "".join(ch if ch.isalnum() else "_" for ch in str(key))] = str(value)
+    return labels
 
 
 def _largest(values: dict[str, float]) -> list[tuple[str, float]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from gradwatch.agent.faults import Stage
 from gradwatch.agent.state import AgentState, RankState
 from gradwatch.rules.engine import Decision, RuleFailure, RunRules
+from gradwatch.spool.files import file_kind
 from gradwatch.spool.format import SpoolLayout, parse_rank_file
 from gradwatch.spool.proc import process_alive
 from gradwatch.spool.reader import (
@@ -85,7 +86,7 @@ def _rank_files(run_dir: Path, odd: list[str]) -> RankFiles | None:
         except FileNotFoundError:
             continue
         if not stat.S_ISREG(st.st_mode):
-            odd.append(f"{entry.name} is {_kind(st.st_mode)}, not a regular file: remove it")
+            odd.append(f"{entry.name} is {file_kind(st.st_mode)}, not a regular file: remove it")
             continue
         meta, records = files.get(parsed[0], (None, None))
         if parsed[1] == "meta.json":
@@ -95,14 +96,6 @@ def _rank_files(run_dir: Path, odd: list[str]) -> RankFiles | None:
             records = (st.st_ino, st.st_size)
         files[parsed[0]] = (meta, records)
     return files
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a link")):
-        if test(mode):
-            return name
-    return "something else"
 
 
 class SpoolIngestor:

@@ -52,16 +52,17 @@ def _open_fd(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotARegularFile(0, f"{path} is not a regular file ({_kind(st.st_mode)}); remove it")
+            raise NotARegularFile(0, f"{path} is not a regular file ({file_kind(st.st_mode)}); remove it")
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message: "a FIFO", "a directory"..."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a link")):
         if test(mode):
             return name
     return "not a regular file"

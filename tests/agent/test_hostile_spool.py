@@ -145,7 +145,7 @@ def _warnings_naming(log: Path, needle: str) -> list[str]:
             if needle in line and (" WARNING " in line or " ERROR " in line) and ": ALERT " not in line]
 
 
-def _start(home: Path, tmp_path: Path, agent_process: Any) -> AgentProcess:
+def _start(tmp_path: Path, agent_process: Any) -> AgentProcess:
     config, rules = tmp_path / "agent.yaml", tmp_path / "rules.yaml"
     config.write_text("stuck_after_seconds: 2\nrescan_interval_seconds: 1\n")
     rules.write_text(RULES)
@@ -159,7 +159,7 @@ def test_a_hostile_spool_costs_only_the_runs_it_is_in(agent_process: Any, isolat
     healthy.steps("healthy", 0, 1, 50, t0=time.time(), nan_every=10)
     for make in HOSTILE:
         make(isolated_home)
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     healthy.steps("healthy", 0, 51, 100, t0=time.time(), nan_every=10)
 
     def settled() -> dict[Any, float] | None:
@@ -227,11 +227,11 @@ def test_numbers_beyond_float_range_survive_a_restart(agent_process: Any, isolat
                                                       tmp_path: Path) -> None:
     """The agent's checkpoint holds what it read: a restarted agent serves /metrics with the same counts."""
     numbers_beyond_float_range(isolated_home)
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     wait_until(lambda: metric(agent.metrics(), "gradwatch_steps_total", run="huge-numbers", rank="0",
                               optimizer="0") == 3, what="the run read")
     agent.stop()
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     samples = agent.metrics()
     assert metric(samples, "gradwatch_nonfinite_total", run="huge-numbers", rank="0", quantity="loss") == 1
     assert metric(samples, "gradwatch_steps_total", run="huge-numbers", rank="0", optimizer="0") == 3
@@ -243,7 +243,7 @@ def _meta_with_uid(run: str, uid: str) -> dict[str, Any]:
 
 def test_a_truncated_records_file_starts_a_new_run(agent_process: Any, isolated_home: Path, tmp_path: Path) -> None:
     run_dir = _run(isolated_home, "cut", _meta_with_uid("cut", "a"), b"".join(_step(s) for s in range(1, 11)))
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     wait_until(lambda: metric(agent.metrics(), "gradwatch_steps_total", run="cut", rank="0", optimizer="0") == 10,
                what="the first run read")
     SpoolLayout.records_file(run_dir, 0).write_bytes(_step(1) + _step(2))  # truncated, then rewritten
@@ -258,7 +258,7 @@ def test_a_truncated_records_file_starts_a_new_run(agent_process: Any, isolated_
 def test_a_run_directory_recreated_while_the_agent_was_down_is_read_from_its_start(
         agent_process: Any, isolated_home: Path, tmp_path: Path) -> None:
     _run(isolated_home, "again", _meta_with_uid("again", "first"), b"".join(_step(s) for s in range(1, 6)))
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     wait_until(lambda: metric(agent.metrics(), "gradwatch_steps_total", run="again", rank="0", optimizer="0") == 5,
                what="the first run read")
     agent.stop()
@@ -269,7 +269,7 @@ def test_a_run_directory_recreated_while_the_agent_was_down_is_read_from_its_sta
     # a new run under the same name, longer than the old one: read from byte 0, not from the old offset
     _run(isolated_home, "again", _meta_with_uid("again", "second"),
          b"".join(_step(s, values={"loss": 0.5}) for s in range(1, 21)))
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     wait_until(lambda: metric(agent.metrics(), "gradwatch_steps_total", run="again", rank="0", optimizer="0") == 20,
                what="the new run read in full")
     assert metric(agent.metrics(), "gradwatch_agent_records_rejected_total", reason="malformed") == 0
@@ -298,6 +298,6 @@ def test_a_retired_runs_name_reused_is_read_as_a_new_run(agent_process: Any, iso
 def test_a_format_name_that_is_not_ours_is_refused_not_read(agent_process: Any, isolated_home: Path,
                                                              tmp_path: Path) -> None:
     _run(isolated_home, "foreign", {**_meta("foreign"), "format": "not-" + FORMAT_NAME}, _step(1))
-    agent = _start(isolated_home, tmp_path, agent_process)
+    agent = _start(tmp_path, agent_process)
     wait_until(lambda: any(r["run"] == "foreign" and r["status"] == "rejected"
                            for r in http_json(agent.url + "/api/runs")["runs"]), what="the run refused")
