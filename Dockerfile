@@ -8,7 +8,7 @@ COPY probes ./probes
 COPY agent ./agent
 COPY rules ./rules
 COPY dashboards ./dashboards
-RUN pip install --no-cache-dir ".[grafana]" && rm -rf /src
+RUN pip install --no-cache-dir ".[agent,grafana]" && rm -rf /src
 ENV GRADWATCH_HOME=/spool GRADWATCH_HOST=0.0.0.0
 EXPOSE 9478
 ENTRYPOINT ["gradwatch", "agent"]

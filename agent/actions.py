@@ -28,6 +28,7 @@ from typing import Any
 
 from gradwatch.agent.ingest import Outgoing
 from gradwatch.agent.state import AgentState
+from gradwatch.rules.config import RulesConfig
 from gradwatch.rules.engine import Decision, RuleFailure
 from gradwatch.spool.files import open_for_appending, private_dir
 from gradwatch.spool.format import SpoolLayout
@@ -92,6 +93,7 @@ class ActionDispatcher:
         self._skip_events: dict[str, int] = {}
         self._noted_commands: dict[str, set[str]] = {}  # run -> command ids already reported as carried out
         self._prepared: set[str] = set()
+        self._looked_at: dict[str, RulesConfig] = {}  # run -> the rules config prepare_runs last looked at
         self._reported: set[tuple[str, str]] = set()
         self._waiting: list[tuple[Decision, float]] = []  # decisions waiting for their run's ranks, oldest first
 
@@ -104,9 +106,15 @@ class ActionDispatcher:
         """Create ``control/`` for runs with acting rules: their probes then poll for commands often.
         Forget the files of runs the agent no longer follows."""
         with self.state.lock:
-            runs = [run for run, rules in self.state.rules.runs.items()
-                    if run not in self._prepared and any(rules.config.acting(r) for r in rules.config.rules)]
+            runs = []
+            for run, rules in self.state.rules.runs.items():
+                if run in self._prepared or self._looked_at.get(run) is rules.config:
+                    continue  # (each run's rules are looked at once, and again when they change)
+                self._looked_at[run] = rules.config
+                if any(rules.config.acting(r) for r in rules.config.rules):
+                    runs.append(run)
             known = set(self.state.runs)
+        self._looked_at = {run: config for run, config in self._looked_at.items() if run in known}
         for cache in (self._events, self._commands, self._skip_events, self._noted_commands):
             for run in set(cache) - known:
                 del cache[run]
@@ -116,6 +124,7 @@ class ActionDispatcher:
                 private_dir(SpoolLayout.commands_file(self.layout.run_dir(run)).parent)
                 self._prepared.add(run)
             except OSError as exc:
+                self._looked_at.pop(run, None)  # tried again at the next pass
                 self._error(run, exc)
 
     def dispatch(self, outbox: list[Outgoing]) -> list[ActionNote]:

@@ -6,21 +6,33 @@ import math
 import time
 from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from gradwatch import __version__
 from gradwatch.agent import catalogue as c
 from gradwatch.agent.alerts import Alert
+from gradwatch.agent.exposition import SeriesWriter, render
+from gradwatch.agent.exposition import escape_label_value as esc
 from gradwatch.agent.faults import Stage
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 
 TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
+RUNS_PER_LOCK = 50  # runs whose samples a scrape makes per hold of the state lock (a few ms)
+
+
+_RUN_SPECS = tuple(spec for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS)
+_WRITERS = {spec.name: SeriesWriter(spec) for spec in _RUN_SPECS}
 
 
 class AgentCollector(Collector):
+    """The agent's metrics. ``exposition()`` is what /metrics serves: the per-run series, written directly
+    (agent/exposition.py), then the agent's own families and the GPUs' through prometheus_client
+    (``collect()``)."""
+
     def __init__(self, state: AgentState, clock: Callable[[], float] = time.time,
                  watcher_alive: Callable[[], bool] = lambda: True,
                  alerting: Callable[[], tuple[list[Alert], dict[str, DeliveryStats]]] = lambda: ([], {}),
@@ -31,46 +43,65 @@ class AgentCollector(Collector):
         self.clock = clock
         self.watcher_alive = watcher_alive
         self.alerting = alerting  # (the agent's firing alerts, delivery statistics by endpoint)
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+        self._runs_seconds = 0.0
+
+    def exposition(self) -> bytes:
+        """The whole scrape, in Prometheus' text format 0.0.4."""
+        started = time.perf_counter()
+        runs = self.run_series()
+        self._runs_seconds = time.perf_counter() - started
+        return runs.encode() + generate_latest(self._registry)
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
         with self.state.lock:
-            families = self._run_families() + self._agent_families()
+            families = self._agent_families()
             users = self._gpu_users()
         yield from families
         yield from self._gpu_families(users)
         duration = c.AGENT_SCRAPE_DURATION.family()
-        duration.add_metric([], time.perf_counter() - started)
+        duration.add_metric([], time.perf_counter() - started + self._runs_seconds)
         yield duration
 
-    def _run_families(self) -> list[c.Family]:
-        f = {spec.name: spec.family() for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS}
-        faults = self.state.faults
-        for run, ranks in sorted(self.state.runs.items()):
-            # a run's samples are added once all of them were made: a run that fails half-way adds none
-            staged: list[tuple[str, list[str], float]] = []
-            try:
-                self._run_samples(run, ranks, staged)
-                infos = [_info_labels(s) for _, s in sorted(ranks.items())]
-            except Exception as exc:  # this run's series are left out of the scrape; the other runs are served
-                faults.failed(run, Stage.COLLECT, f"{type(exc).__name__}: {exc}", backoff=False)
-                continue
-            faults.recovered(run, Stage.COLLECT)
-            for name, labels, value in staged:
-                f[name].add_metric(labels, value)
-            for info in infos:
-                f[c.RUN_INFO.name].add_sample(c.RUN_INFO.name, info, 1.0)
-        return list(f.values())
+    def run_series(self) -> str:
+        """The per-run families. Their samples are made RUNS_PER_LOCK runs at a time under the state lock, so that
+        a scrape of thousands of runs holds ingestion up for a moment at a time, never for the whole scrape (and
+        waits for the lock a few dozen times, not once per run)."""
+        lines: dict[str, list[str]] = {spec.name: [] for spec in _RUN_SPECS}
+        with self.state.lock:
+            runs = sorted(self.state.runs.items())
+        for first in range(0, len(runs), RUNS_PER_LOCK):
+            with self.state.lock:
+                for run, ranks in runs[first:first + RUNS_PER_LOCK]:
+                    self._add_run(run, ranks, lines)
+        return render((spec, lines[spec.name]) for spec in _RUN_SPECS)
 
-    def _run_samples(self, run: str, ranks: dict[int, RankState], staged: list[tuple[str, list[str], float]]) -> None:
+    def _add_run(self, run: str, ranks: dict[int, RankState], lines: dict[str, list[str]]) -> None:
+        # a run's lines are added once all of them were made: a run that fails half-way adds none
+        staged: list[tuple[str, str]] = []
+        try:
+            self._run_samples(run, ranks, staged)
+            infos = [_info_labels(s) for _, s in sorted(ranks.items())]
+        except Exception as exc:  # this run's series are left out of the scrape; the other runs are served
+            self.state.faults.failed(run, Stage.COLLECT, f"{type(exc).__name__}: {exc}", backoff=False)
+            return
+        self.state.faults.recovered(run, Stage.COLLECT)
+        for name, line in staged:
+            lines[name].append(line)
+        info = _WRITERS[c.RUN_INFO.name]
+        lines[c.RUN_INFO.name] += [info.line_with(labels, 1.0) for labels in infos]
+
+    def _run_samples(self, run: str, ranks: dict[int, RankState], staged: list[tuple[str, str]]) -> None:
         now = self.clock()
 
         def put(spec: c.MetricSpec, labels: list[str], value: float | None) -> None:
             if value is not None:
-                staged.append((spec.name, labels, float(value)))
+                staged.append((spec.name, _WRITERS[spec.name].line(labels, float(value))))
 
         for rank, s in sorted(ranks.items()):
-            key = [run, str(rank)]
+            key = [esc(run), str(rank)]  # label values escaped once, here (SeriesWriter)
             first = key + ["0"]  # the optimizer label of the run's first optimizer (its steps are the run's)
             put(c.LOSS, first, s.loss)
             put(c.GRAD_NORM, first, s.grad_norm)
@@ -78,7 +109,7 @@ class AgentCollector(Collector):
                 put(c.LEARNING_RATE, first + [str(group)], lr)
             put(c.STEPS, first, s.steps_total)
             for name, series in sorted(s.optimizers.items()):
-                other = key + [name]
+                other = key + [esc(name)]
                 put(c.LOSS, other, series.get("loss"))
                 put(c.GRAD_NORM, other, series.get("grad_norm"))
                 for group, lr in enumerate(series.get("lr") or []):
@@ -99,12 +130,12 @@ class AgentCollector(Collector):
             for state in RunStatus:
                 put(c.RUN_STATE, key + [state.value], 1.0 if s.status is state else 0.0)
             for name, value in sorted(s.metrics.items()):
-                put(c.METRIC, key + [name], value)
+                put(c.METRIC, key + [esc(name)], value)
             put(c.PROBE_DROPPED, key, s.probe_dropped)
             put(c.VALUES_DROPPED, key + ["unreadable"], s.values_unreadable)
             put(c.VALUES_DROPPED, key + ["over_cap"], s.metric_names_dropped)
             for action_reason, n in sorted(s.actions.items()):
-                put(c.ACTIONS, key + action_reason.split(":", 1), n)
+                put(c.ACTIONS, key + [esc(part) for part in action_reason.split(":", 1)], n)
             put(c.COMMANDS_LATE, key, s.commands_late)
             put(c.CLIP_THRESHOLD, key, s.clip_threshold)
             if s.guarded_steps:
@@ -113,9 +144,9 @@ class AgentCollector(Collector):
             if s.would_skip:
                 put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
             for name, value in _largest(s.layer_grad_norms):
-                put(c.LAYER_GRAD_NORM, key + [name], value)
+                put(c.LAYER_GRAD_NORM, key + [esc(name)], value)
             for name, value in _largest(s.layer_update_ratios):
-                put(c.LAYER_UPDATE_RATIO, key + [name], value)
+                put(c.LAYER_UPDATE_RATIO, key + [esc(name)], value)
             memory = s.cuda_memory
             put(c.CUDA_MEMORY_ALLOCATED, key, memory.get("allocated"))
             put(c.CUDA_MEMORY_RESERVED, key, memory.get("reserved"))
@@ -124,7 +155,7 @@ class AgentCollector(Collector):
         rules = self.state.rules.runs.get(run)
         if rules is not None:
             for (rule, action, mode), n in sorted(rules.decisions.items()):
-                put(c.RULE_DECISIONS, [run, "0", rule, action, mode], n)  # agent rules read rank 0
+                put(c.RULE_DECISIONS, [esc(run), "0", esc(rule), esc(action), esc(mode)], n)  # agent rules read rank 0
 
     def _gpu_users(self) -> dict[int, tuple[str, str]]:
         """pid -> (run, rank) of this machine's live training processes."""

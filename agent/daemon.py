@@ -13,12 +13,10 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry
-
 from gradwatch import __version__
 from gradwatch.agent.actions import ActionDispatcher, ActionNote
 from gradwatch.agent.alerts import Alert, AlertTracker
-from gradwatch.agent.checkpoint import load_checkpoint, save_checkpoint
+from gradwatch.agent.checkpoint import CheckpointWriter, load_checkpoint
 from gradwatch.agent.collector import AgentCollector
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.ingest import SpoolIngestor
@@ -43,6 +41,8 @@ except ImportError:  # Windows
 
 log = logging.getLogger("gradwatch.agent")
 _LOOP_TICK_SECONDS = 0.5
+_REFRESH_SECONDS = 0.1  # runs' states and alerts are decided at most this often (each pass looks at every run)
+_IDLE_REFRESH_SECONDS = 2.0  # and this often when nothing was read (a stall, a crash, an alert that resolves)
 _HEALTH_LOCK_SECONDS = 5.0
 _STUCK_LOOP_SECONDS = 30.0  # a loop pass taking longer than this (or 3 rescan intervals) is reported unhealthy
 
@@ -71,9 +71,8 @@ class Agent:
         self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
         self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
         self.gpus = GpuCollector(enabled=config.gpu_collector)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,
-                                              self.local_host))
+        self.collector = AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,
+                                        self.local_host)
         self.stopped = threading.Event()
         self._lock_file: IO[bytes] | None = None
         self._server: HttpServer | None = None
@@ -82,6 +81,7 @@ class Agent:
         self._watcher_errors_seen = 0
         self._started_at: float | None = None
         self._lost_lock = False
+        self.checkpoints = CheckpointWriter()  # encodes the runs that changed since its last save
         self._saved_signature: tuple[int, ...] | None = None  # what the last checkpoint saved (see _save_checkpoint)
         self._saved_at = 0.0
         self._heartbeat: float | None = None  # when the ingest loop last completed a pass (monotonic)
@@ -110,7 +110,7 @@ class Agent:
         try:
             if load_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts}):
                 log.info("resumed from checkpoint %s", self.layout.checkpoint_file)
-            app = build_app(self.registry, self._runs_summary, self._health)
+            app = build_app(self.collector.exposition, self._runs_summary, self._health)
             self._server = self._listen(app)
             self._server.start()
             write_json_atomic(self.layout.agent_info_file, {
@@ -163,7 +163,7 @@ class Agent:
         self.gpus.close()
         if not self._lost_lock:
             try:
-                save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
+                self.checkpoints.save(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
             except OSError as exc:
                 log.error("could not save the checkpoint %s: %s", self.layout.checkpoint_file, exc)
             try:
@@ -237,6 +237,7 @@ class Agent:
     def _loop(self) -> None:
         cfg = self.config
         next_rescan = time.monotonic()  # the first pass: every run directory
+        refreshed_at, changed, refresh_took = 0.0, False, 0.0
         next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
         while not self.stopped.is_set():
             try:
@@ -247,30 +248,45 @@ class Agent:
                 if self.rules_watcher is not None and self.rules_watcher.take_change():
                     with self.state.lock:
                         self.rules.reload()
+                applied = 0
                 if time.monotonic() >= next_rescan:
-                    self.ingestor.scan_all()
+                    applied += self.ingestor.rescan()  # the first: every run directory
                     next_rescan = time.monotonic() + cfg.rescan_interval_seconds
-                else:
-                    dirty = self.watcher.take_dirty()
-                    if dirty:
-                        self.ingestor.scan(self.layout.runs_dir / name for name in sorted(dirty))
-                notes = self.dispatcher.dispatch(self.ingestor.take_outbox())
-                self.dispatcher.prepare_runs()
-                self._refresh()
-                self._alert(notes)
+                dirty = self.watcher.take_dirty()
+                if dirty:
+                    applied += self.ingestor.scan((self.layout.runs_dir / name for name in sorted(dirty)), read=False)
+                applied += self.ingestor.poll()
+                notes = self.dispatcher.dispatch(self.ingestor.take_outbox())  # decisions go out at once
+                # what follows looks at every run: 10 times a second while records come, else twice
+                # (and never more than a tenth of the loop's time: with thousands of runs it takes a while)
+                changed = changed or bool(applied or dirty)
+                every = max(_REFRESH_SECONDS if changed else _IDLE_REFRESH_SECONDS, 9 * refresh_took)
+                if notes or time.monotonic() - refreshed_at >= every:
+                    started = time.monotonic()
+                    self.dispatcher.prepare_runs()
+                    self._refresh()
+                    self._alert(notes)
+                    refreshed_at, changed = time.monotonic(), False
+                    refresh_took = refreshed_at - started
                 if time.monotonic() >= next_checkpoint:
                     self._save_checkpoint()
-                    next_checkpoint = time.monotonic() + cfg.checkpoint_interval_seconds
+                    # a checkpoint of thousands of busy runs takes a while: at most a tenth of the loop's time
+                    # (what a crash then loses is re-read from the saved offsets, never lost or counted twice)
+                    next_checkpoint = time.monotonic() + max(cfg.checkpoint_interval_seconds,
+                                                             9 * (self.state.counters.checkpoint_seconds or 0.0))
                 if self._idle_too_long():
                     log.info("no running run for %.0f s; exiting", cfg.exit_when_idle_seconds)
                     self.stopped.set()
                     return
+                pause = min(_LOOP_TICK_SECONDS, max(0.0, self.ingestor.next_poll - time.monotonic()))
             except Exception as exc:  # the loop must survive anything
                 with self.state.lock:
                     self.state.counters.handler_errors += 1
                 log.exception("error in the ingest loop (continuing): %r", exc)
+                pause = _LOOP_TICK_SECONDS  # not at once: an error every pass would spin a core
             self._heartbeat = time.monotonic()
-            self.watcher.wake.wait(_LOOP_TICK_SECONDS)
+            # until the next rank is due for a look (a woken watcher: at once), at most half a second
+            self.watcher.wake.wait(pause)
 
     def _save_checkpoint(self, force: bool = False) -> None:
         """Save the state when something was read, a run came or went, or an alert changed since the last save
@@ -284,7 +300,7 @@ class Agent:
             return
         self._saved_signature, self._saved_at = signature, time.monotonic()
         started = time.perf_counter()
-        save_checkpoint(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
+        self.checkpoints.save(self.layout.checkpoint_file, self.state, {"alerts": self.alerts})
         size = self.layout.checkpoint_file.stat().st_size
         with self.state.lock:
             self.state.counters.checkpoint_seconds = time.perf_counter() - started

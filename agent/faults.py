@@ -79,7 +79,7 @@ class RunFaults:
                         stage.value, message)
 
     def recovered(self, run: str, stage: Stage) -> None:
-        if (run, stage) not in self.open:  # the common case: no lock taken
+        if not self.open or (run, stage) not in self.open:  # the common case: no lock taken, no key hashed
             return
         with self.lock:
             fault = self.open.pop((run, stage), None)
@@ -88,7 +88,7 @@ class RunFaults:
 
     def backing_off(self, run: str, stage: Stage) -> bool:
         """Whether ``run``'s ``stage`` failed recently and waits before it is tried again."""
-        fault = self.open.get((run, stage))
+        fault = self.open.get((run, stage)) if self.open else None
         return fault is not None and self.clock() < fault.retry_at
 
     @contextmanager

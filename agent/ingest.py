@@ -13,9 +13,12 @@ starts a new decision-id segment.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,32 @@ log = logging.getLogger("gradwatch.agent")
 #: that ended just before (a short run that started the agent itself) is not: its last alerts still go out.
 HISTORY_AFTER_SECONDS = 60.0
 MAX_CHECKPOINTS = 16  # rule states kept per run, for resumes from its newest checkpoints
+#: How often a rank's records file is looked at (a stat): every HOT_POLL_SECONDS while it grows, so that a rule
+#: acts within a step or two; a quiet one less and less often, down to once every COLD_POLL_SECONDS (the cost
+#: of an idle agent of 5,000 ranks: 2,500 stats a second).
+HOT_POLL_SECONDS = 0.025
+COLD_POLL_SECONDS = 2.0
+ENDED_POLL_SECONDS = 10.0  # a rank whose run ended: it only grows when resumed (whose new metadata the rescan sees)
+#: Looks at growing files a second, at most, before their interval grows past HOT_POLL_SECONDS (up to
+#: MAX_HOT_POLL_SECONDS): with hundreds of ranks writing, each read then takes several records, not one.
+POLL_BUDGET_PER_SECOND = 4000
+MAX_HOT_POLL_SECONDS = 0.25
+POLL_BATCH_BYTES = 256 * 1024  # a rank's read per pass (~1,700 records); the next pass goes on
+POLL_PASS_SECONDS = 0.2
+FULL_RESCAN_EVERY = 12  # rescans: every 12th reads every run directory, the others only those that changed
+
+
+@dataclass
+class _Tail:
+    """When to look at one rank's records file next."""
+
+    state: RankState  # the rank it follows (a run read again gets new RankStates: this tail is then dropped)
+    path: Path
+    name: str  # str(path), for os.stat
+    interval: float = HOT_POLL_SECONDS
+    due: float = 0.0  # time.monotonic()
+    grew: bool = True  # at the last look
+    entry: int = -1  # its entry in the heap of dues (older entries of it are stale)
 
 
 @dataclass(frozen=True)
@@ -109,6 +138,14 @@ class SpoolIngestor:
         self.local_host = local_host
         self._judged: set[tuple[str, int]] = set()  # ranks whose history this agent process has judged
         self._reported: set[str] = set()
+        self._tails: dict[tuple[str, int], _Tail] = {}
+        self._dir_stamps: dict[str, int] = {}  # run -> mtime of its directory when last read whole
+        self._rescans = 0
+        self.next_poll = 0.0  # time.monotonic() at which the next rank is due (poll)
+        self._growing = 0  # ranks that grew at their last look (POLL_BUDGET_PER_SECOND)
+        self._due: list[tuple[float, int, tuple[str, int]]] = []  # heap: (due, order, (run, rank))
+        self._order = itertools.count()  # ties in the heap: first pushed, first out
+        self._synced_at, self._ranks_added = 0.0, False
         # what the dispatcher turns into events and commands: decisions of rules, acks, skipped steps
         self.outbox: list[Outgoing] = []
 
@@ -123,25 +160,145 @@ class SpoolIngestor:
             return []
 
     def scan_all(self) -> int:
-        """A full rescan: every run directory. Returns records applied."""
-        dirs = self.run_dirs()
-        with self.state.lock:
-            self.state.forget_missing({d.name for d in dirs})
-            self.state.counters.rescans += 1
-        return self.scan(dirs)
+        """Every run directory, every rank: what is new since the last read. Returns records applied."""
+        return self._scan_dirs(full=True, read=True)
 
-    def scan(self, run_dirs: Iterable[Path]) -> int:
+    def rescan(self) -> int:
+        """The daemon's periodic look for what the watcher missed: the run directories that are new or changed
+        since they were last read whole (their mtime: a file made, moved in or removed); every one of them on
+        each FULL_RESCAN_EVERY-th. Appends to known files are the poll's. Returns records applied."""
+        full = self._rescans % FULL_RESCAN_EVERY == 0
+        self._rescans += 1
+        return self._scan_dirs(full, read=False)
+
+    def _scan_dirs(self, full: bool, read: bool) -> int:
+        dirs = self.run_dirs()
+        names = {d.name for d in dirs}
+        with self.state.lock:
+            self.state.forget_missing(names)
+            self.state.counters.rescans += 1
+        self._dir_stamps = {run: stamp for run, stamp in self._dir_stamps.items() if run in names}
+        if not full:
+            dirs = [d for d in dirs if self._dir_changed(d)]
+        return self.scan(dirs, read)
+
+    def _dir_changed(self, run_dir: Path) -> bool:
+        try:
+            return os.stat(run_dir).st_mtime_ns != self._dir_stamps.get(run_dir.name)
+        except OSError:
+            return True
+
+    def _sync_tails(self, now: float) -> None:
+        """A tail for every rank of the state (ranks added by a scan, or restored from a checkpoint)."""
+        for run, ranks in self.state.runs.items():
+            for rank, state in ranks.items():
+                tail = self._tails.get((run, rank))
+                if tail is None or tail.state is not state:
+                    if tail is not None:
+                        self._growing -= tail.grew
+                    path = SpoolLayout.records_file(self.layout.run_dir(run), rank)
+                    self._tails[(run, rank)] = tail = _Tail(state, path, str(path))
+                    self._growing += 1
+                    self._schedule((run, rank), tail, now)
+        self._synced_at, self._ranks_added = now, False
+
+    def _due_now(self, run: str) -> None:
+        now = time.monotonic()
+        for rank in self.state.runs.get(run, {}):
+            tail = self._tails.get((run, rank))
+            if tail is not None and tail.due > now:
+                tail.interval = HOT_POLL_SECONDS
+                self._schedule((run, rank), tail, now)
+
+    def _schedule(self, key: tuple[str, int], tail: _Tail, due: float) -> None:
+        tail.due, tail.entry = due, next(self._order)
+        heapq.heappush(self._due, (due, tail.entry, key))
+
+    def poll(self) -> int:
+        """Read what the ranks appended since they were last looked at: a ``stat`` of each rank's records file
+        that is due (see HOT_POLL_SECONDS; a heap by due time: a pass costs the ranks due, not all of them), a read
+        of those that grew. A file replaced or shrunk since is read as a new run (scan). A pass reads at most
+        POLL_BATCH_BYTES of a rank and stops after POLL_PASS_SECONDS (the ranks left are the first due next
+        time), so that the loop's other work (states, alerts, checkpoints) goes on when the agent falls
+        behind. Returns records applied."""
+        now = time.monotonic()
+        if self._ranks_added or now - self._synced_at > 1.0:
+            self._sync_tails(now)
+        applied, replaced = 0, []
+        faults = self.state.faults
+        hot = min(MAX_HOT_POLL_SECONDS, max(HOT_POLL_SECONDS, self._growing / POLL_BUDGET_PER_SECOND))
+        due, failed = self._due, set()
+        while due and due[0][0] <= now:
+            if time.monotonic() - now > POLL_PASS_SECONDS:
+                break
+            _, entry, key = heapq.heappop(due)
+            run = key[0]
+            tail = self._tails.get(key)
+            if tail is not None and tail.entry != entry:
+                continue  # a stale entry: the tail was scheduled again since
+            if tail is None or self.state.runs.get(run, {}).get(key[1]) is not tail.state:
+                if tail is not None:  # its rank is gone, or read again (a new tail comes with the next sync)
+                    del self._tails[key]
+                    self._growing -= tail.grew
+                continue
+            if run in failed or faults.backing_off(run, Stage.INGEST):
+                self._schedule(key, tail, now + COLD_POLL_SECONDS)
+                continue
+            state, grew, more = tail.state, False, False
+            try:
+                try:
+                    st = os.stat(tail.name, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None  # not written yet, or the run was removed: the watcher and the rescan see it
+                if st is not None:
+                    if not stat.S_ISREG(st.st_mode) or st.st_size < state.offset or (
+                            state.records_inode and st.st_ino != state.records_inode):
+                        replaced.append(run)
+                    elif st.st_size > state.offset:
+                        before = state.offset
+                        applied += self._tail(state, tail.path, st.st_ino, st.st_size, batches=1,
+                                              batch_bytes=POLL_BATCH_BYTES)
+                        grew = state.offset > before
+                        more = grew and state.offset < st.st_size
+            except Exception as exc:  # one run's failure must not cost the others: kept, reported, retried later
+                faults.failed(run, Stage.INGEST, f"{type(exc).__name__}: {exc}")
+                failed.add(run)
+            else:
+                faults.recovered(run, Stage.INGEST)
+            self._growing += grew - tail.grew
+            tail.grew = grew
+            tail.interval = hot if grew else min(tail.interval * 2,
+                                                 ENDED_POLL_SECONDS if state.status.ended else COLD_POLL_SECONDS)
+            self._schedule(key, tail, now if more else now + tail.interval)  # more: the next pass goes on
+        # passes at most 40 a second (files due together), unless this one was cut short
+        self.next_poll = max(due[0][0], now + HOT_POLL_SECONDS) if due and due[0][0] > now else \
+            time.monotonic() if due else now + COLD_POLL_SECONDS
+        if replaced:
+            applied += self.scan((self.layout.runs_dir / run for run in dict.fromkeys(replaced)), read=False)
+        return applied
+
+    def scan(self, run_dirs: Iterable[Path], read: bool = True) -> int:
+        """Find the runs' ranks and files (new ones, replaced ones) and, with ``read``, apply their new records.
+        The daemon leaves the reading to ``poll`` (in bounded batches: a scan must not hold the loop for a
+        backlog of thousands of runs). Returns records applied."""
         applied = 0
         faults = self.state.faults
         for run_dir in run_dirs:
             run = run_dir.name
             if faults.backing_off(run, Stage.INGEST):
                 continue  # it failed a moment ago: retried after its backoff, the other runs go on
+            try:
+                stamp: int | None = os.stat(run_dir).st_mtime_ns  # before reading: a change during it is seen next
+            except OSError:
+                stamp = None
             with faults.guard(run, Stage.INGEST):
-                applied += self._ingest_run(run_dir)
+                applied += self._ingest_run(run_dir, read)
+                if stamp is not None:  # read whole: the rescans pass it by until it changes (not after a failure)
+                    self._dir_stamps[run] = stamp
+            self._due_now(run)  # something changed there (a file made, a resumed process): looked at next poll
         return applied
 
-    def _ingest_run(self, run_dir: Path) -> int:
+    def _ingest_run(self, run_dir: Path, read: bool = True) -> int:
         run = run_dir.name
         odd: list[str] = []
         files = _rank_files(run_dir, odd)
@@ -164,10 +321,10 @@ class SpoolIngestor:
                 with self.state.lock:
                     self.state.drop_run(run)
                 self._judged = {key for key in self._judged if key[0] != run}
-                return applied + self._ingest_run(run_dir)
+                return applied + self._ingest_run(run_dir, read)
             if state is None:
                 state = self._add_rank(run_dir, rank, meta_stamp)
-            if state is not None and records is not None:
+            if state is not None and records is not None and read:
                 applied += self._tail(state, SpoolLayout.records_file(run_dir, rank), *records)
         return applied
 
@@ -217,17 +374,23 @@ class SpoolIngestor:
         with self.state.lock:
             state = self.state.add_rank(run_dir.name, rank, meta)
             state.meta_stamp = meta_stamp
-            return state
+        self._ranks_added = True  # the next poll follows it
+        return state
 
-    def _tail(self, state: RankState, path: Path, inode: int, size: int) -> int:
+    def _tail(self, state: RankState, path: Path, inode: int, size: int, batches: int | None = None,
+              batch_bytes: int = DEFAULT_MAX_BYTES) -> int:
+        """Apply the rank's records up to ``size`` (at most ``batches`` reads of ``batch_bytes``)."""
         self._judge_history(state, path, size)
         state.records_inode = inode
         applied = 0
         while size > state.offset:
             history = state.offset < state.history_until
             # a batch never spans the end of the history: its records are all history or all live
-            limit = min(DEFAULT_MAX_BYTES, state.history_until - state.offset) if history else DEFAULT_MAX_BYTES
+            cap = min(DEFAULT_MAX_BYTES, state.history_until - state.offset) if history else DEFAULT_MAX_BYTES
+            limit = min(cap, batch_bytes)
             result = read_records(path, state.offset, limit, in_long_line=state.in_long_line)
+            if result.offset == state.offset and limit < cap and size - state.offset > limit:
+                result = read_records(path, state.offset, cap, in_long_line=state.in_long_line)  # a long line
             if result.offset == state.offset:
                 self._ends_mid_line(state, path, size)  # only a partial line so far
                 return applied
@@ -251,6 +414,10 @@ class SpoolIngestor:
             self.state.faults.recovered(state.run, Stage.STUCK)
             if result.at_end and not history:
                 break  # what was written while this read ran: the next scan
+            if batches is not None:
+                batches -= 1
+                if batches <= 0:
+                    break
         return applied
 
     def _ends_mid_line(self, state: RankState, path: Path, size: int) -> None:

@@ -94,6 +94,10 @@ class AgentRules:
     def state_dict(self) -> dict[str, Any]:
         return {**self._saved, **{run: rules.state_dict() for run, rules in self.runs.items()}}
 
+    def saved_states(self) -> dict[str, dict[str, Any]]:
+        """The checkpointed rules' state of runs not seen since the agent started (kept as they were loaded)."""
+        return {run: saved for run, saved in self._saved.items() if run not in self.runs}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.runs.clear()
         self._saved = dict(state)

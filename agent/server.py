@@ -9,11 +9,12 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-
 from gradwatch.errors import GradwatchError
 
 StartResponse = Callable[..., Any]
+#: Prometheus' text format. Served whatever the scraper prefers (Prometheus asks for OpenMetrics first and
+#: takes this too), uncompressed: the agent is scraped over loopback or its node's network.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -27,10 +28,8 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def build_app(
-    registry: CollectorRegistry, runs: Callable[[], list[dict[str, Any]]], health: Callable[[], dict[str, Any]]
+    metrics: Callable[[], bytes], runs: Callable[[], list[dict[str, Any]]], health: Callable[[], dict[str, Any]]
 ) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    metrics_app = make_wsgi_app(registry)
-
     def json_response(start_response: StartResponse, status: str, body: Any) -> list[bytes]:
         data = json.dumps(body, indent=1, default=str).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
@@ -39,7 +38,9 @@ def build_app(
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            body = metrics()
+            start_response("200 OK", [("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/api/runs":
             return json_response(start_response, "200 OK", {"runs": runs()})
         if path == "/healthz":

@@ -41,8 +41,10 @@ class AgentConfig(BaseModel):
     stuck_after_seconds: float = Field(
         30.0, gt=0, description="a records file ending mid-line this long while its process lives is reported stuck")
     ended_ttl_seconds: float = Field(900.0, ge=0, description="series of finished/crashed runs are dropped after this")
-    rescan_interval_seconds: float = Field(5.0, gt=0, description="full rescan of the spool (missed file events)")
-    checkpoint_interval_seconds: float = Field(5.0, gt=0, description="how often offsets and state are saved")
+    rescan_interval_seconds: float = Field(
+        5.0, gt=0, description="a look for runs and files the watcher missed (every 12th reads every run directory)")
+    checkpoint_interval_seconds: float = Field(
+        5.0, gt=0, description="how often offsets and state are saved (less often when a save takes over a tenth of it)")
     spike_window_seconds: float = Field(60.0, gt=0, description="window of the *_recent_max gauges")
     exit_when_idle_seconds: float | None = Field(None, gt=0, description="exit after this long with no running run")
     rules_file: Path | None = Field(None, description="YAML rules file, reloaded when it changes (default: packaged)")

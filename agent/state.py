@@ -427,8 +427,9 @@ class AgentState:
     def refresh(self, now: float, stall_after: float, ended_ttl: float, local_host: str) -> list[str]:
         """Decide every rank's state; retire runs ended for longer than ``ended_ttl``. Returns retired runs."""
         retired = []
+        faults = self.faults
         for run, ranks in list(self.runs.items()):
-            with self.faults.guard(run, Stage.REFRESH):
+            try:  # (not faults.guard: this runs for every run, several times a second)
                 for state in ranks.values():
                     state.refresh_status(now, stall_after, local_host)
                 if all(s.status.ended for s in ranks.values()):
@@ -438,6 +439,10 @@ class AgentState:
                         self.drop_run(run)
                         self.retired[run] = Tombstone(None, meta_stamps)
                         retired.append(run)
+            except Exception as exc:  # one run's failure must not cost the others: kept, reported, retried
+                faults.failed(run, Stage.REFRESH, f"{type(exc).__name__}: {exc}")
+            else:
+                faults.recovered(run, Stage.REFRESH)
         return retired
 
     def drop_run(self, run: str) -> None:

@@ -133,10 +133,10 @@ def main() -> None:
     while time.monotonic() - started < args.seconds:
         step += 1
         now = time.time()
+        line = _line(step, now)  # every rank's record of this step is the same line: encoded once
         for f in files:
-            line = _line(step, now)
             f.write(line)
-            written_bytes += len(line)
+        written_bytes += len(line) * len(files)
         for f in files:
             f.flush()
         written += len(files)
@@ -171,7 +171,7 @@ def main() -> None:
     elapsed = time.monotonic() - started
     # what is left to read, then the idle agent
     drain_start = time.monotonic()
-    while time.monotonic() - drain_start < 120:
+    while time.monotonic() - drain_start < 600:
         _, _, agent_metrics = _scrape(url)
         if agent_metrics.get("gradwatch_agent_records_ingested_total", 0) >= written:
             break

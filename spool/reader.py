@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from gradwatch.spool.files import load_json, open_for_reading
+from gradwatch.spool.files import load_json, open_for_reading, read_at
 from gradwatch.spool.format import FORMAT_NAME, FORMAT_VERSION, parse_major
 from gradwatch.spool.records import Record, RecordError, RunMeta, decode_line, decode_meta
 
@@ -117,9 +117,7 @@ def read_records(path: Path, offset: int, max_bytes: int = DEFAULT_MAX_BYTES, in
     Raises OSError (NotARegularFile for a FIFO or a device in the file's place).
     """
     result = ReadResult(offset=offset)
-    with open_for_reading(path) as f:
-        f.seek(offset)
-        chunk = f.read(max_bytes)
+    chunk = read_at(path, offset, max_bytes)
     result.at_end = len(chunk) < max_bytes
     start = 0
     if in_long_line:

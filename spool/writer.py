@@ -16,13 +16,18 @@ _MAX_NAME_ATTEMPTS = 1000
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file beside ``path`` and rename it over ``path``: readers see all or nothing."""
+    # dumps, then one write: json.dump streams through the pure-Python encoder (10x slower on an agent's
+    # checkpoint of thousands of runs)
+    write_text_atomic(path, json.dumps(obj, separators=(",", ":"), sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to a temp file beside ``path``, renamed over ``path``: readers see all or nothing."""
     private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # dumps, then one write: json.dump streams through the pure-Python encoder (10x slower on an agent's
-            # checkpoint of thousands of runs)
-            f.write(json.dumps(obj, separators=(",", ":"), sort_keys=True))
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         with _suppress_oserror():

@@ -127,7 +127,7 @@ def test_a_stuck_ingest_loop_makes_healthz_unhealthy(start_agent, tmp_path: Path
     agent = start_agent(rescan_interval_seconds=0.2)
     wait_until(lambda: http_json(agent.url + "/healthz")["ok"], what="a healthy agent")
     release = threading.Event()
-    monkeypatch.setattr(agent.ingestor, "scan_all", lambda: release.wait(60))  # the next rescan blocks
+    monkeypatch.setattr(agent.ingestor, "rescan", lambda: release.wait(60))  # the next rescan blocks
 
     def unhealthy() -> dict | None:  # type: ignore[type-arg]
         try:
@@ -142,3 +142,45 @@ def test_a_stuck_ingest_loop_makes_healthz_unhealthy(start_agent, tmp_path: Path
         release.set()
     assert report["ok"] is False and report["ingest_loop"] is False and report["ingest_loop_stuck_seconds"] >= 1
     wait_until(lambda: http_json(agent.url + "/healthz")["ok"], what="healthy again once the loop goes on")
+
+
+def test_the_watcher_reports_files_made_not_appends(tmp_path: Path) -> None:
+    """The spool watch asks the kernel for creations, moves and removals only: a probe appending to its records
+    file (kept open) costs no event, whatever its rate; the poll finds appends by the file's size."""
+    import time
+
+    from gradwatch.agent.watcher import SpoolWatcher
+    from gradwatch.spool.format import SpoolLayout
+
+    runs = tmp_path / "runs"
+    watcher = SpoolWatcher(runs)
+    watcher.start()
+    try:
+        run_dir = runs / "r"
+        run_dir.mkdir()
+        records = SpoolLayout.records_file(run_dir, 0)
+        with open(records, "ab") as f:
+            wait_until(lambda: "r" in watcher.take_dirty(), what="the new run and file reported")
+            time.sleep(0.5)  # the directory's and the file's creation may come as two events: both in by now
+            watcher.take_dirty()
+            for i in range(200):
+                f.write(b'{"kind":"step","step":%d,"t":1.0}\n' % i)
+                f.flush()
+            time.sleep(0.5)  # what inotify would have delivered by now
+            assert watcher.take_dirty() == set()
+        SpoolLayout.meta_file(run_dir, 1).write_text("{}")  # a new file, written in one go
+        wait_until(lambda: "r" in watcher.take_dirty(), what="the new file reported")
+    finally:
+        watcher.stop()
+
+
+def test_appends_are_read_by_the_poll_within_moments_with_no_file_events(start_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(rescan_interval_seconds=3600)
+    spool = SpoolBuilder(tmp_path / "home")
+    spool.start("r")
+    spool.steps("r", 0, 1, 5)
+    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", run="r", rank="0", optimizer="0") == 5.0)
+    agent.watcher.stop()  # no file events at all from here: the poll alone
+    spool.steps("r", 0, 6, 9)
+    wait_until(lambda: metric(_samples(agent), "gradwatch_steps_total", run="r", rank="0", optimizer="0") == 9.0,
+               timeout=10, what="the appended steps read by the poll")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from gradwatch.agent.actions import ActionDispatcher
 from gradwatch.agent.alerts import AlertTracker
@@ -56,9 +55,7 @@ def _two_runs(spool: SpoolBuilder) -> None:
 
 
 def _scrape(state: AgentState, clock: FakeClock) -> dict[Any, float]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, clock))
-    return parse_metrics(generate_latest(registry).decode())
+    return parse_metrics(AgentCollector(state, clock).exposition().decode())
 
 
 def _steps(samples: dict[Any, float], run: str) -> float | None:

@@ -47,8 +47,6 @@ def test_required_metric_names_are_exported() -> None:
 
 @pytest.fixture
 def scrape(tmp_path: Path) -> str:
-    from prometheus_client import CollectorRegistry, generate_latest
-
     spool = SpoolBuilder(tmp_path)
     spool.start("a", labels={"team": "vision", "odd key!": "x"})
     spool.steps("a", 0, 1, 30, nan_every=10)
@@ -69,11 +67,9 @@ def scrape(tmp_path: Path) -> str:
     clock = FakeClock()
     SpoolIngestor(spool.layout, state, clock).scan_all()
     state.refresh(clock(), stall_after=1e9, ended_ttl=1e9, local_host="x")
-    registry = CollectorRegistry(auto_describe=False)
     # NVML is faked here (no GPU on CI machines): one GPU runs run "a" (this process's pid), one is idle
     gpus = GpuCollector(FakeNvml([FakeGpu(uuid="GPU-a", pids=[os.getpid()]), FakeGpu(uuid="GPU-b")]))
-    registry.register(AgentCollector(state, clock, gpus=gpus, local_host="elsewhere"))
-    return generate_latest(registry).decode()
+    return AgentCollector(state, clock, gpus=gpus, local_host="elsewhere").exposition().decode()
 
 
 def test_every_catalogue_metric_appears_in_a_scrape(scrape: str) -> None:

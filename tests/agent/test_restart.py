@@ -75,3 +75,70 @@ def test_an_unusable_checkpoint_is_set_aside_and_the_spool_reread_from_the_start
     assert spool.layout.checkpoint_file.with_suffix(".unusable.json").exists()
     ingest.scan_all()
     assert state.rank("r", 0).samples_total == 320.0  # type: ignore[union-attr]
+
+
+def _saved(path: Path) -> dict[str, object]:
+    import json
+
+    payload = json.loads(path.read_text())
+    del payload["saved_at"]
+    return payload  # type: ignore[no-any-return]
+
+
+def test_a_checkpoint_encodes_only_the_runs_that_changed_and_saves_what_a_whole_encoding_saves(tmp_path: Path) -> None:
+    """Incremental checkpoints (CheckpointWriter): idle runs cost nothing to save, and every save, made of the text
+    of unchanged runs and the new text of the others, is the same checkpoint as one encoded whole."""
+    from gradwatch.agent.checkpoint import CheckpointWriter
+
+    spool = SpoolBuilder(tmp_path)
+    state, ingest = _fresh(spool)
+    for run in ("a", "b", "c"):
+        spool.start(run)
+        spool.steps(run, 0, 1, 10, nan_every=4)
+    ingest.scan_all()
+    writer = CheckpointWriter()
+    path, whole = spool.layout.checkpoint_file, tmp_path / "whole.json"
+
+    def save_both() -> int:
+        writer.save(path, state)
+        save_checkpoint(whole, state)
+        assert _saved(path) == _saved(whole)
+        return writer.encoded_last
+
+    assert save_both() == 3
+    assert save_both() == 0  # nothing changed
+    spool.steps("b", 0, 11, 12)
+    ingest.scan_all()
+    assert save_both() == 1  # b's records
+    spool.end("c", 0, 10)
+    ingest.scan_all()
+    state.refresh(FakeClock()(), stall_after=1e9, ended_ttl=1e9, local_host="x")
+    assert save_both() == 1  # c ended
+    clock = FakeClock()
+    state.refresh(clock() + 1e6, stall_after=10.0, ended_ttl=1e9, local_host="x")  # a and b stall: no record for it
+    assert save_both() == 2
+
+    restored, _ = _fresh(spool)
+    assert load_checkpoint(path, restored)
+    assert _comparable(restored) == _comparable(state)
+
+
+def test_rules_state_of_runs_not_seen_since_a_restart_is_kept_by_incremental_saves(tmp_path: Path) -> None:
+    from gradwatch.agent.checkpoint import CheckpointWriter
+
+    spool = SpoolBuilder(tmp_path)
+    state, ingest = _fresh(spool)
+    spool.start("a")
+    spool.steps("a", 0, 1, 30)
+    ingest.scan_all()
+    save_checkpoint(spool.layout.checkpoint_file, state)
+    rules_before = state.rules.state_dict()
+
+    restarted = AgentState(spike_window=60.0)
+    assert load_checkpoint(spool.layout.checkpoint_file, restarted)  # its rules wait in _saved until a record
+    writer = CheckpointWriter()
+    writer.save(spool.layout.checkpoint_file, restarted)
+    writer.save(spool.layout.checkpoint_file, restarted)
+    again = AgentState(spike_window=60.0)
+    assert load_checkpoint(spool.layout.checkpoint_file, again)
+    assert again.rules.state_dict() == rules_before

@@ -70,13 +70,19 @@ def test_diverging_run_reaches_the_receiver_naming_the_run(stack: dict[str, Any]
     jump_at = 120
     proc = start_training(home, "--run-name", "diverging", "--steps", "260", "--sleep", "0.02",
                           "--lr-jump-at", str(jump_at), "--lr-jump", "40")
-    wait_until(lambda: alerts_for(receiver, "diverging", source="agent"), timeout=120,
-               what="the agent's alert for the diverging run at the webhook")
+    divergence = {"GradwatchLossSpike", "GradwatchGradNormExplosion", "GradwatchLossDivergence"}
+    wait_until(lambda: [a for _, a in alerts_for(receiver, "diverging", source="agent")
+                        if a["labels"]["alertname"] in divergence], timeout=120,
+               what="the agent's divergence alert for the diverging run at the webhook")
     finish(proc)
     t_bad = step_time(home, "diverging", jump_at)
-    t_first, first = min(alerts_for(receiver, "diverging", source="agent"), key=lambda ta: ta[0])
-    assert first["labels"]["alertname"] in {"GradwatchLossSpike", "GradwatchGradNormExplosion",
-                                            "GradwatchLossDivergence"}
+    received = alerts_for(receiver, "diverging", source="agent")
+    t_any = min(t for t, _ in received)
+    # the divergence detectors see it first; the loss may reach NaN a few steps later, and its alert then comes
+    # with theirs, in the same delivery (Alertmanager's group_wait, 1 s here)
+    t_first, first = min(((t, a) for t, a in received if a["labels"]["alertname"] in divergence),
+                         key=lambda ta: ta[0])
+    assert t_first - t_any <= 1.0, received
     assert first["labels"]["rank"] == "0" and first["labels"]["severity"] in {"warning", "critical"}
     assert "diverging" in first["annotations"]["summary"]  # a person reads which run
     assert first["annotations"]["hint"]
