@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from gradwatch.rules.config import ReduceLR
 
 
+def device_clip_coef(threshold: float, norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grad_norm_``'s coefficient on the device, without a synchronisation: ``threshold / norm`` at most
+    1, and 1 for a non-finite norm, as the host path does (a NaN coefficient would make every gradient NaN; a
+    step with a non-finite norm is the skip guard's)."""
+    coef = torch.clamp(threshold / (norm + 1e-6), max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+
 class Actuator:
     def __init__(self, optimizers: OptimizerSet, meter: GradNormMeter, guards: GradientGuards,
                  snapshots: Snapshots | None) -> None:
@@ -40,7 +48,7 @@ class Actuator:
         self.guards = guards
         self.snapshots = snapshots
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._found_inf_set = False
+        self._found_inf_set: torch.Tensor | None = None  # the found_inf the probe put on the optimizer
         self.fast = guards.only_nonfinite_skip
 
     # -- guards, in the pre-step hook -----------------------------------------------------------
@@ -88,15 +96,16 @@ class Actuator:
         if g.scheme == "fixed" and g.fixed_threshold is not None:
             threshold = g.fixed_threshold
             if g.clip_mode == "act":
-                self._scale_gradients(torch.clamp(threshold / (norm + 1e-6), max=1.0))
+                self._scale_gradients(device_clip_coef(threshold, norm))
             clipped = readback.capture(norm > threshold)
         if g.skip_nonfinite != "off":
             found = (~torch.isfinite(norm)).float()
             if g.skip_nonfinite == "act" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
                 existing = getattr(self.optimizer, "found_inf", None)
                 # the fused optimizers skip their update where found_inf is set, as under GradScaler
-                setattr(self.optimizer, "found_inf", found if existing is None else torch.maximum(existing, found))  # noqa: B010 - undeclared attribute
-                self._found_inf_set = existing is None
+                combined = found if existing is None else torch.maximum(existing, found)
+                setattr(self.optimizer, "found_inf", combined)  # noqa: B010 - undeclared attribute
+                self._found_inf_set = combined if existing is None else None
                 skip = readback.capture(found)
             else:
                 observed = readback.capture(found)
@@ -108,9 +117,12 @@ class Actuator:
             for p, g in self._hidden:
                 p.grad = g
             self._hidden = []
-        if self._found_inf_set:
-            delattr(self.optimizer, "found_inf")  # not an attribute torch declares: set above, removed here
-            self._found_inf_set = False
+        if self._found_inf_set is not None:
+            # only the probe's own: GradScaler.step() (after a framework's pre-step hook, as in Lightning's
+            # 16-mixed) replaces it with its own found_inf, and deletes that itself after the step
+            if getattr(self.optimizer, "found_inf", None) is self._found_inf_set:
+                delattr(self.optimizer, "found_inf")  # not an attribute torch declares: set above, removed here
+            self._found_inf_set = None
         if self.snapshots is not None:
             self.snapshots.maybe_take(step)
 

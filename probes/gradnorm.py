@@ -31,9 +31,28 @@ def replicated_local(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def norm_dtype(grads: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """float32 for half-precision gradients: an fp16 norm is inf past 65,504 (a false non-finite step, which the
+    skip guard would skip), so norms are accumulated and returned in float32 (as GradScaler's unscale checks do
+    in their own dtype); None (each tensor's own dtype) otherwise."""
+    dtypes = {g.dtype for g in grads}
+    return torch.float32 if dtypes & set(HALF_DTYPES) and torch.float64 not in dtypes else None
+
+
+def foreach_norms(grads: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    return list(torch._foreach_norm(grads, 2.0, dtype=dtype) if dtype is not None else torch._foreach_norm(grads, 2.0))
+
+
 def _fusable(grads: list[torch.Tensor]) -> bool:
+    """One fused kernel takes them: one device, dense, and not half precision beside float64 (float32 norms
+    would narrow the float64 ones: those go tensor by tensor, each in its own precision or float32)."""
     first = grads[0].device
-    return all(g.device == first and not g.is_sparse for g in grads)
+    dtypes = {g.dtype for g in grads}
+    return all(g.device == first and not g.is_sparse for g in grads) and not (
+        dtypes & set(HALF_DTYPES) and torch.float64 in dtypes)
 
 
 def _norm_of_norms(norms: list[torch.Tensor]) -> torch.Tensor:
@@ -52,13 +71,14 @@ def global_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
     grads = list(grads)
     if not grads:
         return None
-    return _norm_of_norms(list(torch._foreach_norm(grads, 2.0)) if _fusable(grads) else _per_tensor_norms(grads))
+    return _norm_of_norms(foreach_norms(grads, norm_dtype(grads)) if _fusable(grads) else _per_tensor_norms(grads))
 
 
 def _per_tensor_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """For gradients one fused kernel cannot take: sparse ones, or spread over devices."""
     first = grads[0].device
-    return [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0).to(first) for g in grads]
+    return [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g, 2.0,
+                                     dtype=torch.float32 if g.dtype in HALF_DTYPES else None).to(first) for g in grads]
 
 
 _FEW_TENSORS = 32  # below this, reading each norm beats one stack + norm (benchmarked)
@@ -109,6 +129,7 @@ class GradNormMeter:
         self._fusable = True
         self._on_cpu = False
         self._sharded = False  # FSDP2/DTensor gradients: each rank holds shards of them
+        self._dtype: torch.dtype | None = None  # of the norms (norm_dtype)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -147,9 +168,10 @@ class GradNormMeter:
             self._sharded = any(sharded(g) for g in grads)
             self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
+            self._dtype = norm_dtype(grads)
         if self._sharded:
             return None  # only the script's clip_grad_norm_ (reused above) has the global norm without a collective
         if not self._fusable:
             return _norm_of_norms(_per_tensor_norms(grads))
-        norms = torch._foreach_norm(grads, 2.0)
-        return NormOfNorms(norms) if self._on_cpu else _norm_of_norms(list(norms))
+        norms = foreach_norms(grads, self._dtype)
+        return NormOfNorms(norms) if self._on_cpu else _norm_of_norms(norms)

@@ -18,6 +18,7 @@ import torch
 
 from gradwatch.probes import readback
 from gradwatch.probes.captures import LayersCapture
+from gradwatch.probes.gradnorm import HALF_DTYPES, foreach_norms, norm_dtype
 from gradwatch.probes.optimizers import Optimizers
 
 DEFAULT_EVERY = 100
@@ -32,10 +33,13 @@ def layer_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]
 def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-tensor L2 norms as one float32 vector on ``device``."""
     norms: Sequence[torch.Tensor]
-    if all(t.device == device and not t.is_sparse for t in tensors):
-        norms = torch._foreach_norm(list(tensors), 2.0)
+    dtype = norm_dtype(tensors)  # float32 for fp16/bf16: an fp16 norm is inf past 65,504
+    if all(t.device == device and not t.is_sparse for t in tensors) and (dtype is not None or not any(
+            t.dtype in HALF_DTYPES for t in tensors)):
+        norms = foreach_norms(list(tensors), dtype)
     else:
-        norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t, 2.0).to(device)
+        norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t, 2.0,
+                                          dtype=torch.float32 if t.dtype in HALF_DTYPES else None).to(device)
                  for t in tensors]
     return torch.stack(norms).float()
 
