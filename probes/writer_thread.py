@@ -121,6 +121,7 @@ class SpoolWriterThread(threading.Thread):
 
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
+        self._use_probe_device()
         # the run directory is created with the first record (or when asked): until then load_state_dict() may
         # still name the run this process resumes
         acting = False  # the agent acts on this run: read its commands often
@@ -215,6 +216,21 @@ class SpoolWriterThread(threading.Thread):
             self._warn(f"unreadable-{name[:60]}", "the value logged as %r could not be read (%s); it is left out of "
                        "its step's record (the step's other values are recorded), here and each time it happens",
                        name, why)
+
+    def _use_probe_device(self) -> None:
+        """The current CUDA device is per thread and starts at 0: without this, the thread's first CUDA call (an
+        event query) would create a context on GPU 0 in every rank (hundreds of MiB each, and NVML then lists
+        every rank on GPU 0), whatever the script's ``set_device``. DataLoader's pin-memory thread sets its
+        device first for the same reason."""
+        if self._cuda_device is None:
+            return
+        try:
+            import torch
+
+            torch.cuda.set_device(self._cuda_device)
+        except Exception as exc:  # never the training's problem: the values are still read, on the default device
+            self._warn("writer-cuda-device", "could not select CUDA device %s in gradwatch's writer thread (%r)",
+                       self._cuda_device, exc)
 
     def _add_cuda_memory(self, records: list[Record]) -> None:
         """The CUDA allocator's counters, once a second, on the newest step record. Read here, not on
