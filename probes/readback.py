@@ -25,16 +25,29 @@ class Deferred:
         raise NotImplementedError
 
 
+def pinned(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def copy_to_host(value: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """An asynchronous copy of a CUDA tensor into pinned host memory, and an event that completes once it landed.
+    The copy runs on the current stream of the tensor's own device, so the event is recorded there, not on the
+    current device's (a script that moves tensors with ``.to(local_rank)`` without ``set_device``, or a model on
+    several GPUs: an event on another device's stream completes before the copy, and the value read is garbage)."""
+    host = pinned(value.shape, value.dtype)
+    host.copy_(value, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(value.device))
+    return host, event
+
+
 class PendingDeviceValue(Deferred):
     """A scalar being copied from the GPU; ``resolve()`` returns NOT_READY until the copy landed."""
 
     __slots__ = ("event", "host")
 
     def __init__(self, value: torch.Tensor) -> None:
-        self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        self.host.copy_(value.reshape(()), non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
+        self.host, self.event = copy_to_host(value.reshape(()))
 
     def resolve(self) -> Any:
         return float(self.host) if self.event.query() else NOT_READY
@@ -58,10 +71,7 @@ class PendingDeviceVector(Deferred):
     __slots__ = ("event", "host")
 
     def __init__(self, value: torch.Tensor) -> None:
-        self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        self.host.copy_(value, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
+        self.host, self.event = copy_to_host(value)
 
     def resolve(self) -> Any:
         return self.host.tolist() if self.event.query() else NOT_READY

@@ -67,3 +67,45 @@ def test_a_probe_on_cuda1_puts_no_context_on_gpu0(isolated_home: Path) -> None:
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     assert os.getpid() not in [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+
+
+def test_a_device_value_is_awaited_on_its_own_devices_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event a pending copy is awaited by is recorded on the current stream of the tensor's device, where
+    the copy runs, not on the current device's. No GPU here: the CUDA calls are recorded by stand-ins."""
+    from gradwatch.probes import readback
+
+    recorded: list[Any] = []
+
+    class Event:
+        def record(self, stream: Any = None) -> None:
+            recorded.append(stream)
+
+        def query(self) -> bool:
+            return True
+
+    monkeypatch.setattr(readback, "pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", str(device)))
+    value = readback.PendingDeviceValue(torch.tensor(2.5))
+    vector = readback.PendingDeviceVector(torch.tensor([1.0, 2.0]))
+    assert recorded == [("stream of", "cpu"), ("stream of", "cpu")]  # the tensor's device, asked explicitly
+    assert value.resolve() == 2.5 and vector.resolve() == [1.0, 2.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices; this machine has "
+                    f"{torch.cuda.device_count()} (no GPU was lent to this task)")
+def test_a_value_on_another_device_than_the_current_one_is_read_right() -> None:
+    """The DDP tutorial pattern: tensors moved with .to(1) while the current device is 0. A long kernel queued
+    before the value on cuda:1: the value read must be the one computed, never the pinned buffer's old bytes."""
+    from gradwatch.probes import readback
+
+    torch.cuda.set_device(0)
+    a = torch.randn(4096, 4096, device="cuda:1")
+    for _ in range(20):
+        a = a @ a / 64.0  # keeps cuda:1 busy
+    value = torch.nan_to_num(a.sum()) * 0 + 7.25
+    pending = readback.PendingDeviceValue(value)
+    while (got := pending.resolve()) is readback.NOT_READY:
+        pass
+    assert got == 7.25
