@@ -59,7 +59,7 @@ def test_attaching_twice_to_one_optimizer_returns_the_probe_it_has(isolated_home
     _, records = read_run(isolated_home, "once")
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3]  # each step hooked once
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # closed: a new attach is a new probe, without a warning
+        warnings.simplefilter("error", RuntimeWarning)  # closed: a new attach is a new probe, without a warning
         third = gradwatch.attach(model, opt, run="again")
     assert third is not first
     third.close()
