@@ -187,6 +187,9 @@ AGENT_NOTIFICATIONS_PENDING = MetricSpec("gradwatch_agent_notifications_pending"
                                          ("endpoint",))
 AGENT_GPUS = MetricSpec("gradwatch_agent_gpus", "gauge",
                         "GPUs the agent's NVML collector sees (0: no NVML or no GPU; the reason is in /healthz).", ())
+AGENT_GPU_READING_AGE = MetricSpec("gradwatch_agent_gpu_reading_age_seconds", "gauge",
+                                   "Age of the GPU series served (NVML is read once a second on a thread of its own; "
+                                   "past 10 s they are left out: NVML stopped answering). Absent without GPUs.", ())
 AGENT_BUILD_INFO = MetricSpec("gradwatch_agent_build_info", "gauge", "gradwatch version of the agent (value 1).",
                               ("version",))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
@@ -16,9 +17,10 @@ from gradwatch.agent.alerts import Alert
 from gradwatch.agent.exposition import SeriesWriter, render
 from gradwatch.agent.exposition import escape_label_value as esc
 from gradwatch.agent.faults import Stage
-from gradwatch.agent.gpus import GpuCollector
+from gradwatch.agent.gpus import GpuCollector, normal_uuid
 from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
+from gradwatch.spool.proc import judges_pid
 
 TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
 RUNS_PER_LOCK = 50  # runs whose samples a scrape makes per hold of the state lock (a few ms)
@@ -26,6 +28,14 @@ RUNS_PER_LOCK = 50  # runs whose samples a scrape makes per hold of the state lo
 
 _RUN_SPECS = tuple(spec for spec in c.ALL if spec.labels[:2] == c.RUN_LABELS)
 _WRITERS = {spec.name: SeriesWriter(spec) for spec in _RUN_SPECS}
+
+
+@dataclass
+class GpuOwners:
+    """The live ranks using GPUs: by normalised UUID (agent/gpus.py), and by pid for probes that listed none."""
+
+    by_uuid: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    by_pid: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
 
 
 class AgentCollector(Collector):
@@ -58,9 +68,9 @@ class AgentCollector(Collector):
         started = time.perf_counter()
         with self.state.lock:
             families = self._agent_families()
-            users = self._gpu_users()
+            owners = self._gpu_owners() if self.gpus is not None and self.gpus.count else GpuOwners()
         yield from families
-        yield from self._gpu_families(users)
+        yield from self._gpu_families(owners)
         duration = c.AGENT_SCRAPE_DURATION.family()
         duration.add_metric([], time.perf_counter() - started + self._runs_seconds)
         yield duration
@@ -157,26 +167,35 @@ class AgentCollector(Collector):
             for (rule, action, mode), n in sorted(rules.decisions.items()):
                 put(c.RULE_DECISIONS, [esc(run), "0", esc(rule), esc(action), esc(mode)], n)  # agent rules read rank 0
 
-    def _gpu_users(self) -> dict[int, tuple[str, str]]:
-        """pid -> (run, rank) of this machine's live training processes."""
-        users = {}
+    def _gpu_owners(self) -> GpuOwners:
+        """Who uses which GPU, from the live ranks' metadata: by UUID (any host, any pid namespace: a UUID names
+        one device), else by pid where this agent can judge the pid (this host, this pid namespace)."""
+        owners = GpuOwners()
         for run, ranks in self.state.runs.items():
             for rank, s in ranks.items():
-                if s.meta.host == self.local_host and not s.status.ended and s.meta.pid > 0:
-                    users[s.meta.pid] = (run, str(rank))
-        return users
+                if s.status.ended:
+                    continue
+                meta = s.meta
+                for uuid in meta.gpu_uuids:
+                    owners.by_uuid.setdefault(normal_uuid(uuid), set()).add((run, str(rank)))
+                if not meta.gpu_uuids and judges_pid(meta.host, meta.pid, meta.pid_namespace, self.local_host):
+                    owners.by_pid.setdefault(meta.pid, set()).add((run, str(rank)))
+        return owners
 
-    def _gpu_families(self, users: dict[int, tuple[str, str]]) -> list[c.Family]:
-        """One series per GPU and gradwatch process on it (run="" rank="" for a GPU none of ours uses)."""
+    def _gpu_families(self, owners: GpuOwners) -> list[c.Family]:
+        """One series per GPU (and MIG instance) and gradwatch process on it (run="" rank="" for one none of ours
+        uses)."""
         specs = (c.GPU_UTILIZATION, c.GPU_MEMORY_USED, c.GPU_MEMORY_TOTAL, c.GPU_POWER, c.GPU_TEMPERATURE,
                  c.GPU_SM_CLOCK)
         families = {spec.name: spec.family() for spec in specs + (c.GPU_THROTTLED,)}
         for gpu in self.gpus.sample() if self.gpus is not None else []:
-            owners = sorted({users[pid] for pid in gpu.pids if pid in users}) or [("", "")]
+            users = set(owners.by_uuid.get(normal_uuid(gpu.uuid), ()))
+            for pid in gpu.pids:
+                users |= owners.by_pid.get(pid, set())
             values = (gpu.utilization, gpu.memory_used, gpu.memory_total, gpu.power_watts, gpu.temperature_celsius,
                       gpu.sm_clock_hertz)
-            for run, rank in owners:
-                labels = [str(gpu.index), gpu.uuid, self.local_host, run, rank]
+            for run, rank in sorted(users) or [("", "")]:
+                labels = [gpu.gpu, gpu.uuid, self.local_host, run, rank]
                 for spec, value in zip(specs, values, strict=True):
                     if value is not None:
                         families[spec.name].add_metric(labels, value)
@@ -184,7 +203,10 @@ class AgentCollector(Collector):
                     families[c.GPU_THROTTLED.name].add_metric(labels + [reason], 1.0 if on else 0.0)
         count = c.AGENT_GPUS.family()
         count.add_metric([], self.gpus.count if self.gpus is not None else 0)
-        return list(families.values()) + [count]
+        age = c.AGENT_GPU_READING_AGE.family()
+        if self.gpus is not None and (seconds := self.gpus.reading_age()) is not None:
+            age.add_metric([], seconds)
+        return list(families.values()) + [count, age]
 
     def _agent_families(self) -> list[c.Family]:
         counters = self.state.counters

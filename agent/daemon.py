@@ -70,7 +70,7 @@ class Agent:
         self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
         self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
         self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
-        self.gpus = GpuCollector(enabled=config.gpu_collector)
+        self.gpus = GpuCollector(enabled=config.gpu_collector)  # sampling on its own thread from start()
         self.collector = AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,
                                         self.local_host)
         self.stopped = threading.Event()
@@ -121,6 +121,7 @@ class Agent:
             self.notifier.start()
             log.info("alerts go to: %s", self.notifier.describe())
             self.watcher.start()
+            self.gpus.start()
             if self.rules_watcher is not None:
                 self.rules_watcher.start()
             self._started_at = time.monotonic()  # the loop's first pass reads the whole spool

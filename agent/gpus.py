@@ -1,9 +1,16 @@
 """The machine's GPUs through NVML, each labelled with the gradwatch run whose process uses it.
 
 The DCGM exporter reports GPUs; only gradwatch knows which training process (run and rank) is
-on each. NVML lists the processes of every GPU and the runs' metadata has their pids, so each
-GPU series carries ``run`` and ``rank``. Without NVML (no driver, no ``nvidia-ml-py``) or without
-GPUs the collector reports "no GPUs" once, at info level, and exports nothing per GPU.
+on each. A run's metadata lists the UUIDs of the GPUs its process uses (``gpu_uuids``), which match
+``nvmlDeviceGetUUID`` whatever pid namespace the trainer lives in (a container or a pod writes its own
+pids, which the driver never reports); for older probes, NVML's process list is matched to the
+metadata's pid, only when the process shares the agent's pid namespace.
+
+NVML is read on a thread of its own, once a second, and a scrape serves the last reading: a wedged GPU
+(an NVML call that never returns) costs the GPU series, not ``/metrics``. MIG instances are reported
+beside their GPU (``gpu="0/1"``, their own UUID). Without NVML (no driver, no ``nvidia-ml-py``) or
+without GPUs the collector says why once, at info level, and exports nothing per GPU; a failed
+``nvmlInit`` is retried (a driver loaded after the agent started).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -29,12 +37,29 @@ THROTTLE_REASONS = {
 }
 _TEMPERATURE_GPU = 0  # NVML_TEMPERATURE_GPU
 _CLOCK_SM = 1  # NVML_CLOCK_SM
-_CACHE_SECONDS = 1.0  # scrapes closer together than this share one sample
+_MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE
+SAMPLE_EVERY_SECONDS = 1.0
+STALE_AFTER_SECONDS = 10.0  # a reading older than this is not served (NVML stopped answering)
+RETRY_INIT_SECONDS = 30.0
+
+
+def same_gpu(a: str, b: str) -> bool:
+    """Whether two GPU UUIDs name one device: NVML writes ``GPU-<uuid>`` (``MIG-<uuid>`` for an instance),
+    torch's ``get_device_properties(i).uuid`` the bare UUID."""
+    return normal_uuid(a) == normal_uuid(b) != ""
+
+
+def normal_uuid(uuid: str) -> str:
+    uuid = uuid.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if uuid.startswith(prefix):
+            return uuid[len(prefix):]
+    return uuid
 
 
 @dataclass
 class GpuSample:
-    index: int
+    gpu: str  # the ``gpu`` label: NVML's index, "<index>/<MIG index>" for a MIG instance
     uuid: str
     name: str
     utilization: float | None = None  # 0..1
@@ -48,19 +73,72 @@ class GpuSample:
 
 
 class GpuCollector:
-    """Samples every GPU; ``state`` says why there are none. ``nvml`` is the ``pynvml`` module of
-    nvidia-ml-py (tests pass a fake of the few calls used here)."""
+    """Samples every GPU (``refresh()``, on its own thread once ``start()``-ed); ``sample()`` gives the last
+    reading; ``state`` says why there are none. ``nvml`` is the ``pynvml`` module of nvidia-ml-py (tests pass
+    a fake of the few calls used here)."""
 
-    def __init__(self, nvml: ModuleType | Any | None = None, enabled: bool = True) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, nvml: ModuleType | Any | None = None, enabled: bool = True, *,
+                 clock: Callable[[], float] = time.monotonic, every: float = SAMPLE_EVERY_SECONDS,
+                 stale_after: float = STALE_AFTER_SECONDS, retry_init: float = RETRY_INIT_SECONDS) -> None:
+        self._given = nvml
+        self._enabled = enabled
+        self._clock = clock
+        self._every, self._stale_after, self._retry_init = every, stale_after, retry_init
         self._nvml: Any = None
         self._count = 0
-        self._cached: tuple[float, list[GpuSample]] = (0.0, [])
-        self.state = "disabled (gpu_collector: false)" if not enabled else self._init(nvml)
-        log.info("GPU collector: %s", self.state)
+        self._next_init = 0.0
+        self._samples: list[GpuSample] = []
+        self._sampled_at: float | None = None  # when the last refresh finished
+        self._refresh_started: float | None = None  # set while a refresh is in NVML
+        self._stale_reported = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state = "disabled (gpu_collector: false)" if not enabled else "starting"
+        if not enabled:
+            log.info("GPU collector: %s", self.state)
 
-    def _init(self, nvml: Any) -> str:
+    # -- the sampling thread --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gradwatch-gpus", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # never the agent's end: the GPU series are left out until NVML answers again
+                log.debug("GPU collector", exc_info=True)
+            self._stop.wait(self._every)
+
+    def refresh(self) -> None:
+        """Initialise NVML if it is not (again, every ``retry_init`` seconds after a failure), then read every GPU."""
+        if not self._enabled:
+            return
+        now = self._clock()
+        if self._nvml is None:
+            if now < self._next_init:
+                return
+            self._initialise(now)
+            if self._nvml is None:
+                return
+        self._refresh_started = now
         try:
+            samples: list[GpuSample] = []
+            for index in range(self._count):
+                samples += self._sample_gpu(index)
+        finally:
+            self._refresh_started = None
+        self._samples, self._sampled_at = samples, self._clock()
+        if self._stale_reported:
+            self._stale_reported = False
+            self.state = self._counted()
+            log.info("GPU collector: NVML answers again; %s", self.state)
+
+    def _initialise(self, now: float) -> None:
+        before = self.state
+        try:
+            nvml = self._given
             if nvml is None:
                 import pynvml  # nvidia-ml-py
 
@@ -68,42 +146,75 @@ class GpuCollector:
             nvml.nvmlInit()
             self._count = int(nvml.nvmlDeviceGetCount())
         except ImportError:
-            return "no GPUs: nvidia-ml-py is not installed"
+            self.state = "no GPUs: nvidia-ml-py is not installed"
+            self._next_init = float("inf")  # installing it needs a restart anyway
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            return f"no GPUs: NVML is not available ({exc})"
-        self._nvml = nvml
+            self.state = f"no GPUs: NVML is not available ({exc}); retrying every {self._retry_init:g} s"
+            self._next_init = now + self._retry_init
+        else:
+            self._nvml = nvml
+            self.state = self._counted()
+        if self.state != before:
+            log.info("GPU collector: %s", self.state)
+
+    def _counted(self) -> str:
         return f"{self._count} GPU(s) through NVML" if self._count else "no GPUs: NVML sees none"
 
+    # -- what a scrape reads ----------------------------------------------------------------------
     @property
     def count(self) -> int:
         return self._count if self._nvml is not None else 0
 
-    def sample(self, now: float | None = None) -> list[GpuSample]:
-        """Every GPU's readings (cached for a second); a reading a GPU does not support is None."""
-        if self._nvml is None or not self._count:
-            return []
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            if now - self._cached[0] < _CACHE_SECONDS and self._cached[1]:
-                return self._cached[1]
-            samples = [s for i in range(self._count) if (s := self._sample_one(i)) is not None]
-            self._cached = (now, samples)
-            return samples
+    def reading_age(self) -> float | None:
+        """Seconds since the last complete reading; None before the first (or without GPUs)."""
+        return self._clock() - self._sampled_at if self._sampled_at is not None and self._count else None
 
-    def _sample_one(self, index: int) -> GpuSample | None:
+    def sample(self) -> list[GpuSample]:
+        """The last reading of every GPU; none once it is older than ``stale_after`` (NVML stopped answering:
+        said once per episode, in the log and in ``state``)."""
+        if self._sampled_at is None:
+            return []
+        age = self._clock() - self._sampled_at
+        if age <= self._stale_after:
+            return self._samples
+        if not self._stale_reported:
+            self._stale_reported = True
+            stuck = self._refresh_started is not None
+            self.state = (f"NVML has not answered for {age:.0f} s: the GPU series are left out until it does"
+                          if stuck else f"no GPU reading for {age:.0f} s")
+            log.warning("GPU collector: %s", self.state)
+        return []
+
+    # -- reading one GPU ---------------------------------------------------------------------------
+    def _sample_gpu(self, index: int) -> list[GpuSample]:
+        """The GPU and, in MIG mode, each of its instances (whose utilisation NVML does not report)."""
         nvml = self._nvml
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            sample = GpuSample(index, _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)))
         except Exception as exc:
             log.debug("GPU %d: %s", index, exc)
-            return None  # e.g. fallen off the bus; the others are still reported
+            return []  # e.g. fallen off the bus; the others are still reported
+        parent = self._sample_handle(handle, str(index))
+        if parent is None:
+            return []
+        out = [parent]
+        if _first(_call(nvml, "nvmlDeviceGetMigMode", handle)) == _MIG_ENABLED:  # [current, pending]
+            for mig in range(int(_call(nvml, "nvmlDeviceGetMaxMigDeviceCount", handle) or 0)):
+                mig_handle = _call(nvml, "nvmlDeviceGetMigDeviceHandleByIndex", handle, mig)
+                if mig_handle is not None and (instance := self._sample_handle(mig_handle, f"{index}/{mig}")):
+                    out.append(instance)
+        return out
+
+    def _sample_handle(self, handle: Any, label: str) -> GpuSample | None:
+        nvml = self._nvml
+        try:
+            sample = GpuSample(label, _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)))
+        except Exception as exc:
+            log.debug("GPU %s: %s", label, exc)
+            return None
 
         def read(fn: str, *args: Any) -> Any:
-            try:
-                return getattr(nvml, fn)(handle, *args)
-            except Exception:  # NVMLError_NotSupported and friends: that reading is left out
-                return None
+            return _call(nvml, fn, handle, *args)
 
         if (util := read("nvmlDeviceGetUtilizationRates")) is not None:
             sample.utilization = util.gpu / 100.0
@@ -122,10 +233,28 @@ class GpuCollector:
         return sample
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            if self._thread.is_alive():
+                return  # stuck in NVML: shutting it down under that call could only make it worse
         if self._nvml is not None:
             with contextlib.suppress(Exception):  # the driver may be gone already; nothing to do about it
                 self._nvml.nvmlShutdown()
             self._nvml = None
+
+
+def _call(nvml: Any, fn: str, *args: Any) -> Any:
+    """One NVML reading; None where it is not supported (NVMLError_NotSupported and friends) or not in this
+    nvidia-ml-py."""
+    try:
+        return getattr(nvml, fn)(*args)
+    except Exception:
+        return None
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) and value else None
 
 
 def _text(value: Any) -> str:

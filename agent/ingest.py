@@ -28,7 +28,7 @@ from gradwatch.agent.state import AgentState, RankState
 from gradwatch.rules.engine import Decision, RuleFailure, RunRules
 from gradwatch.spool.files import file_kind
 from gradwatch.spool.format import SpoolLayout, parse_rank_file
-from gradwatch.spool.proc import process_alive
+from gradwatch.spool.proc import judges_pid, process_alive
 from gradwatch.spool.reader import (
     DEFAULT_MAX_BYTES,
     RESUME_MARKER,
@@ -521,7 +521,7 @@ class SpoolIngestor:
         except OSError:
             return
         meta = state.meta
-        gone = meta.host == self.local_host and meta.pid > 0 and \
+        gone = judges_pid(meta.host, meta.pid, meta.pid_namespace, self.local_host) and \
             process_alive(meta.pid, meta.proc_start_ticks) is False
         if gone and stat.st_mtime < self.started_at - HISTORY_AFTER_SECONDS:
             state.history_until = size

@@ -20,7 +20,7 @@ from gradwatch.agent.recent_max import RecentMax
 from gradwatch.agent.rules import AgentRules
 from gradwatch.rules.config import default_rules
 from gradwatch.rules.ema import EmaZScore
-from gradwatch.spool.proc import process_alive
+from gradwatch.spool.proc import judges_pid, process_alive
 from gradwatch.spool.records import (
     AckRecord,
     AckStatus,
@@ -306,7 +306,7 @@ class RankState:
             return self.status
         if self.end_status is not None:
             self._end(_END_STATES.get((self.end_status, self.exit_code is not None), RunStatus.FINISHED), now)
-        elif self.meta.host == local_host and self.meta.pid > 0 and self._process_gone(now):
+        elif judges_pid(self.meta.host, self.meta.pid, self.meta.pid_namespace, local_host) and self._process_gone(now):
             self._end(RunStatus.CRASHED, now)
         else:
             last = self.last_record_time or self.meta.start_time or now

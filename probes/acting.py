@@ -52,16 +52,21 @@ class Actuator:
         self.fast = guards.only_nonfinite_skip
 
     # -- guards, in the pre-step hook -----------------------------------------------------------
-    def guard(self, norm: torch.Tensor | NormOfNorms) -> tuple[Any, GuardInfo | None]:
-        """Apply the guards to this step's gradients; returns the norm to record and what was done."""
+    def guard(self, norm: torch.Tensor | NormOfNorms, amp: bool = False) -> tuple[Any, GuardInfo | None]:
+        """Apply the guards to this step's gradients; returns the norm to record and what was done. ``amp``: a
+        GradScaler steps this optimizer, and skips a step with non-finite gradients itself (lowering its scale;
+        recorded as skip "amp"): the guards leave those to it. Hiding the gradients from it would leave it no
+        inf check to record, and its ``update()`` raise."""
         if isinstance(norm, NormOfNorms):
             value = norm.value_now()  # CPU: reading it costs no synchronisation
         elif norm.is_cpu or self.guards.needs_host_norm:
             value = float(norm)  # on CUDA: the one synchronisation attach() warned about
         else:
-            return norm, self._guard_on_device(norm)
+            return norm, self._guard_on_device(norm, amp)
         if self.fast and math.isfinite(value):
             return value, None  # the default guards and a healthy step: nothing to do, nothing to record
+        if amp and not math.isfinite(value):
+            return value, None  # GradScaler's to skip
         decision = self.guards.decide(value)
         self.fast = self.guards.only_nonfinite_skip
         if decision.skip is not None:
@@ -88,7 +93,7 @@ class Actuator:
         for p, _ in self._hidden:
             p.grad = None
 
-    def _guard_on_device(self, norm: torch.Tensor) -> GuardInfo:
+    def _guard_on_device(self, norm: torch.Tensor, amp: bool = False) -> GuardInfo:
         """CUDA without a synchronisation: the fixed threshold as a clamp, the non-finite skip through
         the fused optimizers' ``found_inf`` (as GradScaler does); otherwise the skip only observes."""
         g = self.guards
@@ -98,7 +103,7 @@ class Actuator:
             if g.clip_mode == "act":
                 self._scale_gradients(device_clip_coef(threshold, norm))
             clipped = readback.capture(norm > threshold)
-        if g.skip_nonfinite != "off":
+        if g.skip_nonfinite != "off" and not amp:  # under GradScaler, non-finite steps are its own to skip
             found = (~torch.isfinite(norm)).float()
             if g.skip_nonfinite == "act" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
                 existing = getattr(self.optimizer, "found_inf", None)
@@ -110,6 +115,9 @@ class Actuator:
             else:
                 observed = readback.capture(found)
         return threshold, clipped, skip, observed
+
+    def owns_found_inf(self, found: torch.Tensor) -> bool:
+        return found is self._found_inf_set
 
     # -- after the step ---------------------------------------------------------------------------
     def after_step(self, step: int) -> None:

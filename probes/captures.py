@@ -126,7 +126,7 @@ def to_record(item: Capture, logged: LogCapture | None = None,
             record.clip = step.script_clip
             # torch scales the gradients by max_norm / (norm + 1e-6) when that is below 1
             record.clipped = isinstance(norm, float) and norm + 1e-6 > step.script_clip
-        if step.loss_scale is not None:
+        if step.loss_scale is not None and record.skip == "amp":  # the scale that overflowed
             scale = readback.resolve(step.loss_scale)
             if scale is readback.NOT_READY:
                 return None

@@ -161,14 +161,14 @@ class GradNormMeter:
         grads = [g for p in self._params if (g := p.grad) is not None]
         if not grads:
             return None
-        if reuse is not None and reuse[1] == len(grads):
-            return reuse[0]
-        if self._checked_for != len(grads):
+        if self._checked_for != len(grads):  # before a reused norm too: the guards scale by `fusable`
             self._checked_for = len(grads)
             self._sharded = any(sharded(g) for g in grads)
             self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
             self._dtype = norm_dtype(grads)
+        if reuse is not None and reuse[1] == len(grads):
+            return reuse[0]
         if self._sharded:
             return None  # only the script's clip_grad_norm_ (reused above) has the global norm without a collective
         if not self._fusable:

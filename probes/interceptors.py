@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
+from torch.amp.grad_scaler import OptState
 
 from gradwatch.probes.gradnorm import global_grad_norm, replicated_local, sharded
 
@@ -33,6 +34,7 @@ _install_lock = threading.Lock()
 _reported: set[str] = set()
 _installed = False
 _scaled: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None  # last GradScaler.scale: (output, loss)
+_scaler: weakref.ref[torch.amp.GradScaler] | None = None  # the GradScaler that scaled the last loss
 
 
 class StepInputs:
@@ -172,7 +174,7 @@ def _install() -> None:
         def scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
             scaled = original_scale(self, outputs)
             if _taps and isinstance(outputs, torch.Tensor) and isinstance(scaled, torch.Tensor):
-                _seen_scale(scaled, outputs)
+                _seen_scale(self, scaled, outputs)
             return scaled
 
         def scaler_step(self: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -273,12 +275,32 @@ def _seen_scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optim
         _internal_error("GradScaler.step", exc)
 
 
-def _seen_scale(scaled: torch.Tensor, loss: torch.Tensor) -> None:
-    global _scaled  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
+def _seen_scale(scaler: torch.amp.GradScaler, scaled: torch.Tensor, loss: torch.Tensor) -> None:
+    global _scaled, _scaler  # noqa: PLW0603 - one per process: torch's hooks and functions are process-wide
     try:
         _scaled = (weakref.ref(scaled), loss.detach())
+        if _scaler is None or _scaler() is not scaler:
+            _scaler = weakref.ref(scaler)
     except Exception as exc:
         _internal_error("GradScaler.scale", exc)
+
+
+def outstanding_scale(optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
+    """The loss scale the optimizer's gradients still carry, outside its ``step()``: a GradScaler scaled the backward
+    pass and has not unscaled them for this optimizer. A fused optimizer unscales inside ``step()``, so Lightning's
+    ``on_before_optimizer_step`` (16-mixed) sees its gradients scaled: their norm is the scale (65,536) times too
+    large. The scale is a device tensor: dividing by it is no synchronisation. None: they carry none. ``scaler``:
+    the framework's (Lightning's precision plugin); else the one the interceptors saw scale the last loss."""
+    if scaler is None:
+        scaler = _scaler() if _scaler is not None else None
+    if scaler is None or not scaler.is_enabled():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", None)  # GradScaler's own: unscale_() and step() mark it
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    if state is not None and state.get("stage") is not OptState.READY:
+        return None  # unscaled (unscale_, a non-fused optimizer under GradScaler.step) or stepped already
+    return scaler._get_scale_async()
 
 
 def _internal_error(where: str, exc: Exception) -> None:

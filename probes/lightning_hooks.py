@@ -61,6 +61,7 @@ class LightningHooks(ProbeOptions):
                            launch_id=shared_launch_id(), **self.options,
                            **resuming(saved, int(trainer.global_step), self.options["run"]))
         self._last_step = self.probe.step
+        self.probe.use_loss_scaler(getattr(getattr(trainer, "precision_plugin", None), "scaler", None))
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             def scale_trainer_clip(factor: float, low: float, high: float) -> float:
                 trainer.gradient_clip_val = scaled_threshold(float(trainer.gradient_clip_val or 0.0), factor, low, high)

@@ -29,8 +29,10 @@ from gradwatch.probes.captures import LayersCapture, LogCapture, StepCapture
 from gradwatch.probes.collective import command_sync
 from gradwatch.probes.commands import CommandApplier
 from gradwatch.probes.control import Command
+from gradwatch.probes.devices import parameter_devices
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
 from gradwatch.probes.guards import GradientGuards
+from gradwatch.probes.interceptors import outstanding_scale
 from gradwatch.probes.layerstats import LayerStats
 from gradwatch.probes.model_hook import ForwardPreHook
 from gradwatch.probes.optimizer_streams import OtherOptimizer
@@ -122,6 +124,7 @@ class Probe:
         self._sample_counter: SampleCounter | None = None  # gradwatch run: batch_size from the model's inputs
         self._others: list[OtherOptimizer] = []  # the run's other optimizers, recorded on their own
         self._pre_clip_norm: Any = None  # the first optimizer's own norm, taken before a clip over more
+        self._loss_scaler: torch.amp.GradScaler | None = None  # a framework's GradScaler (use_loss_scaler)
 
         optimizers = settings.optimizers
         self._optimizers = OptimizerSet(optimizers) if optimizers else None  # what the meters read
@@ -155,7 +158,7 @@ class Probe:
             queue=self._queue.items, layout=self.layout, run_name=self.requested_run, identity=self.identity,
             labels=settings.labels, queue_dropped=lambda: self._queue.dropped, warn=self._warn,
             flush_interval=settings.flush_interval,
-            on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_device=_cuda_device(watched),
+            on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_devices=_cuda_devices(watched),
             inbox=reads, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward",
                                        **({"command_sync": "collective"} if self._sync is not None else {})})
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
@@ -301,6 +304,11 @@ class Probe:
         ``measure_in_step_hook=False``."""
         if not self._closed:
             self._before_step()
+
+    def use_loss_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """The framework's GradScaler (Lightning's 16-mixed), so that gradients it has not unscaled yet when
+        :meth:`measure_gradients` runs (a fused optimizer's) are measured unscaled."""
+        self._loss_scaler = scaler
 
     def count_samples(self, counter: SampleCounter | None) -> None:
         """Log ``batch_size`` with each step the script does not log, from the model's forward inputs."""
@@ -503,12 +511,14 @@ class Probe:
                            "gradient norm from the script's clip_grad_norm_ call, and no norm on steps without one "
                            "(computing it would add an all-reduce to every step)")
             grad_scale = getattr(self.primary_optimizer, "grad_scale", None)
+            if grad_scale is None and norm is not None and self.primary_optimizer is not None:
+                grad_scale = outstanding_scale(self.primary_optimizer, self._loss_scaler)  # outside step(): Lightning
             if grad_scale is not None and norm is not None:
                 # GradScaler hands fused optimizers scaled gradients and the scale, to unscale in the kernel
                 norm = (norm.tensor() if isinstance(norm, NormOfNorms) else norm) / grad_scale
             actuator = self._actuator
             if actuator is not None and norm is not None and actuator.guards.active:
-                norm, self._pending_guard = actuator.guard(norm)
+                norm, self._pending_guard = actuator.guard(norm, amp=grad_scale is not None)
             self._pending_norm = norm
         except Exception as exc:
             self._pending_norm = None
@@ -530,7 +540,23 @@ class Probe:
                        "them after the step, so guards cannot act on them (with Lightning, use "
                        "gradwatch.probes.lightning.GradwatchCallback)")
             self._before_step()
-        self._record_step()
+        self._record_step(*self._fused_amp_skip(optimizer))
+
+    def _fused_amp_skip(self, optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+        """A fused optimizer under GradScaler is stepped whatever its gradients, and skips the update inside its
+        kernel where GradScaler's ``found_inf`` is set: that step is recorded as skip "amp" with the scale, once
+        the flag is read (no synchronisation). () when GradScaler is not in this step."""
+        found = getattr(optimizer, "found_inf", None)
+        if found is None or not isinstance(found, torch.Tensor):
+            return ()
+        actuator = self._actuator
+        if actuator is not None and actuator.owns_found_inf(found):
+            return ()  # the probe's own skip flag, already in the guard's record
+        guard = self._pending_guard
+        skip = readback.DeviceFlag(found, "amp")
+        self._pending_guard = (guard[0], guard[1], skip, guard[3]) if guard is not None else (None, False, skip, None)
+        scale = getattr(optimizer, "grad_scale", None)
+        return (readback.capture(scale),) if isinstance(scale, torch.Tensor) else ()
 
     def _record_step(self, loss_scale: Any = None, *, skipped: bool = False) -> None:
         try:
@@ -669,16 +695,12 @@ def attach(
     return probe
 
 
-def _cuda_device(optimizer: OptimizerSet | None) -> int | None:
-    """The CUDA device of the optimizer's first parameter, whose allocator the writer thread samples."""
+def _cuda_devices(optimizer: OptimizerSet | None) -> list[int]:
+    """The CUDA devices of the optimizer's parameters (the first is the writer thread's current device), whose
+    allocators the writer thread samples and whose UUIDs the metadata lists."""
     if optimizer is None:
-        return None
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not p.is_cuda:
-                return None
-            return p.device.index if p.device.index is not None else torch.cuda.current_device()
-    return None
+        return []
+    return parameter_devices(p for group in optimizer.param_groups for p in group["params"])
 
 
 def _host_guards(guards: GradientGuards) -> str:

@@ -77,6 +77,20 @@ class PendingDeviceVector(Deferred):
         return self.host.tolist() if self.event.query() else NOT_READY
 
 
+class DeviceFlag(Deferred):
+    """A 0/1 tensor (GradScaler's ``found_inf``) read as ``name`` when set and None when not, without a sync."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, value: torch.Tensor, name: str) -> None:
+        self.value = capture(value)
+        self.name = name
+
+    def resolve(self) -> Any:
+        value = resolve(self.value)
+        return value if value is NOT_READY else self.name if value else None
+
+
 class DeferredVector(Deferred):
     """A vector on the CPU (read on the writer thread) or another accelerator."""
 

@@ -23,14 +23,14 @@ from typing import Any
 
 from gradwatch.probes.captures import Capture, LogCapture, StepCapture, to_record
 from gradwatch.probes.control import Command
+from gradwatch.probes.devices import fullest_memory, gpu_uuids
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.probes.resume import ResumePoint
 from gradwatch.probes.spool_session import SpoolSession
 from gradwatch.probes.warn_once import WarnOnce
 from gradwatch.spool.format import SpoolLayout
-from gradwatch.spool.proc import process_start_ticks
+from gradwatch.spool.proc import pid_namespace, process_start_ticks
 from gradwatch.spool.records import (
-    CudaMemory,
     EndRecord,
     EndStatus,
     LogRecord,
@@ -65,7 +65,7 @@ class SpoolWriterThread(threading.Thread):
         on_agent_needed: Callable[[SpoolLayout], object] | None,
         inbox: deque[Command] | None = None,
         run_settings: dict[str, Any] | None = None,
-        cuda_device: int | None = None,
+        cuda_devices: list[int] | None = None,
     ) -> None:
         super().__init__(name="gradwatch-writer", daemon=True)
         self._queue = queue
@@ -76,7 +76,8 @@ class SpoolWriterThread(threading.Thread):
         self._inbox = inbox
         self._run_settings = run_settings or {}
         self._identity = identity
-        self._cuda_device = cuda_device
+        self._cuda_devices = cuda_devices or []  # the parameters' devices; the first is the thread's
+        self._cuda_device = self._cuda_devices[0] if self._cuda_devices else None
         self._next_cuda_sample = 0.0
         self._stop_event = threading.Event()
         self._end: tuple[EndStatus, str | None, int, int | None] = (EndStatus.FINISHED, None, 0, None)
@@ -233,21 +234,16 @@ class SpoolWriterThread(threading.Thread):
                        self._cuda_device, exc)
 
     def _add_cuda_memory(self, records: list[Record]) -> None:
-        """The CUDA allocator's counters, once a second, on the newest step record. Read here, not on
-        the training thread: they are host-side counters (no synchronisation), but building them costs."""
+        """The CUDA allocator's counters of the fullest of the process's devices, once a second, on the newest step
+        record. Read here, not on the training thread: they are host-side counters (no synchronisation), but
+        building them costs."""
         if self._cuda_device is None or time.monotonic() < self._next_cuda_sample:
             return
         step = next((r for r in reversed(records) if isinstance(r, StepRecord)), None)
         if step is None:
             return
         self._next_cuda_sample = time.monotonic() + _CUDA_MEMORY_EVERY_SECONDS
-        import torch
-
-        stats = torch.cuda.memory_stats(self._cuda_device)
-        step.cuda_mem = CudaMemory(allocated=stats.get("allocated_bytes.all.current", 0),
-                                   reserved=stats.get("reserved_bytes.all.current", 0),
-                                   peak=stats.get("allocated_bytes.all.peak", 0),
-                                   total=torch.cuda.get_device_properties(self._cuda_device).total_memory)
+        step.cuda_mem = fullest_memory(self._cuda_devices)
 
     def _write(self, records: list[Record]) -> None:
         if self._resume is not None:  # a resumed process's first line
@@ -277,7 +273,8 @@ class SpoolWriterThread(threading.Thread):
             labels=self._labels, host=ident.host, pid=ident.pid, proc_start_ticks=process_start_ticks(),
             local_rank=ident.local_rank, start_time=ident.start_time, launch_key=ident.launch_key,
             argv=list(sys.argv), python=sys.version.split()[0], torch=torch.__version__, gradwatch=__version__,
-            worker=ident.worker, **self._run_settings)
+            worker=ident.worker, gpu_uuids=gpu_uuids(self._cuda_devices) if self._cuda_devices else [],
+            pid_namespace=pid_namespace(), **self._run_settings)
 
     def _write_end(self) -> None:
         status, error, final_step, exit_code = self._end

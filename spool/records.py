@@ -35,6 +35,8 @@ MAX_VALUES = 256  # named scalars per record
 MAX_LRS = 1_024  # param groups
 MAX_OPTIMIZER_NAME = 40  # the optimizer label of a step record
 MAX_LAYERS = 10_000  # layers of a layers record
+MAX_UUID = 80  # characters of a GPU UUID or a pid namespace
+MAX_GPUS = 64  # GPUs one process uses
 MAX_INT = 2**63 - 1  # steps, counters: what a signed 64-bit field holds
 
 
@@ -90,6 +92,7 @@ class CudaMemory:
     reserved: float | None = None
     peak: float | None = None  # peak allocated
     total: float | None = None  # the device's memory
+    device: int | None = None  # (1.7) which CUDA device: of a process on several, the fullest
 
 
 @dataclass(slots=True)
@@ -253,6 +256,10 @@ class RunMeta:
     # (1.6) who created the run directory: the launch key of its first processes, kept by the processes that resume
     # it; a directory recreated under the same name has another (the agent then reads it as a new run)
     run_uid: str = ""
+    # (1.7) the GPUs the process uses, by UUID (as torch reports them): the agent matches them to NVML's devices,
+    # whatever pid namespace the process lives in; and that namespace, so that no agent judges a pid from another
+    gpu_uuids: list[str] = field(default_factory=list)
+    pid_namespace: str = ""
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -316,7 +323,8 @@ def _step_json(r: StepRecord) -> dict[str, Any]:
         out["opt"] = r.opt
     if r.cuda_mem is not None:
         m = r.cuda_mem
-        out["cuda_mem"] = {"allocated": m.allocated, "reserved": m.reserved, "peak": m.peak, "total": m.total}
+        out["cuda_mem"] = {"allocated": m.allocated, "reserved": m.reserved, "peak": m.peak, "total": m.total,
+                           **({"device": m.device} if m.device is not None else {})}
     return out
 
 
@@ -340,6 +348,8 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         "steps_from": meta.steps_from, **({"worker": meta.worker} if meta.worker else {}),
         **({"command_sync": meta.command_sync} if meta.command_sync else {}),
         **({"run_uid": meta.run_uid} if meta.run_uid else {}),
+        **({"gpu_uuids": meta.gpu_uuids} if meta.gpu_uuids else {}),
+        **({"pid_namespace": meta.pid_namespace} if meta.pid_namespace else {}),
     }
 
 
@@ -402,7 +412,9 @@ def _decode_step(obj: dict[str, Any], step: int, t: float, seq: int, dropped: in
         clip=_number(obj["clip"]) if "clip" in obj else None, clipped=get("clipped") is True,
         skip=_text(obj["skip"], 40) if "skip" in obj else None,
         would_skip=_text(obj["would_skip"], 40) if "would_skip" in obj else None,
-        cuda_mem=CudaMemory(*(_number(memory.get(k)) for k in ("allocated", "reserved", "peak", "total")))
+        cuda_mem=CudaMemory(allocated=_number(memory.get("allocated")), reserved=_number(memory.get("reserved")),
+                            peak=_number(memory.get("peak")), total=_number(memory.get("total")),
+                            device=_count(memory.get("device")))
         if isinstance(memory, dict) else None,
         loss_scale=_number(obj["loss_scale"]) if "loss_scale" in obj else None,
         opt=_optimizer_name(opt) if opt is not None else "", seq=seq, dropped=dropped,
@@ -531,6 +543,7 @@ def decode_meta(obj: Any) -> RunMeta:
                                      "(rank >= 0, world_size >= 1)")
     labels = obj.get("labels")
     argv = obj.get("argv")
+    gpus = obj.get("gpu_uuids")
     return RunMeta(
         run=obj["run"][:MAX_NAME], rank=obj["rank"], world_size=obj["world_size"],
         format_version=str(obj.get("format_version", ""))[:20], requested_run=_text(obj.get("requested_run")) or "",
@@ -548,7 +561,9 @@ def decode_meta(obj: Any) -> RunMeta:
         steps_from="backward" if obj.get("steps_from") == "backward" else "optimizer",
         worker=_text(obj.get("worker"), MAX_NAME) or "",
         command_sync="collective" if obj.get("command_sync") == "collective" else "",
-        run_uid=_text(obj.get("run_uid"), MAX_NAME) or "")
+        run_uid=_text(obj.get("run_uid"), MAX_NAME) or "",
+        gpu_uuids=[u[:MAX_UUID] for u in gpus[:MAX_GPUS] if isinstance(u, str)] if isinstance(gpus, list) else [],
+        pid_namespace=_text(obj.get("pid_namespace"), MAX_UUID) or "")
 
 
 def merge_logged(records: list[Record]) -> list[Record]:

@@ -69,6 +69,7 @@ def scrape(tmp_path: Path) -> str:
     state.refresh(clock(), stall_after=1e9, ended_ttl=1e9, local_host="x")
     # NVML is faked here (no GPU on CI machines): one GPU runs run "a" (this process's pid), one is idle
     gpus = GpuCollector(FakeNvml([FakeGpu(uuid="GPU-a", pids=[os.getpid()]), FakeGpu(uuid="GPU-b")]))
+    gpus.refresh()
     return AgentCollector(state, clock, gpus=gpus, local_host="elsewhere").exposition().decode()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,11 +111,15 @@ def test_a_process_that_died_without_finishing_is_crashed(env) -> None:  # type:
     spool.start("alive", host=LOCAL, proc_start_ticks=process_start_ticks())
     spool.start("reused-pid", host=LOCAL, proc_start_ticks=(process_start_ticks() or 0) + 1)  # same pid, other process
     spool.start("other-host", host="elsewhere", pid=dead.pid)  # cannot check another machine's pids
+    # a container with host networking: this host's name, its own pids (the dead pid here is a live one there)
+    spool.start("container", host=LOCAL, pid=dead.pid, pid_namespace="pid:[4026532999]")
+    spool.start("dead-same-namespace", host=LOCAL, pid=dead.pid, pid_namespace=os.readlink("/proc/self/ns/pid"))
     ingest.scan_all()
     state.refresh(clock(), stall_after=30, ended_ttl=600, local_host=LOCAL)
     statuses = {run: ranks[0].status for run, ranks in state.runs.items()}
     assert statuses == {"dead": RunStatus.CRASHED, "alive": RunStatus.RUNNING, "reused-pid": RunStatus.CRASHED,
-                        "other-host": RunStatus.RUNNING}
+                        "other-host": RunStatus.RUNNING, "container": RunStatus.RUNNING,
+                        "dead-same-namespace": RunStatus.CRASHED}
 
 
 def test_ended_runs_are_retired_after_the_ttl_and_not_read_again(env) -> None:  # type: ignore[no-untyped-def]

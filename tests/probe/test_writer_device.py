@@ -4,6 +4,8 @@ is told its parameters live on cuda:1 and ``torch.cuda``'s calls are recorded by
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import torch
 import gradwatch
 from gradwatch.probes import probe as probe_module
 from tests.probe.helpers import tiny_model, train_steps
+from tests.spool_records import run_records
 
 
 def test_the_writer_thread_selects_the_probe_device_before_any_cuda_call(isolated_home: Path,
@@ -29,7 +32,7 @@ def test_the_writer_thread_selects_the_probe_device_before_any_cuda_call(isolate
     class Properties:
         total_memory = 80 * 2**30
 
-    monkeypatch.setattr(probe_module, "_cuda_device", lambda optimizer: 1)  # "the parameters are on cuda:1"
+    monkeypatch.setattr(probe_module, "_cuda_devices", lambda optimizer: [1])  # "the parameters are on cuda:1"
     monkeypatch.setattr(torch.cuda, "set_device", recorder("set_device"))
     monkeypatch.setattr(torch.cuda, "memory_stats", recorder("memory_stats", {"allocated_bytes.all.current": 1}))
     monkeypatch.setattr(torch.cuda, "get_device_properties", recorder("get_device_properties", Properties()))
@@ -41,6 +44,33 @@ def test_the_writer_thread_selects_the_probe_device_before_any_cuda_call(isolate
     assert writer[0] == ("set_device", 1)  # first, before the allocator is read or an event queried
     assert all(device == 1 for _, device in writer)
     assert not [c for c in calls if c[0] != "gradwatch-writer" and c[1] == "set_device"]  # the script's own alone
+
+
+def test_several_devices_the_fullest_is_sampled_and_every_uuid_is_in_the_metadata(
+        isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model on cuda:0 and cuda:1: the memory recorded is the device nearest to its limit (the one an OOM alert
+    is about), and the metadata lists both GPUs' UUIDs, which the agent matches to NVML's. Stand-ins for
+    ``torch.cuda`` (no GPU here)."""
+    reserved = {0: 10 * 2**30, 1: 70 * 2**30}
+
+    class Properties:
+        def __init__(self, index: int) -> None:
+            self.total_memory = 80 * 2**30
+            self.uuid = f"5e3a1b7c-0000-0000-0000-00000000000{index}"
+
+    monkeypatch.setattr(probe_module, "_cuda_devices", lambda optimizer: [0, 1])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: {"reserved_bytes.all.current": reserved[device],
+                                                                     "allocated_bytes.all.current": device + 1})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", Properties)
+    model, opt = tiny_model()
+    with gradwatch.attach(model, opt, run="devices", flush_interval=0.01) as probe:
+        train_steps(model, opt, probe, steps=3)
+    meta = json.loads((isolated_home / "runs" / "devices" / "rank-0.meta.json").read_text())
+    assert meta["gpu_uuids"] == ["5e3a1b7c-0000-0000-0000-000000000000", "5e3a1b7c-0000-0000-0000-000000000001"]
+    assert meta["pid_namespace"] == os.readlink("/proc/self/ns/pid")
+    memory = [r["cuda_mem"] for r in run_records(isolated_home, "devices", 0) if "cuda_mem" in r]
+    assert memory and memory[0]["device"] == 1 and memory[0]["reserved"] == 70 * 2**30 and memory[0]["allocated"] == 2
 
 
 @pytest.mark.gpu
@@ -109,3 +139,39 @@ def test_a_value_on_another_device_than_the_current_one_is_read_right() -> None:
     while (got := pending.resolve()) is readback.NOT_READY:
         pass
     assert got == 7.25
+
+
+def test_a_reused_clip_norm_still_tells_the_guards_the_gradients_span_devices() -> None:
+    """The script's clip_grad_norm_ result is reused as the step's norm; the meter used to return it before looking
+    at the gradients, so the guards took gradients on several devices for one fused batch and multiplied them by one
+    device's coefficient: some scaled, then an error. Here the second "device" is ``meta`` (no GPU here)."""
+    from gradwatch.probes.gradnorm import GradNormMeter
+
+    on_cpu, elsewhere = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))
+    on_cpu.grad, elsewhere.grad = torch.ones(3), torch.ones(3, device="meta")
+    meter = GradNormMeter(torch.optim.SGD([on_cpu, elsewhere], lr=0.1))
+    reused = torch.tensor(2.0)
+    assert meter((reused, 2)) is reused
+    assert not meter.fusable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices; this machine has "
+                    f"{torch.cuda.device_count()} (no GPU was lent to this task)")
+def test_a_model_on_two_gpus_is_clipped_whole_with_the_scripts_clip_reused(isolated_home: Path) -> None:
+    """Pipeline-style placement: layer 0 on cuda:0, layer 1 on cuda:1; the script clips at 1e6 (nothing to do) and
+    the probe's fixed guard at 0.01: every gradient scaled by the same coefficient, on its own device."""
+    first, second = torch.nn.Linear(8, 8).to("cuda:0"), torch.nn.Linear(8, 1).to("cuda:1")
+    params = [*first.parameters(), *second.parameters()]
+    opt = torch.optim.SGD(params, lr=0.0)
+    rules = {"guards": {"clip": {"scheme": "fixed", "max_norm": 0.01}}}
+    with gradwatch.attach(torch.nn.ModuleList([first, second]), opt, run="two-gpus", rules=rules):
+        x = torch.randn(4, 8, device="cuda:0")
+        second(first(x).to("cuda:1")).pow(2).sum().backward()
+        before = [p.grad.clone() for p in params]
+        total = torch.nn.utils.clip_grad_norm_(params, 1e6)
+        opt.step()
+        after = [p.grad for p in params]
+    coef = 0.01 / (float(total) + 1e-6)
+    for b, a in zip(before, after, strict=True):
+        assert torch.allclose(a, b * coef, rtol=1e-4)

@@ -133,8 +133,13 @@ def test_commands_round_trip_and_bad_ones_name_the_field() -> None:
 
 
 def test_metadata_round_trips_and_requires_run_rank_and_world_size() -> None:
-    meta = RunMeta(run="r", rank=1, world_size=2, host="h", pid=42, labels={"team": "x"}, rules={"rules": []})
+    meta = RunMeta(run="r", rank=1, world_size=2, host="h", pid=42, labels={"team": "x"}, rules={"rules": []},
+                   gpu_uuids=["8f3c2a10-1b2c-4d5e-8f90-0123456789ab"], pid_namespace="pid:[4026531836]")
     assert decode_meta(json.loads(json.dumps(meta_to_json(meta)))) == meta
+    hostile = decode_meta({"run": "r", "rank": 0, "world_size": 1, "gpu_uuids": ["u" * 500, 7, None] + ["x"] * 100,
+                           "pid_namespace": {"no": "string"}})
+    assert hostile.gpu_uuids[0] == "u" * 80 and len(hostile.gpu_uuids) == 62 and hostile.pid_namespace == ""
+    assert decode_meta({"run": "r", "rank": 0, "world_size": 1, "gpu_uuids": "GPU-x"}).gpu_uuids == []
     with pytest.raises(RecordError, match="'world_size'"):
         decode_meta({"run": "r", "rank": 0})
     with pytest.raises(RecordError, match="out of range"):

@@ -1,13 +1,17 @@
 """A fake of the few NVML calls agent/gpus.py makes (nvidia-ml-py's ``pynvml``), for machines
 without a GPU. It is a fake, not NVML: GPU tests on real hardware run only where a GPU is lent.
 
-``FakeNvml(gpus=[FakeGpu(...)])``; a GPU lists the pids in ``pids``.
+``FakeNvml(gpus=[FakeGpu(...)])``; a GPU lists the pids in ``pids``; a GPU in MIG mode lists its instances in
+``mig`` (each a ``FakeGpu``, whose utilisation NVML does not support); ``FakeNvml.hang`` (an Event) makes every
+reading wait for it, as a wedged GPU does.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 
 class NVMLError(Exception):
@@ -22,7 +26,7 @@ class NVMLError_NotSupported(NVMLError):
 class FakeGpu:
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
-    utilization: int = 87  # percent
+    utilization: int | None = 87  # percent; None: not supported (a MIG instance)
     memory_used: int = 30 * 2**30
     memory_total: int = 80 * 2**30
     power_mw: int | None = 350_000  # None: not supported
@@ -30,6 +34,11 @@ class FakeGpu:
     sm_mhz: int = 1980
     throttle_reasons: int = 0x04  # SwPowerCap
     pids: list[int] = field(default_factory=list)
+    mig: list[FakeGpu] | None = None  # MIG mode: its instances
+
+
+class NVMLError_NotFound(NVMLError):
+    pass
 
 
 class FakeNvml:
@@ -37,8 +46,19 @@ class FakeNvml:
         self.gpus = gpus
         self.init_error = init_error
         self.shutdown = False
+        self.hang: threading.Event | None = None
+        self.waiting = threading.Event()  # set once a call waits for ``hang``
+        self.init_calls = 0
+
+    def __getattribute__(self, name: str) -> Any:
+        hang = object.__getattribute__(self, "hang")
+        if hang is not None and name.startswith("nvmlDevice"):
+            object.__getattribute__(self, "waiting").set()
+            hang.wait()
+        return object.__getattribute__(self, name)
 
     def nvmlInit(self) -> None:
+        self.init_calls += 1
         if self.init_error is not None:
             raise self.init_error
 
@@ -58,6 +78,8 @@ class FakeNvml:
         return gpu.name.encode()
 
     def nvmlDeviceGetUtilizationRates(self, gpu: FakeGpu) -> SimpleNamespace:
+        if gpu.utilization is None:
+            raise NVMLError_NotSupported("Not Supported")
         return SimpleNamespace(gpu=gpu.utilization, memory=40)
 
     def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu) -> SimpleNamespace:
@@ -84,3 +106,16 @@ class FakeNvml:
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, gpu: FakeGpu) -> list[SimpleNamespace]:
         return []
+
+    def nvmlDeviceGetMigMode(self, gpu: FakeGpu) -> list[int]:
+        if not any(gpu is g for g in self.gpus):
+            raise NVMLError_NotSupported("Not Supported")  # asked of a MIG instance
+        return [1, 1] if gpu.mig is not None else [0, 0]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, gpu: FakeGpu) -> int:
+        return 7 if gpu.mig is not None else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, gpu: FakeGpu, index: int) -> FakeGpu:
+        if gpu.mig is None or index >= len(gpu.mig):
+            raise NVMLError_NotFound("Not Found")
+        return gpu.mig[index]
