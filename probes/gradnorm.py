@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from gradwatch.probes.optimizers import GradientSource
 from gradwatch.probes.readback import Deferred
+from gradwatch.probes.sharding import reduced_norm
 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -121,8 +123,10 @@ class GradNormMeter:
     the writer thread finishes.
     """
 
-    def __init__(self, optimizer: GradientSource) -> None:
+    def __init__(self, optimizer: GradientSource, shard_group: Any = None, sharded_by: str | None = None) -> None:
         self._optimizer = optimizer
+        self._shard_group = shard_group  # attach(shard_group=): the norm is reduced over it (probes/sharding.py)
+        self.sharded_by = sharded_by if shard_group is None else None  # recognised sharding, no group: no norm
         self._params: list[torch.Tensor] = []
         self._shape: tuple[int, ...] = ()
         self._checked_for = -1  # number of gradients the checks below were made for
@@ -160,6 +164,8 @@ class GradNormMeter:
             self._checked_for = -1
         grads = [g for p in self._params if (g := p.grad) is not None]
         if not grads:
+            if self._shard_group is not None and self._params:  # the other ranks wait for this one's part: zero
+                return reduced_norm(torch.zeros((), device=self._params[0].device), self._shard_group)
             return None
         if self._checked_for != len(grads):  # before a reused norm too: the guards scale by `fusable`
             self._checked_for = len(grads)
@@ -167,6 +173,11 @@ class GradNormMeter:
             self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
             self._dtype = norm_dtype(grads)
+        if self.sharded_by is not None:
+            return None  # a shard's norm is not the model's (probes/sharding.py)
+        if self._shard_group is not None:  # each rank holds a shard: the script's clip (if any) saw only this one's
+            local = _norm_of_norms(foreach_norms(grads, self._dtype) if self._fusable else _per_tensor_norms(grads))
+            return reduced_norm(local, self._shard_group)
         if reuse is not None and reuse[1] == len(grads):
             return reuse[0]
         if self._sharded:

@@ -28,10 +28,11 @@ class OtherOptimizer:
     """One more optimizer of the run, recorded on its own (training thread; its hooks are cheap)."""
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, put: Callable[[Capture], None],
-                 wall_offset: Callable[[], float], report: Callable[[str, Exception], None]) -> None:
+                 wall_offset: Callable[[], float], report: Callable[[str, Exception], None],
+                 meter: GradNormMeter | None = None) -> None:
         self.name = name
         self.optimizer = optimizer
-        self.meter = GradNormMeter(optimizer)
+        self.meter = meter if meter is not None else GradNormMeter(optimizer)
         self.steps = 0
         self.inputs: StepInputs | None = None  # the loss, under gradwatch run
         self.lr_cut: LRCut | None = None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradwatch.errors import StopTraining
-from gradwatch.probes import readback
+from gradwatch.probes import graph_capture, readback
 from gradwatch.probes.acting import Actuator
 from gradwatch.probes.autostart import ensure_agent
 from gradwatch.probes.batch_size import SampleCounter
@@ -46,6 +46,7 @@ from gradwatch.probes.settings import (
     OptimizerArg,
     ProbeSettings,
 )
+from gradwatch.probes.sharding import recognised_sharding, resolve_shard_group
 from gradwatch.probes.snapshots import Snapshots
 from gradwatch.probes.warn_once import WarnOnce
 from gradwatch.probes.writer_thread import SpoolWriterThread
@@ -89,6 +90,7 @@ class Probe:
         runtime: ProcessRuntime | None = None,
         resume: Mapping[str, Any] | int | None = None,
         first_step: int = 0,
+        shard_group: Any = None,
     ) -> None:
         settings = ProbeSettings.resolve(
             model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
@@ -134,7 +136,11 @@ class Probe:
         # with several, the first's norm is over its own parameters (the others have their own records)
         source: GradientSource | None = (watched.primary if len(watched.members) > 1 else watched) \
             if watched is not None else ModelParameters(model) if model is not None else None
-        self._grad_norm = GradNormMeter(source) if source is not None else None
+        shard_group = resolve_shard_group(shard_group)
+        sharded_by = recognised_sharding(model, optimizers, (p for g in watched.param_groups for p in g["params"])) \
+            if watched is not None and shard_group is None else None
+        self._sharding = (shard_group, sharded_by)  # every meter of the run's: probes/sharding.py
+        self._grad_norm = GradNormMeter(source, *self._sharding) if source is not None else None
         self._layers = LayerStats(model, watched, settings.layer_stats_every) \
             if model is not None and watched is not None and settings.layer_stats_every else None
         self._layer_step = settings.layer_stats_every if self._layers is not None else 0  # next sampled (0: never)
@@ -154,11 +160,14 @@ class Probe:
         self._sync = command_sync(self.identity.rank, self.identity.world_size, self._warn)
         reads: deque[Command] | None = inbox if self._sync is None else \
             self._sync.incoming if self.identity.rank == 0 else None
+        cuda_devices = _cuda_devices(watched)
+        if cuda_devices:
+            graph_capture.install()  # the probe stays out of CUDA graph captures (probes/graph_capture.py)
         self._writer = SpoolWriterThread(
             queue=self._queue.items, layout=self.layout, run_name=self.requested_run, identity=self.identity,
             labels=settings.labels, queue_dropped=lambda: self._queue.dropped, warn=self._warn,
             flush_interval=settings.flush_interval,
-            on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_devices=_cuda_devices(watched),
+            on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_devices=cuda_devices,
             inbox=reads, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward",
                                        **({"command_sync": "collective"} if self._sync is not None else {})})
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
@@ -183,8 +192,8 @@ class Probe:
         ``loss`` is exported as ``gradwatch_loss``; ``batch_size`` gives samples per second;
         every other name as ``gradwatch_metric{name=...}``. Never blocks, never synchronises.
         """
-        if self._closed or _is_compiling():
-            return
+        if self._closed or _is_compiling() or graph_capture.here():
+            return  # (a value of a CUDA graph capture is not one of a step)
         try:
             captured = {}
             for name, value in scalars.items():
@@ -285,14 +294,15 @@ class Probe:
         optimizer = unwrap(optimizer)
         if self._optimizers.add(optimizer):
             if len(self._optimizers.members) == 2 and self._grad_norm is not None:  # the first's norm: its own now
-                self._grad_norm = GradNormMeter(self._optimizers.primary)
+                self._grad_norm = GradNormMeter(self._optimizers.primary, *self._sharding)
                 if self._actuator is not None:
                     self._actuator.meter = self._grad_norm
             self._record_other(optimizer)
 
     def _record_other(self, optimizer: torch.optim.Optimizer) -> None:
         other = OtherOptimizer(str(len(self._others) + 1), optimizer, self._queue.put,
-                               lambda: self._wall_offset, self.report_internal_error)
+                               lambda: self._wall_offset, self.report_internal_error,
+                               GradNormMeter(optimizer, *self._sharding))
         other.inputs = self._step_inputs
         if self._actuator is not None:
             other.lr_cut = self._actuator.lr_cut
@@ -474,12 +484,14 @@ class Probe:
     def _on_forward_pre(self, module: torch.nn.Module | None = None, args: Any = None) -> None:
         if module is not None and self._sample_counter is not None:
             self._sample_counter.on_forward(module, args)
-        if self._awaiting_forward and not _is_compiling():
+        if self._awaiting_forward and not _is_compiling() and not graph_capture.here():
             self._awaiting_forward = False
             if self._last_step_end is not None:
                 self._data_wait = time.perf_counter() - self._last_step_end
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if graph_capture.here():
+            return  # a step being captured into a CUDA graph runs nothing now: nothing to measure or count
         actuator = self._actuator
         if actuator is not None and actuator.lr_cut:
             actuator.lr_cut.apply(optimizer)  # the script has set its LR for this update: cut it, for the update
@@ -506,6 +518,11 @@ class Probe:
             if norm is None:
                 norm = meter(reuse[:2] if reuse else None) if meter is not None else None
             self._pending_script_clip = reuse[2] if reuse is not None and norm is reuse[0] else None
+            if norm is None and meter is not None and meter.sharded_by is not None:
+                self._warn("sharded-by", "the gradients are sharded (%s): a norm over this rank's shard is not the "
+                           "model's, so gradwatch records no gradient norm and its guards do not act; pass "
+                           "shard_group= to gradwatch.attach (or GRADWATCH_SHARD_GROUP=world) to have it reduced over "
+                           "the ranks (docs/attaching.md)", meter.sharded_by)
             if norm is None and meter is not None and meter.sharded:
                 self._warn("sharded-norm", "the gradients are sharded (FSDP2/DTensor): gradwatch records the global "
                            "gradient norm from the script's clip_grad_norm_ call, and no norm on steps without one "
@@ -532,7 +549,7 @@ class Probe:
             self.report_internal_error("layer_stats", exc)
 
     def _on_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if _is_compiling():
+        if _is_compiling() or graph_capture.here():
             return
         if self._closure_step:
             self._closure_step = False
@@ -649,6 +666,7 @@ def attach(
     on_stop: str | None = None,
     layer_stats_every: int | None = None,
     resume: Mapping[str, Any] | int | None = None,
+    shard_group: Any = None,
 ) -> Probe:
     """Monitor a training loop: ``probe = gradwatch.attach(model, optimizer, run="lr-sweep-3e-4")``.
 
@@ -676,6 +694,10 @@ def attach(
             and the checkpoint kept (the run, its step, the actions in force), or the step the checkpoint
             was taken after (then ``run=`` names the run). Steps are numbered on from there; the agent's
             rules go on from the state they had at that checkpoint (docs/attaching.md, "Resuming").
+        shard_group: the ``torch.distributed`` process group over which each rank holds a shard of the gradients
+            (FSDP1, DeepSpeed ZeRO, tensor parallelism; not needed for DDP or FSDP2), or ``"world"``: the recorded
+            norm, and what the guards act on, is then the model's, reduced over it (one all-reduce of one number
+            per step; every rank must attach with it). Default ``$GRADWATCH_SHARD_GROUP`` (``world``) or none.
 
     Also a context manager: ``with gradwatch.attach(model, opt) as probe: ...`` closes the probe
     and marks the run finished (or failed, on an exception).
@@ -690,7 +712,7 @@ def attach(
         return existing
     probe = Probe(model, optimizer, run=run, labels=labels, home=home, rank=rank, world_size=world_size,
                   max_queue=max_queue, flush_interval=flush_interval, autostart_agent=autostart_agent, rules=rules,
-                  on_stop=on_stop, layer_stats_every=layer_stats_every, resume=resume)
+                  on_stop=on_stop, layer_stats_every=layer_stats_every, resume=resume, shard_group=shard_group)
     probe.listen_to_script()
     return probe
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradwatch.probes import graph_capture
+
 NOT_READY = object()
 
 
@@ -50,6 +52,8 @@ class PendingDeviceValue(Deferred):
         self.host, self.event = copy_to_host(value.reshape(()))
 
     def resolve(self) -> Any:
+        if graph_capture.active():
+            return NOT_READY  # an event query now would invalidate a global-mode capture (probes/graph_capture.py)
         return float(self.host) if self.event.query() else NOT_READY
 
 
@@ -74,6 +78,8 @@ class PendingDeviceVector(Deferred):
         self.host, self.event = copy_to_host(value)
 
     def resolve(self) -> Any:
+        if graph_capture.active():
+            return NOT_READY
         return self.host.tolist() if self.event.query() else NOT_READY
 
 

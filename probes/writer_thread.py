@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gradwatch.probes import graph_capture
 from gradwatch.probes.captures import Capture, LogCapture, StepCapture, to_record
 from gradwatch.probes.control import Command
 from gradwatch.probes.devices import fullest_memory, gpu_uuids
@@ -237,7 +238,7 @@ class SpoolWriterThread(threading.Thread):
         """The CUDA allocator's counters of the fullest of the process's devices, once a second, on the newest step
         record. Read here, not on the training thread: they are host-side counters (no synchronisation), but
         building them costs."""
-        if self._cuda_device is None or time.monotonic() < self._next_cuda_sample:
+        if self._cuda_device is None or time.monotonic() < self._next_cuda_sample or graph_capture.active():
             return
         step = next((r for r in reversed(records) if isinstance(r, StepRecord)), None)
         if step is None:
