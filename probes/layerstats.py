@@ -44,7 +44,29 @@ def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(norms).float()
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), any other tensor as it is: the statistics are made of local sums."""
+    return tensor.to_local() if hasattr(tensor, "placements") else tensor  # type: ignore[attr-defined,no-any-return,unused-ignore]
+
+
+def _shard_groups(tensor: torch.Tensor) -> list[Any]:
+    """The process groups over which a DTensor is sharded (one per sharded mesh dimension); [] when it is not."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        return []
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    return [mesh.get_group(dim) for dim, p in enumerate(placements) if p.is_shard()]
+
+
 class LayerStats:
+    """Per-layer statistics of one optimizer's parameters.
+
+    Squared norms are summed per layer with ``index_add_`` on the device, by index tensors kept on the device (one
+    per pattern of parameters: building them from a Python list each sampled step would copy from pageable memory,
+    a synchronisation each). Sharded DTensor gradients (FSDP2) add their local sums into a second half of each
+    vector, which one all-reduce per sampled step adds up over the shards' ranks (every rank samples the same steps).
+    """
+
     def __init__(self, model: torch.nn.Module, optimizer: Optimizers, every: int,
                  update_budget_bytes: int = DEFAULT_UPDATE_BUDGET_BYTES) -> None:
         self.every = every
@@ -57,6 +79,8 @@ class LayerStats:
         self._layer_of: list[int] = []  # layer index of each parameter
         self._cursor = 0  # next layer whose update is measured
         self._pending: tuple[Any, ...] | None = None
+        self._indices: dict[tuple[Any, ...], torch.Tensor] = {}  # index tensors on the device, by pattern
+        self._groups: list[Any] = []  # the shard groups of the sharded gradients ([]: none)
 
     def _layout(self) -> None:
         groups = self._optimizer.param_groups
@@ -70,6 +94,26 @@ class LayerStats:
         self._layer_of = [index.setdefault(name, len(index)) for name in per_param]
         self._names = list(index)
         self._cursor = 0
+        self._indices.clear()
+        self._groups = next((g for p in self._params if (g := _shard_groups(p))), [])
+
+    def _on_device(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (device, values)
+        tensor = self._indices.get(key)
+        if tensor is None:
+            if len(self._indices) >= 256:  # patterns come and go (a frozen layer thawed): bounded
+                self._indices.clear()
+            tensor = self._indices[key] = torch.tensor(values, dtype=torch.long).to(device)
+        return tensor
+
+    def _layer_sums(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
+        """Squared L2 norms of ``tensors`` summed per layer: ``[unsharded | sharded]``, 2 × layers long."""
+        n = len(self._names)
+        sharded = [bool(_shard_groups(t)) for t in tensors] if self._groups else [False] * len(tensors)
+        index = self._on_device(tuple(self._layer_of[i] + (n if s else 0) for i, s in zip(indices, sharded,
+                                                                                          strict=True)), device)
+        return torch.zeros(2 * n, device=device).index_add_(0, index, _norms([_local(t) for t in tensors],
+                                                                              device).square())
 
     def before_step(self) -> None:
         """Pre-step hook of a sampled step: gradient norms per layer, and a copy of a few layers."""
@@ -80,11 +124,8 @@ class LayerStats:
             if not pairs:
                 self._pending = None
                 return
-            device = grads[0].device
-            n_layers = len(self._names)
-            layer_index = torch.tensor([self._layer_of[i] for i, _ in pairs], device=device)
-            grad_sq = torch.zeros(n_layers, device=device).index_add_(
-                0, layer_index, _norms(grads, device).square())
+            device = _local(grads[0]).device
+            grad_sq = self._layer_sums(grads, [i for i, _ in pairs], device)
             covered = self._next_layers(pairs)
             chosen = [(i, p) for i, p in pairs if self._layer_of[i] in covered]
             before = [p.detach().clone() for _, p in chosen]
@@ -94,7 +135,8 @@ class LayerStats:
         """Layers, from the cursor on, whose parameters fit in the copy budget (at least one)."""
         size = [0] * len(self._names)
         for i, p in pairs:
-            size[self._layer_of[i]] += p.numel() * p.element_size()
+            local = _local(p)
+            size[self._layer_of[i]] += local.numel() * local.element_size()
         present = [layer for layer in range(len(self._names)) if size[layer]]
         start = next((k for k, layer in enumerate(present) if layer >= self._cursor), 0)
         chosen: set[int] = set()
@@ -113,17 +155,27 @@ class LayerStats:
         if pending is None:
             return None
         device, grad_sq, chosen, before, covered = pending
+        n = len(self._names)
         with torch.no_grad():
-            n_layers = len(self._names)
-            values = [grad_sq.sqrt()]
+            parts = [grad_sq]
             if chosen:
+                indices = [i for i, _ in chosen]
                 after = [p.detach() for _, p in chosen]
-                layer_index = torch.tensor([self._layer_of[i] for i, _ in chosen], device=device)
-                update_sq = torch.zeros(n_layers, device=device).index_add_(
-                    0, layer_index, _norms(torch._foreach_sub(after, before), device).square())
-                weight_sq = torch.zeros(n_layers, device=device).index_add_(
-                    0, layer_index, _norms(before, device).square())
-                cover = torch.tensor(covered, device=device)
-                values.append((update_sq[cover] / weight_sq[cover]).sqrt())
+                parts.append(self._layer_sums(torch._foreach_sub(after, before), indices, device))
+                parts.append(self._layer_sums(before, indices, device))
+            sums = torch.stack(parts)  # (1 or 3) × [unsharded | sharded]
+            if self._groups:
+                import torch.distributed as dist
+
+                shards = sums[:, n:].contiguous()
+                for group in self._groups:  # the shards' ranks, one mesh dimension at a time
+                    dist.all_reduce(shards, group=group)
+                sums = sums[:, :n] + shards
+            else:
+                sums = sums[:, :n]
+            values = [sums[0].sqrt()]
+            if chosen:
+                cover = self._on_device(tuple(covered), device)
+                values.append((sums[1][cover] / sums[2][cover]).sqrt())
             vector = torch.cat(values)
-        return LayersCapture(step, t, tuple(self._names), readback.capture_vector(vector), n_layers, tuple(covered))
+        return LayersCapture(step, t, tuple(self._names), readback.capture_vector(vector), n, tuple(covered))

@@ -315,6 +315,13 @@ class Probe:
         if not self._closed:
             self._before_step()
 
+    def created_mid_step(self) -> None:
+        """The probe was made inside an optimizer step (``gradwatch run``: by the first ``step()``), after the script
+        may have clipped this step's gradients: its per-layer statistics start at the next sampled step, whose
+        gradients it sees before the clip."""
+        if self._layers is not None and self._layer_step == self.step + 1:
+            self._layer_step += self._layers.every
+
     def use_loss_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """The framework's GradScaler (Lightning's 16-mixed), so that gradients it has not unscaled yet when
         :meth:`measure_gradients` runs (a fused optimizer's) are measured unscaled."""

@@ -199,6 +199,7 @@ class ZeroCode:
         self._created.clear()
         self.probe = Probe(model, [optimizer, *others], on_stop=os.environ.get("GRADWATCH_ON_STOP") or "raise",
                            runtime=self.runtime)
+        self.probe.created_mid_step()
         if model is not None:
             self._count_samples(model)
         self.inputs.bind(self.probe)

@@ -93,3 +93,29 @@ def test_a_bad_layer_stats_value_is_refused_at_attach(tmp_path: Path) -> None:
     model = _model()
     with pytest.raises(ValueError, match="layer_stats_every must be an integer >= 0"):
         gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), home=tmp_path, layer_stats_every=-5)
+
+
+def test_a_sampled_step_builds_no_tensor_from_a_python_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, ``torch.tensor(list, device=cuda)`` copies from pageable memory: a synchronisation, three per sampled
+    step before. The layer indices are made once per pattern of parameters and kept on the device."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    probe = gradwatch.attach(model, optimizer, home=tmp_path, run="layers", autostart_agent=False,
+                             layer_stats_every=1)
+
+    def step() -> None:
+        loss = model(torch.randn(8, 6)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # the first sampled step makes the indices
+    built: list[object] = []
+    original = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or original(*a, **k))
+    for _ in range(5):
+        step()
+    monkeypatch.undo()
+    probe.close()
+    assert built == []
+    assert len(_records(tmp_path, "layers")) == 6

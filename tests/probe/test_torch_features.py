@@ -83,10 +83,11 @@ def test_compiled_optimizer_step_is_left_alone(isolated_home: Path) -> None:
 
 
 @needs_cuda
-def test_no_host_device_sync_per_step_on_gpu(isolated_home: Path) -> None:
+@pytest.mark.parametrize("layer_stats_every", [100, 1])  # 1: every step sampled, per-layer statistics too
+def test_no_host_device_sync_per_step_on_gpu(layer_stats_every: int, isolated_home: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    probe = gradwatch.attach(model, opt, run="gpu")
+    probe = gradwatch.attach(model, opt, run="gpu", layer_stats_every=layer_stats_every)
     x = torch.randn(32, 64, device="cuda")
     for _ in range(3):  # warm up allocators and kernels outside the check
         loss = model(x).pow(2).mean()
@@ -109,6 +110,8 @@ def test_no_host_device_sync_per_step_on_gpu(isolated_home: Path) -> None:
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 53 and all(r["grad_norm"] > 0 for r in steps)
     assert [values["batch_size"] for _, values in logged(records)] == [32] * 50
+    layers = [r for r in records if r["kind"] == "layers"]
+    assert len(layers) == (53 if layer_stats_every == 1 else 0)
 
 
 @needs_cuda
