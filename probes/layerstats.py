@@ -107,7 +107,7 @@ class LayerStats:
         return tensor
 
     def _layer_sums(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
-        """Squared L2 norms of ``tensors`` summed per layer: ``[unsharded | sharded]``, 2 × layers long."""
+        """Squared L2 norms of ``tensors`` summed per layer: ``[unsharded | sharded]``, 2 x layers long."""
         n = len(self._names)
         sharded = [bool(_shard_groups(t)) for t in tensors] if self._groups else [False] * len(tensors)
         index = self._on_device(tuple(self._layer_of[i] + (n if s else 0) for i, s in zip(indices, sharded,
@@ -163,7 +163,7 @@ class LayerStats:
                 after = [p.detach() for _, p in chosen]
                 parts.append(self._layer_sums(torch._foreach_sub(after, before), indices, device))
                 parts.append(self._layer_sums(before, indices, device))
-            sums = torch.stack(parts)  # (1 or 3) × [unsharded | sharded]
+            sums = torch.stack(parts)  # (1 or 3) x [unsharded | sharded]
             if self._groups:
                 import torch.distributed as dist
 

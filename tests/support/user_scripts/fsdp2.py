@@ -58,7 +58,7 @@ def main():
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
         norms.append(float(total.full_tensor()))
         optimizer.step()
-        ratios.append({name: full_norm([p.detach() - w for p, w in zip(layers[name], ws)]) / full_norm(ws)
+        ratios.append({name: full_norm([p.detach() - w for p, w in zip(layers[name], ws, strict=True)]) / full_norm(ws)
                        for name, ws in weights.items()})
         optimizer.zero_grad()
         if probe is not None:
