@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradwatch.probes import readback
 from gradwatch.probes.captures import GuardInfo
 from gradwatch.probes.control import Command
 from gradwatch.probes.gradnorm import GradNormMeter, NormOfNorms
@@ -97,12 +96,15 @@ class Actuator:
         """CUDA without a synchronisation: the fixed threshold as a clamp, the non-finite skip through
         the fused optimizers' ``found_inf`` (as GradScaler does); otherwise the skip only observes."""
         g = self.guards
-        threshold, clipped, skip, observed = None, False, None, None
+        threshold: float | None = None
+        clipped: bool | torch.Tensor = False
+        skip: torch.Tensor | None = None
+        observed: torch.Tensor | None = None
         if g.scheme == "fixed" and g.fixed_threshold is not None:
             threshold = g.fixed_threshold
             if g.clip_mode == "act":
                 self._scale_gradients(device_clip_coef(threshold, norm))
-            clipped = readback.capture(norm > threshold)
+            clipped = norm > threshold  # device tensors: the step's batch reads them back (probes/readback.py)
         if g.skip_nonfinite != "off" and not amp:  # under GradScaler, non-finite steps are its own to skip
             found = (~torch.isfinite(norm)).float()
             if g.skip_nonfinite == "act" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
@@ -111,9 +113,9 @@ class Actuator:
                 combined = found if existing is None else torch.maximum(existing, found)
                 setattr(self.optimizer, "found_inf", combined)  # noqa: B010 - undeclared attribute
                 self._found_inf_set = combined if existing is None else None
-                skip = readback.capture(found)
+                skip = found
             else:
-                observed = readback.capture(found)
+                observed = found
         return threshold, clipped, skip, observed
 
     def owns_found_inf(self, found: torch.Tensor) -> bool:

@@ -196,14 +196,21 @@ class Probe:
             return  # (a value of a CUDA graph capture is not one of a step)
         try:
             captured = {}
+            batch: readback.Batch | None = None  # this call's CUDA values: one copy, one event
             for name, value in scalars.items():
                 if value.__class__ is float or value.__class__ is int:
                     captured[name] = value  # the common case, without a function call
                     continue
                 try:
-                    captured[name] = readback.capture(value)
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        batch = batch if batch is not None else readback.Batch()
+                        captured[name] = batch.capture(value)
+                    else:
+                        captured[name] = readback.capture(value)
                 except readback.NotAScalar as exc:
                     self._warn(f"log-{name}", "log(%s=...) ignored: %s", name, exc)
+            if batch is not None:
+                batch.send()
             self._queue.put(LogCapture(self.step, self._wall_offset + time.perf_counter(), captured))
         except Exception as exc:
             self.report_internal_error("log", exc)
@@ -423,8 +430,7 @@ class Probe:
             self._pending_norm = norm
             self._pending_script_clip = None
             self._pending_guard = (None, False, "amp", None)
-            self._record_step(loss_scale=readback.capture(scale) if isinstance(scale, torch.Tensor) else None,
-                              skipped=True)
+            self._record_step(loss_scale=scale if isinstance(scale, torch.Tensor) else None, skipped=True)
         except Exception as exc:
             self.report_internal_error("GradScaler.step", exc)
 
@@ -580,7 +586,7 @@ class Probe:
         skip = readback.DeviceFlag(found, "amp")
         self._pending_guard = (guard[0], guard[1], skip, guard[3]) if guard is not None else (None, False, skip, None)
         scale = getattr(optimizer, "grad_scale", None)
-        return (readback.capture(scale),) if isinstance(scale, torch.Tensor) else ()
+        return (scale,) if isinstance(scale, torch.Tensor) else ()
 
     def _record_step(self, loss_scale: Any = None, *, skipped: bool = False) -> None:
         try:
@@ -598,13 +604,15 @@ class Probe:
                 optimizers.param_groups if not self._others else optimizers.primary.param_groups
             if actuator is not None and actuator.lr_cut:  # the LRs the update used, then the script's back
                 cut = actuator.lr_cut
-                lrs = [readback.capture(lr) if isinstance(lr := cut.in_effect(group), torch.Tensor) else lr
-                       for group in groups]
+                lrs = [cut.in_effect(group) for group in groups]
                 cut.restore(actuator.optimizer)
             else:
-                lrs = [lr if lr.__class__ is float else readback.capture(lr) for lr in [group["lr"] for group in groups]]
-            item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait,
-                               norm if norm is None or norm.__class__ is float else readback.capture_owned(norm), lrs,
+                lrs = [group["lr"] for group in groups]
+            on_device = norm is not None and norm.__class__ is not float and not isinstance(norm, readback.Deferred) \
+                and norm.is_cuda
+            if on_device or guard is not None or loss_scale is not None or any(lr.__class__ is not float for lr in lrs):
+                norm, lrs, guard, loss_scale = _gathered(norm, lrs, guard, loss_scale)
+            item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait, norm, lrs,
                                guard, self._pending_script_clip, loss_scale)
             if self._commands.awaiting_step:
                 self._commands.step_recorded(guard[0] if guard is not None else self._pending_script_clip,
@@ -722,6 +730,24 @@ def attach(
                   on_stop=on_stop, layer_stats_every=layer_stats_every, resume=resume, shard_group=shard_group)
     probe.listen_to_script()
     return probe
+
+
+def _gathered(norm: Any, lrs: list[Any], guard: Any, loss_scale: Any) -> tuple[Any, list[Any], Any, Any]:
+    """A step's values as the writer thread takes them: CUDA scalars in one batch (one copy, one event), CPU
+    tensors read (no synchronisation), a CPU norm's per-tensor norms handed over as they are."""
+    batch = readback.Batch()
+    if norm is not None and norm.__class__ is not float and not isinstance(norm, readback.Deferred):
+        norm = readback.capture_owned(norm) if not norm.is_cuda else batch.add_device(norm)
+    lrs = [lr if lr.__class__ is float else batch.capture(lr) for lr in lrs]
+    if guard is not None:
+        for part in guard:
+            if isinstance(part, readback.DeviceFlag) and isinstance(part.value, torch.Tensor):
+                part.value = batch.capture(part.value)
+        guard = tuple(batch.capture(part) if isinstance(part, torch.Tensor) else part for part in guard)
+    if isinstance(loss_scale, torch.Tensor):
+        loss_scale = batch.capture(loss_scale)
+    batch.send()
+    return norm, lrs, guard, loss_scale
 
 
 def _cuda_devices(optimizer: OptimizerSet | None) -> list[int]:

@@ -4,6 +4,10 @@ On the training thread, ``capture()`` turns a value into something the writer th
 finish later: a float for Python numbers and CPU tensors (reading a CPU tensor never
 synchronises), or a pending copy for CUDA tensors: an asynchronous copy into pinned host
 memory plus a CUDA event, which the writer thread polls with ``event.query()`` (not a sync).
+
+A step's CUDA scalars (norm, guard flags, loss scale; a ``log()`` call's values) travel together
+(:class:`Batch`): stacked into one float64 vector per device, one copy into a row of a pinned ring
+reused round robin, one event.
 """
 
 from __future__ import annotations
@@ -84,12 +88,13 @@ class PendingDeviceVector(Deferred):
 
 
 class DeviceFlag(Deferred):
-    """A 0/1 tensor (GradScaler's ``found_inf``) read as ``name`` when set and None when not, without a sync."""
+    """A 0/1 tensor (GradScaler's ``found_inf``) read as ``name`` when set and None when not, without a sync.
+    ``value``: the tensor until the step's :class:`Batch` captures it."""
 
     __slots__ = ("name", "value")
 
-    def __init__(self, value: torch.Tensor, name: str) -> None:
-        self.value = capture(value)
+    def __init__(self, value: Any, name: str) -> None:
+        self.value = value
         self.name = name
 
     def resolve(self) -> Any:
@@ -107,6 +112,118 @@ class DeferredVector(Deferred):
 
     def resolve(self) -> Any:
         return self.value.tolist()
+
+
+_RING_ROWS = 256  # rows in flight at most before a batch takes fresh pinned memory (the writer is behind)
+_RING_WIDTH = 16  # scalars per row: a batch of more takes fresh pinned memory
+
+
+class _PinnedRing:
+    """Pinned float64 rows reused round robin: a step's batch lands in one; the writer frees it once read."""
+
+    def __init__(self) -> None:
+        self._rows: torch.Tensor | None = None
+        self._busy = [False] * _RING_ROWS
+        self._next = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, int | None]:
+        """A pinned float64 buffer of ``n`` and its row (None: not from the ring)."""
+        row = self._next
+        if n > _RING_WIDTH or self._busy[row]:
+            return pinned((n,), torch.float64), None
+        if self._rows is None:
+            self._rows = pinned((_RING_ROWS, _RING_WIDTH), torch.float64)
+        self._busy[row] = True
+        self._next = (row + 1) % _RING_ROWS
+        return self._rows[row, :n], row
+
+    def release(self, row: int) -> None:
+        self._busy[row] = False
+
+
+_ring = _PinnedRing()
+
+
+class _Landing:
+    """One batch's copy: the pinned buffer, its event, and the values once read."""
+
+    __slots__ = ("event", "host", "row", "values")
+
+    def __init__(self, host: torch.Tensor, event: Any, row: int | None) -> None:
+        self.host: torch.Tensor | None = host
+        self.event = event
+        self.row = row
+        self.values: list[float] | None = None
+
+    def read(self) -> Any:
+        if self.values is not None:
+            return self.values
+        if graph_capture.active() or not self.event.query():
+            return NOT_READY  # (an event query during a global-mode capture would invalidate it)
+        assert self.host is not None
+        self.values = self.host.tolist()
+        self.host = None
+        if self.row is not None:
+            _ring.release(self.row)
+        return self.values
+
+
+class BatchedValue(Deferred):
+    """One scalar of a :class:`Batch`; None if its batch was never sent (an error of ours, reported there)."""
+
+    __slots__ = ("index", "landing")
+
+    def __init__(self) -> None:
+        self.landing: _Landing | None = None
+        self.index = 0
+
+    def resolve(self) -> Any:
+        landing = self.landing
+        if landing is None:
+            return None
+        values = landing.read()
+        return values if values is NOT_READY else values[self.index]
+
+
+class Batch:
+    """CUDA scalars captured together (one step's, one ``log()`` call's): one vector per device, one copy, one
+    event, instead of a pinned scalar, a copy and an event each. ``send()`` once all are added."""
+
+    __slots__ = ("_tensors", "_values")
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._values: list[BatchedValue] = []
+
+    def capture(self, value: Any) -> Any:
+        """Like :func:`capture`; a CUDA tensor joins the batch."""
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            if value.numel() != 1:
+                raise NotAScalar(f"expected a scalar, got a tensor of shape {tuple(value.shape)}")
+            return self.add_device(value)
+        return capture(value)
+
+    def add_device(self, value: torch.Tensor) -> BatchedValue:
+        handle = BatchedValue()
+        self._tensors.append(value.detach().reshape(()))
+        self._values.append(handle)
+        return handle
+
+    def send(self) -> None:
+        tensors, self._tensors = self._tensors, []
+        values, self._values = self._values, []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, tensor in enumerate(tensors):
+            by_device.setdefault(tensor.device, []).append(i)
+        for indices in by_device.values():
+            vector = torch.stack([tensors[i].to(torch.float64) for i in indices])
+            host, row = _ring.take(len(indices))
+            host.copy_(vector, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(vector.device))
+            landing = _Landing(host, event, row)
+            for position, i in enumerate(indices):
+                values[i].landing, values[i].index = landing, position
 
 
 def capture_vector(value: torch.Tensor) -> Deferred:

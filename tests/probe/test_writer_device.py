@@ -175,3 +175,80 @@ def test_a_model_on_two_gpus_is_clipped_whole_with_the_scripts_clip_reused(isola
     coef = 0.01 / (float(total) + 1e-6)
     for b, a in zip(before, after, strict=True):
         assert torch.allclose(a, b * coef, rtol=1e-4)
+
+
+def test_a_steps_device_scalars_travel_in_one_copy_with_one_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The norm, the guard's flags and the loss scale of a step: one float64 vector per device, copied into a row
+    of a pinned ring reused round robin, one event. Stand-ins for the CUDA calls (no GPU here)."""
+    from gradwatch.probes import readback
+
+    events: list[Any] = []
+
+    class Event:
+        done = False
+
+        def __init__(self) -> None:
+            events.append(self)
+
+        def record(self, stream: Any = None) -> None:
+            pass
+
+        def query(self) -> bool:
+            return self.done
+
+    monkeypatch.setattr(readback, "pinned", lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(readback, "_ring", readback._PinnedRing())
+    batch = readback.Batch()
+    norm = batch.add_device(torch.tensor(0.75, dtype=torch.float32))
+    clipped = batch.add_device(torch.tensor(True))
+    scale = batch.add_device(torch.tensor(65536.0, dtype=torch.float64))
+    batch.send()
+    assert len(events) == 1
+    assert norm.resolve() is readback.NOT_READY  # until the event says the copy landed
+    events[0].done = True
+    assert (norm.resolve(), clipped.resolve(), scale.resolve()) == (0.75, 1.0, 65536.0)
+
+    rows = []
+    for i in range(3):  # the rows come round: each batch one, freed once read
+        later = readback.Batch()
+        value = later.add_device(torch.tensor(float(i)))
+        later.send()
+        events[-1].done = True
+        rows.append(value.landing.row)  # type: ignore[union-attr]
+        assert value.resolve() == float(i)
+    assert rows == [1, 2, 3]
+    unread = readback.Batch()
+    held = unread.add_device(torch.tensor(9.0))
+    unread.send()  # row 4, not read yet: when the ring comes round to it, a fresh buffer is taken instead
+    assert held.landing.row == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU was lent to this task)")
+def test_on_a_gpu_a_guarded_step_and_its_log_call_record_two_events(isolated_home: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[object] = []
+    original = torch.cuda.Event
+
+    class Counting(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    model = torch.nn.Linear(64, 1).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    rules = {"guards": {"clip": {"scheme": "fixed", "max_norm": 1.0}}}
+    with gradwatch.attach(model, opt, run="events", rules=rules, layer_stats_every=0) as probe:
+        monkeypatch.setattr(torch.cuda, "Event", Counting)
+        for _ in range(10):
+            loss = model(torch.randn(8, 64, device="cuda")).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe.log(loss=loss, accuracy=loss * 0)
+        torch.cuda.synchronize()
+        assert len(made) == 20  # one per step (norm, clipped, skip flag), one per log call (two values)
+    steps = [r for r in run_records(isolated_home, "events", 0) if r["kind"] == "step"]
+    assert len(steps) == 10 and all(r["clip"] == 1.0 and r["values"]["accuracy"] == 0.0 for r in steps)
