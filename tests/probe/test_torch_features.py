@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,8 +11,13 @@ import torch
 import gradwatch
 from tests.probe.helpers import logged, read_run, tiny_model
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device; none on this machine (no GPU was lent to this task)")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="needs a CUDA device; none on this machine (no GPU was lent to this task)")
+
+
+def needs_cuda(test: Any) -> Any:
+    """A GPU check (``-m gpu``, scripts/gpu_checks.sh), skipped without CUDA."""
+    return pytest.mark.gpu(_no_cuda(test))
 
 
 def test_grad_norm_under_grad_scaler_is_of_the_unscaled_gradients(isolated_home: Path) -> None:
