@@ -18,7 +18,8 @@ from tests.spool_records import run_records
 SCRIPT = SUPPORT / "user_scripts" / "fsdp2.py"
 
 
-def _run(home: Path, out: Path, mode: str, *flags: str, layer_stats_every: int = 0) -> subprocess.CompletedProcess[str]:
+def _run(home: Path, out: Path, mode: str, *flags: str, layer_stats_every: int = 0,
+         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = [*torchrun, str(SCRIPT), str(out), *flags]
     if mode == "attach":
@@ -26,7 +27,7 @@ def _run(home: Path, out: Path, mode: str, *flags: str, layer_stats_every: int =
     else:
         command = [sys.executable, "-m", "gradwatch", "run", "--home", str(home), "--run", "fsdp2", "--", *command]
     env = {**os.environ, "GRADWATCH_HOME": str(home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_RUN": "fsdp2",
-           "GRADWATCH_LAYER_STATS_EVERY": str(layer_stats_every)}
+           "GRADWATCH_LAYER_STATS_EVERY": str(layer_stats_every), **(env_extra or {})}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -70,3 +71,17 @@ def test_layer_statistics_of_sharded_gradients_are_the_full_layers(mode: str, is
             norms, ratios = reference["layer_grad_norm"][record["step"] - 1], reference["update_ratio"][record["step"] - 1]
             assert dict(zip(record["layers"], record["grad_norm"], strict=True)) == pytest.approx(norms, rel=1e-5)
             assert record["update_ratio"] == pytest.approx({k: ratios[k] for k in record["update_ratio"]}, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_with_the_guards_off_every_step_and_loss_is_recorded(isolated_home: Path, tmp_path: Path) -> None:
+    """The post-step hook raised on DTensor gradients once no guard ran before it: steps, losses and commands lost."""
+    rules = tmp_path / "rules.yml"
+    rules.write_text('guards:\n  skip: {on_nonfinite: "off", on_spike: "off"}\n  clip: {scheme: none}\n')
+    done = _run(isolated_home, tmp_path / "out", "attach", env_extra={"GRADWATCH_RULES_FILE": str(rules)})
+    assert "internal error" not in done.stderr and "invalid rules" not in done.stderr
+    for rank in (0, 1):
+        reference = json.loads((tmp_path / "out" / f"reference-{rank}.json").read_text())["grad_norm"]
+        steps = [r for r in run_records(isolated_home, "fsdp2", rank) if r["kind"] == "step"]
+        assert [r["grad_norm"] for r in steps] == pytest.approx(reference, rel=1e-6)
+        assert all(r["values"]["loss"] > 0 for r in steps)
