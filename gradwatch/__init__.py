@@ -10,10 +10,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Probe", "RulesConfig", "StopTraining", "__version__", "attach", "log"]
+__all__ = ["Probe", "RulesConfig", "StopTraining", "__version__", "attach", "log", "read_run"]
 
 if TYPE_CHECKING:
     from gradwatch.errors import StopTraining
+    from gradwatch.history import read_run
     from gradwatch.probes import Probe, attach
     from gradwatch.rules import RulesConfig
 
@@ -43,6 +44,10 @@ def __getattr__(name: str) -> Any:
         from gradwatch.errors import StopTraining
 
         return StopTraining
+    if name == "read_run":  # the spool's history: no torch, no agent
+        from gradwatch.history import read_run
+
+        return read_run
     if name == "RulesConfig":
         from gradwatch.rules import RulesConfig
 

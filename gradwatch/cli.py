@@ -26,6 +26,8 @@ def cli() -> None:
     In the training script:   probe = gradwatch.attach(model, optimizer)
     On each machine:          gradwatch agent    (started for you if none runs)
     See what runs:            gradwatch status
+    A run's history:          gradwatch export RUN -o run.csv
+    Clean the spool:          gradwatch runs prune --older-than 30d
     Check a rules file:       gradwatch rules check rules.yaml
     Try it:                   gradwatch demo
     """
@@ -192,6 +194,86 @@ def demo(home: Path | None, steps: int, steps_per_second: float, no_live: bool) 
     from gradwatch.demo import run_demo
 
     run_demo(home=home, steps=steps, steps_per_second=steps_per_second, live=not no_live)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("run")
+@_home_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet", "tensorboard"]), default="csv",
+              show_default=True, help="csv / jsonl / parquet: one table (a row per step, logged scalar, action, "
+              "decision; jsonl adds per-layer statistics); tensorboard: event files, one directory per rank.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="File (directory for tensorboard); '-' for standard output (csv, jsonl). "
+              "[default: RUN.FORMAT, RUN-tensorboard/]")
+def export(run: str, home: Path | None, fmt: str, output: Path | None) -> None:
+    """Export everything recorded of RUN, from the spool (no agent needed).
+
+    \b
+    gradwatch export lr-sweep-3 -o sweep.csv
+    gradwatch export lr-sweep-3 --format tensorboard && tensorboard --logdir lr-sweep-3-tensorboard
+    """
+    from gradwatch.export import write
+    from gradwatch.history import read_run
+
+    history = read_run(run, home)
+    for name, why in history.unreadable.items():
+        click.echo(f"gradwatch: {name} left out: {why}", err=True)
+    where = write(history, fmt, output, progress=lambda message: click.echo(message, err=True))
+    if where is not None:
+        steps = sum(len(r.steps) for r in history.ranks.values())
+        click.echo(f"{run}: {steps} steps of {len(history.ranks)} rank(s) -> {where}", err=True)
+
+
+@cli.group(context_settings=_CONTEXT)
+def runs() -> None:
+    """List the spool's runs and remove old ones (the spool grows ~200 bytes per step and rank)."""
+
+
+@runs.command("ls", context_settings=_CONTEXT)
+@_home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+def runs_ls(home: Path | None, as_json: bool) -> None:
+    """Every run in the spool: status, ranks, steps, last record, size on disk."""
+    from gradwatch.retention import print_runs_list, runs_list
+
+    listing = runs_list(home)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(listing, indent=1))
+    else:
+        print_runs_list(listing)
+
+
+@runs.command("rm", context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="RUN...")
+@_home_option
+@click.option("--force", is_flag=True, help="Remove a run that is still running too.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def runs_rm(names: tuple[str, ...], home: Path | None, force: bool, yes: bool) -> None:
+    """Remove runs from the spool (their records, metadata and the agent's events)."""
+    from gradwatch.retention import remove_runs
+
+    remove_runs(list(names), home, force=force, confirm=None if yes else _confirm, echo=click.echo)
+
+
+@runs.command("prune", context_settings=_CONTEXT)
+@_home_option
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="Remove ended runs whose last record is older than AGE: 30d, 12h, 90m, 2w.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def runs_prune(home: Path | None, older_than: str, dry_run: bool, yes: bool) -> None:
+    """Remove ended runs older than AGE (a run without an end record whose process lives is kept)."""
+    from gradwatch.retention import parse_age, prune_runs
+
+    prune_runs(home, parse_age(older_than), dry_run=dry_run, confirm=None if yes else _confirm, echo=click.echo)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise GradwatchError(f"{question} needs confirmation; run again with --yes (standard input is not a terminal)")
+    return click.confirm(question, default=False)
 
 
 @cli.group(context_settings=_CONTEXT)
