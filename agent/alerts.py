@@ -77,6 +77,9 @@ def alert_name(rule_name: str) -> str:
     return "Gradwatch" + "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]+", rule_name) if part)
 
 
+CHECK_AFTER_STEPS = 20  # the forward check runs a few steps after the non-finite one (the writer reads it first)
+
+
 def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
@@ -90,6 +93,16 @@ def _outcome(outcome: dict[str, Any] | None) -> dict[str, str]:
     verb = "did not take" if outcome["status"] == "not_taken" else "was refused"
     return {"action_outcome": f"its {outcome.get('action')} after step {outcome.get('step')} {verb}: "
                               f"{str(outcome.get('detail', ''))[:300]}"}
+
+
+def _origin(trigger: dict[str, Any], rank0: RankState) -> dict[str, str]:
+    """Where a non-finite value came from (the probe's nonfinite records from that step on), for a non-finite
+    trigger: ``origin``, as the alert's annotation."""
+    if trigger.get("reason") != "nonfinite" or not rank0.nonfinite_origins:
+        return {}
+    step = int(trigger.get("step", 0))
+    near = [o["text"] for o in rank0.nonfinite_origins if step - 1 <= o["step"] <= step + CHECK_AFTER_STEPS]
+    return {"origin": "; ".join(near[:3])} if near else {}
 
 
 def _rule_text(run: str, metric: str, reason: str, step: int, details: dict[str, Any]) -> str:
@@ -198,7 +211,7 @@ class AlertTracker:
                              f"{rank0.meta.host or '?'}, last at step {trigger['step']}."
                              + (f" Note: {outcome['action_outcome']}." if outcome else "")),
              "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
-             "step": str(trigger["step"]), **_outcome(rule_state.last_outcome)},
+             "step": str(trigger["step"]), **_outcome(rule_state.last_outcome), **_origin(trigger, rank0)},
             since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:

@@ -27,6 +27,7 @@ from gradwatch.spool.records import (
     EndRecord,
     LayersRecord,
     LogRecord,
+    NonFiniteRecord,
     Record,
     ResumeRecord,
     RunMeta,
@@ -97,6 +98,7 @@ class RankState:
     guarded_steps: int = 0  # steps with a clipping threshold in force
     would_skip: int = 0  # steps a skip guard in observe mode would have skipped
     recent_actions: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10
+    nonfinite_origins: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10 (nonfinite records)
     layer_grad_norms: dict[str, float] = field(default_factory=dict)  # from the newest layers record
     layer_update_ratios: dict[str, float] = field(default_factory=dict)  # newest value of each layer
     layers_step: int | None = None
@@ -156,6 +158,10 @@ class RankState:
             self._apply_ack(record)
         elif isinstance(record, LayersRecord):
             self._apply_layers(record)
+        elif isinstance(record, NonFiniteRecord):
+            origin = {"step": record.step, "source": record.source, "module": record.module, "value": record.value,
+                      "count": record.count, "params": record.params[:8], "text": record.text()}
+            self.nonfinite_origins = (self.nonfinite_origins + [origin])[-10:]
         return {}
 
     def resumed(self, record: ResumeRecord, meta: RunMeta | None) -> None:
@@ -538,7 +544,8 @@ class AgentState:
                 "actions": s.actions, "recent_actions": s.recent_actions, "clip_threshold": s.clip_threshold,
                 "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
                 "steps_from": s.meta.steps_from, "exit_code": s.exit_code, "resumes": s.resumes,
-                "history": s.history,
+                "history": s.history, "nonfinite_origins": s.nonfinite_origins,
             } for s in states],
             "faults": self.faults.of_run(run),
         }
+

@@ -25,6 +25,7 @@ from gradwatch.spool.records import (
     EndRecord,
     LayersRecord,
     LogRecord,
+    NonFiniteRecord,
     ResumeRecord,
     StepRecord,
 )
@@ -99,6 +100,8 @@ def _row(rank: int, record: Any) -> dict[str, Any] | None:
         return {**base, "id": record.id}
     if isinstance(record, ResumeRecord):
         return {**base, "checkpoint": record.checkpoint}
+    if isinstance(record, NonFiniteRecord):
+        return {**base, "action": record.source, "detail": record.text(), "status": record.value}
     return None  # layers: JSON lines and TensorBoard
 
 

@@ -32,6 +32,7 @@ from gradwatch.spool.records import (
     EndRecord,
     LayersRecord,
     LogRecord,
+    NonFiniteRecord,
     Record,
     ResumeRecord,
     RunMeta,
@@ -77,6 +78,11 @@ class RankHistory:
     @property
     def layers(self) -> list[LayersRecord]:
         return [r for r in self.records if isinstance(r, LayersRecord)]
+
+    @property
+    def nonfinite(self) -> list[NonFiniteRecord]:
+        """Where non-finite values came from: gradients named at the bad step, the forward check after it."""
+        return [r for r in self.records if isinstance(r, NonFiniteRecord)]
 
     @property
     def checkpoints(self) -> list[CheckpointRecord]:

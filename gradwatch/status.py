@@ -76,33 +76,68 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def runs_table(runs: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column, justify in (("run", "left"), ("rank", "right"), ("state", "left"), ("steps", "right"),
-                            ("loss", "right"), ("grad norm", "right"), ("lr", "right"), ("step time", "right"),
-                            ("samples/s", "right"), ("actions", "left"), ("last record", "right")):
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+_ESSENTIAL = ("run", "state", "steps", "loss", "grad norm", "lr")  # kept at any width
+_OPTIONAL = ("step time", "last record", "rank", "samples/s", "actions")  # added in this order while they fit
+_ORDER = ("run", "rank", "state", "steps", "loss", "grad norm", "lr", "step time", "samples/s", "actions",
+          "last record")
+_LEFT = ("run", "state", "actions")
+
+
+def _rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    rows = []
     for run in runs:
         if not run["ranks"]:
-            table.add_row(run["run"], "-", f"[red]{run['status']}[/]", "", "", "", "", "", "", "", run.get("error", ""))
+            rows.append({"run": run["run"], "rank": "-", "state": f"[red]{run['status']}[/]",
+                         "last record": run.get("error", "")})
             continue
         for i, r in enumerate(run["ranks"]):
             style = _STATUS_STYLE.get(r["status"], "")
             lrs = r.get("learning_rates") or []
-            table.add_row(
-                run["run"] if i == 0 else "",
-                str(r["rank"]),
-                _state(r, style),
-                str(r["steps"]),
-                _fmt(r["loss"]),
-                _fmt(r["grad_norm"]),
-                _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs
+            rows.append({
+                "run": run["run"] if i == 0 else "", "rank": str(r["rank"]), "state": _state(r, style),
+                "steps": str(r["steps"]), "loss": _fmt(r["loss"]), "grad norm": _fmt(r["grad_norm"]),
+                "lr": _fmt(lrs[0], ".3g") + (f" (+{len(lrs) - 1})" if len(lrs) > 1 else "") if lrs
                 else ("none*" if r.get("steps_from") == "backward" else "-"),
-                "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
-                _fmt(r["samples_per_second"], ".1f"),
-                actions_text(r),
-                _ago(r.get("seconds_since_last_record")),
-            )
+                "step time": "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
+                "samples/s": _fmt(r["samples_per_second"], ".1f"), "actions": actions_text(r),
+                "last record": _ago(r.get("seconds_since_last_record")),
+            })
+    return rows
+
+
+def _width(column: str, rows: list[dict[str, str]]) -> int:
+    from rich.text import Text
+
+    return max([len(column)] + [Text.from_markup(row.get(column, "")).cell_len for row in rows])
+
+
+def runs_table(runs: list[dict[str, Any]], title: str, width: int | None = None) -> Table:
+    """The runs, one row per rank. At ``width`` columns (a terminal's), run, state, steps, loss, grad norm and lr
+    always show (a long run name is cut with an ellipsis, never to nothing); step time, last record, rank (when a
+    run has several), samples/s and actions follow while they fit."""
+    rows = _rows(runs)
+    widths = {column: _width(column, rows) for column in _ORDER}
+    shown = set(_ESSENTIAL)
+    several_ranks = any(len(run["ranks"]) > 1 for run in runs)
+    if width is not None:
+        widths["run"] = min(widths["run"], max(12, width // 4))
+        used = sum(widths[c] + 3 for c in shown) + 1
+        for column in _OPTIONAL:
+            if column == "rank" and not several_ranks:
+                continue
+            if used + widths[column] + 3 <= width:
+                shown.add(column)
+                used += widths[column] + 3
+    else:
+        shown.update(_OPTIONAL)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    columns = [c for c in _ORDER if c in shown]
+    for column in columns:
+        table.add_column(column, justify="left" if column in _LEFT else "right",
+                         no_wrap=True, overflow="ellipsis", min_width=min(widths[column], 12 if column == "run" else 6),
+                         max_width=widths[column] if column == "run" and width is not None else None)
+    for row in rows:
+        table.add_row(*(row.get(column, "") for column in columns))
     return table
 
 
@@ -148,7 +183,7 @@ def print_runs(runs: list[dict[str, Any]], source: str) -> None:
     if not runs:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return
-    console.print(runs_table(runs, "gradwatch runs"))
+    console.print(runs_table(runs, "gradwatch runs", width=console.width if console.is_terminal else None))
     if any(r.get("steps_from") == "backward" for run in runs for r in run["ranks"]):
         console.print("[dim]* no torch.optim optimizer: the script updates its parameters by hand, so there is no "
                       "learning rate to read, and each backward pass counts as a step[/]", soft_wrap=True)

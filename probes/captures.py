@@ -37,6 +37,7 @@ class StepCapture(NamedTuple):
     loss_scale: Any = None  # GradScaler's scale (maybe deferred), on the steps it skipped
     opt: str = ""  # a step of another optimizer than the first: its name
     values: dict[str, Any] | None = None  # that step's scalars (its loss), captured with it
+    parts: Any = None  # (per-tensor norms, their parameters' indices): to name non-finite gradients (nonfinite.py)
 
 
 class LogCapture(NamedTuple):
@@ -62,7 +63,8 @@ class LayersCapture(NamedTuple):
     covered: tuple[int, ...]
 
 
-Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord  # a checkpoint has no device values
+# a checkpoint has no device values; ForwardFlags (nonfinite.py) are a forward check's
+Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord | readback.Deferred
 
 
 def _resolve_values(values: dict[str, Any], unreadable: list[tuple[str, str]] | None) -> dict[str, float] | None:
@@ -155,4 +157,7 @@ def to_record(item: Capture, logged: LogCapture | None = None,
                             update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[n:], strict=False)})
     if isinstance(item, CheckpointRecord):
         return item
+    if isinstance(item, readback.Deferred):  # a forward check's flags: its NonFiniteRecord once read
+        record = item.resolve()
+        return None if record is readback.NOT_READY else record
     raise TypeError(f"not a capture: {type(item).__name__}")

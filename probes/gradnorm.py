@@ -134,6 +134,8 @@ class GradNormMeter:
         self._on_cpu = False
         self._sharded = False  # FSDP2/DTensor gradients: each rank holds shards of them
         self._dtype: torch.dtype | None = None  # of the norms (norm_dtype)
+        self.last_parts: list[torch.Tensor] | None = None  # this step's per-tensor norms (None: a reused norm)
+        self.grad_owners: list[int] = []  # the index in ``params`` of each of them
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -167,8 +169,10 @@ class GradNormMeter:
             if self._shard_group is not None and self._params:  # the other ranks wait for this one's part: zero
                 return reduced_norm(torch.zeros((), device=self._params[0].device), self._shard_group)
             return None
+        self.last_parts = None
         if self._checked_for != len(grads):  # before a reused norm too: the guards scale by `fusable`
             self._checked_for = len(grads)
+            self.grad_owners = [i for i, p in enumerate(self._params) if p.grad is not None]
             self._sharded = any(sharded(g) for g in grads)
             self._fusable = _fusable(grads)
             self._on_cpu = grads[0].is_cpu
@@ -182,7 +186,8 @@ class GradNormMeter:
             return reuse[0]
         if self._sharded:
             return None  # only the script's clip_grad_norm_ (reused above) has the global norm without a collective
+        norms = foreach_norms(grads, self._dtype) if self._fusable else _per_tensor_norms(grads)
+        self.last_parts = norms  # kept by reference: which gradients were non-finite, should the norm be
         if not self._fusable:
-            return _norm_of_norms(_per_tensor_norms(grads))
-        norms = foreach_norms(grads, self._dtype)
+            return _norm_of_norms(norms)
         return NormOfNorms(norms) if self._on_cpu else _norm_of_norms(norms)

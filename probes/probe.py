@@ -35,6 +35,7 @@ from gradwatch.probes.guards import GradientGuards
 from gradwatch.probes.interceptors import outstanding_scale
 from gradwatch.probes.layerstats import LayerStats
 from gradwatch.probes.model_hook import ForwardPreHook
+from gradwatch.probes.nonfinite import ForwardCheck
 from gradwatch.probes.optimizer_streams import OtherOptimizer
 from gradwatch.probes.optimizers import GradientSource, ModelParameters, OptimizerSet, unwrap
 from gradwatch.probes.record_queue import RecordQueue
@@ -126,6 +127,9 @@ class Probe:
         self._sample_counter: SampleCounter | None = None  # gradwatch run: batch_size from the model's inputs
         self._others: list[OtherOptimizer] = []  # the run's other optimizers, recorded on their own
         self._pre_clip_norm: Any = None  # the first optimizer's own norm, taken before a clip over more
+        self._pending_parts: Any = None  # the step's per-tensor norms and their owners (probes/nonfinite.py)
+        self._forward_check = ForwardCheck(model) if model is not None else None
+        self._names_cache: tuple[int, list[str]] = (0, [])
         self._loss_scaler: torch.amp.GradScaler | None = None  # a framework's GradScaler (use_loss_scaler)
 
         optimizers = settings.optimizers
@@ -168,6 +172,8 @@ class Probe:
             labels=settings.labels, queue_dropped=lambda: self._queue.dropped, warn=self._warn,
             flush_interval=settings.flush_interval,
             on_agent_needed=ensure_agent if settings.autostart_agent else None, cuda_devices=cuda_devices,
+            param_names=self._parameter_names,
+            on_nonfinite=self._forward_check.arm if self._forward_check is not None else None,
             inbox=reads, run_settings={**settings.run_metadata(), "steps_from": "optimizer" if optimizers else "backward",
                                        **({"command_sync": "collective"} if self._sync is not None else {})})
         # Wall time = offset + monotonic clock: one clock read per step instead of two.
@@ -321,6 +327,18 @@ class Probe:
         ``measure_in_step_hook=False``."""
         if not self._closed:
             self._before_step()
+
+    def _parameter_names(self) -> list[str]:
+        """The names of the gradient meter's parameters, as the model names them (writer thread; cached)."""
+        meter = self._grad_norm
+        if meter is None:
+            return []
+        params = meter.params
+        if self._names_cache[0] != id(params):
+            model = self._forward_check._model() if self._forward_check is not None else None
+            named = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+            self._names_cache = (id(params), [named.get(id(p), f"param {i}") for i, p in enumerate(params)])
+        return self._names_cache[1]
 
     def created_mid_step(self) -> None:
         """The probe was made inside an optimizer step (``gradwatch run``: by the first ``step()``), after the script
@@ -497,6 +515,9 @@ class Probe:
     def _on_forward_pre(self, module: torch.nn.Module | None = None, args: Any = None) -> None:
         if module is not None and self._sample_counter is not None:
             self._sample_counter.on_forward(module, args)
+        check = self._forward_check
+        if check is not None and check.wanted and not _is_compiling():
+            check.maybe_install()
         if self._awaiting_forward and not _is_compiling() and not graph_capture.here():
             self._awaiting_forward = False
             if self._last_step_end is not None:
@@ -530,6 +551,9 @@ class Probe:
             norm, self._pre_clip_norm = self._pre_clip_norm, None
             if norm is None:
                 norm = meter(reuse[:2] if reuse else None) if meter is not None else None
+                # this step's per-tensor norms, by reference: to name non-finite gradients (probes/nonfinite.py)
+                self._pending_parts = (meter.last_parts, meter.grad_owners) \
+                    if meter is not None and meter.last_parts is not None else None
             self._pending_script_clip = reuse[2] if reuse is not None and norm is reuse[0] else None
             if norm is None and meter is not None and meter.sharded_by is not None:
                 self._warn("sharded-by", "the gradients are sharded (%s): a norm over this rank's shard is not the "
@@ -612,8 +636,14 @@ class Probe:
                 and norm.is_cuda
             if on_device or guard is not None or loss_scale is not None or any(lr.__class__ is not float for lr in lrs):
                 norm, lrs, guard, loss_scale = _gathered(norm, lrs, guard, loss_scale)
+            parts, self._pending_parts = self._pending_parts, None
             item = StepCapture(self.step, self._wall_offset + now, duration, self._data_wait, norm, lrs,
-                               guard, self._pending_script_clip, loss_scale)
+                               guard, self._pending_script_clip, loss_scale, parts=parts)
+            check = self._forward_check
+            if check is not None and check.installed:  # this step's forward outputs were checked
+                flags = check.collect(self.step, item.t)
+                if flags is not None:
+                    self._queue.put(flags)
             if self._commands.awaiting_step:
                 self._commands.step_recorded(guard[0] if guard is not None else self._pending_script_clip,
                                              guard[2] if guard is not None and isinstance(guard[2], str) else None)

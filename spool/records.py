@@ -37,6 +37,7 @@ MAX_OPTIMIZER_NAME = 40  # the optimizer label of a step record
 MAX_LAYERS = 10_000  # layers of a layers record
 MAX_UUID = 80  # characters of a GPU UUID or a pid namespace
 MAX_GPUS = 64  # GPUs one process uses
+MAX_ORIGIN_PARAMS = 64  # parameter names a nonfinite record lists
 MAX_INT = 2**63 - 1  # steps, counters: what a signed 64-bit field holds
 
 
@@ -50,6 +51,7 @@ class RecordKind(str, enum.Enum):
     LAYERS = "layers"  # per-layer gradient norms and update/weight ratios of a sampled step (since 1.2)
     CHECKPOINT = "checkpoint"  # the script saved the probe's state (probe.state_dict()) after this step (1.5)
     RESUME = "resume"  # a new process continues the run from a saved state: the next step is step + 1 (1.5)
+    NONFINITE = "nonfinite"  # where a non-finite gradient or forward output came from (1.7)
 
 
 class AckStatus(str, enum.Enum):
@@ -202,7 +204,39 @@ class LayersRecord:
     dropped: int = 0
 
 
-Record = StepRecord | LogRecord | AckRecord | EndRecord | LayersRecord | CheckpointRecord | ResumeRecord
+@dataclass(slots=True)
+class NonFiniteRecord:
+    """Where a non-finite value came from (1.7). ``source`` "gradients": at ``step`` the parameters ``params``
+    (``count`` in all) had non-finite gradients; ``module`` is the layer nearest the loss among theirs, where the
+    backward pass met the bad value first. ``source`` "forward": at ``step`` (one after a non-finite step) the
+    first module, in the order they finished, whose output was non-finite; "" when every output was finite (the
+    bad value arose in the backward pass, or in that step's batch alone). ``value``: "nan" or "inf"."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.NONFINITE
+    step: int
+    t: float
+    source: str  # "gradients" | "forward"
+    module: str = ""
+    value: str = ""
+    params: list[str] = field(default_factory=list)  # the first MAX_ORIGIN_PARAMS
+    count: int = 0
+    seq: int = 0
+    dropped: int = 0
+
+    def text(self) -> str:
+        """One line for people: ``step 1234: gradients non-finite (nan) in 4 parameter(s), nearest the loss in
+        `blocks.3.attn``` or ``step 1235: first non-finite forward output in `blocks.3.attn` (inf)``."""
+        if self.source == "forward":
+            if not self.module:
+                return (f"step {self.step}: every forward output finite (the non-finite value arose in the backward "
+                        "pass, or in the bad step's batch alone)")
+            return f"step {self.step}: first non-finite forward output in `{self.module}` ({self.value or 'nan'})"
+        return (f"step {self.step}: gradients non-finite ({self.value or 'nan'}) in {self.count} parameter(s), "
+                f"nearest the loss in `{self.module}`")
+
+
+Record = (StepRecord | LogRecord | AckRecord | EndRecord | LayersRecord | CheckpointRecord | ResumeRecord
+          | NonFiniteRecord)
 
 
 @dataclass(slots=True)
@@ -295,6 +329,9 @@ def to_json(record: Record) -> dict[str, Any]:
             out["checkpoint"] = record.checkpoint
         elif isinstance(record, LayersRecord):
             out.update(layers=record.layers, grad_norm=record.grad_norm, update_ratio=record.update_ratio)
+        elif isinstance(record, NonFiniteRecord):
+            out.update(source=record.source, module=record.module, value=record.value, params=record.params,
+                       count=record.count)
         else:
             raise TypeError(f"not a spool record: {type(record).__name__}")
     out["seq"] = record.seq
@@ -475,6 +512,19 @@ def _decode_layers(obj: dict[str, Any], step: int, t: float, seq: int, dropped: 
         seq=seq, dropped=dropped)
 
 
+def _decode_nonfinite(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> NonFiniteRecord:
+    source = obj.get("source")
+    if source not in ("gradients", "forward"):
+        raise RecordError("invalid", "nonfinite record: field 'source' must be 'gradients' or 'forward'")
+    params = obj.get("params")
+    value = obj.get("value")
+    return NonFiniteRecord(
+        step=step, t=t, source=source, module=_text(obj.get("module"), MAX_NAME) or "",
+        value=value if value in ("nan", "inf") else "",
+        params=[str(p)[:MAX_NAME] for p in params[:MAX_ORIGIN_PARAMS]] if isinstance(params, list) else [],
+        count=_count(obj.get("count")) or 0, seq=seq, dropped=dropped)
+
+
 def _decode_log(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> LogRecord:
     return LogRecord(step=step, t=t, values=_values(obj.get("values")) or {}, seq=seq, dropped=dropped,
                      values_dropped=_count(obj.get("values_dropped")) or 0)
@@ -484,6 +534,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], int, float, int, int], Record]] =
     RecordKind.STEP.value: _decode_step, RecordKind.LOG.value: _decode_log, RecordKind.ACK.value: _decode_ack,
     RecordKind.END.value: _decode_end, RecordKind.LAYERS.value: _decode_layers,
     RecordKind.CHECKPOINT.value: _decode_checkpoint, RecordKind.RESUME.value: _decode_resume,
+    RecordKind.NONFINITE.value: _decode_nonfinite,
 }
 
 
