@@ -27,6 +27,7 @@ def cli() -> None:
     On each machine:          gradwatch agent    (started for you if none runs)
     See what runs:            gradwatch status
     A run's history:          gradwatch export RUN -o run.csv
+    Its plots:                gradwatch report RUN -o run.html
     Clean the spool:          gradwatch runs prune --older-than 30d
     Check a rules file:       gradwatch rules check rules.yaml
     Try it:                   gradwatch demo
@@ -222,6 +223,23 @@ def export(run: str, home: Path | None, fmt: str, output: Path | None) -> None:
     if where is not None:
         steps = sum(len(r.steps) for r in history.ranks.values())
         click.echo(f"{run}: {steps} steps of {len(history.ranks)} rank(s) -> {where}", err=True)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("run")
+@_home_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FILE.html (one self-contained page, opens offline) or FILE.png. [default: RUN.html]")
+@click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0), help="Which rank to draw.")
+def report(run: str, home: Path | None, output: Path | None, rank: int) -> None:
+    """Plot RUN from the spool: loss, gradient norm and clip threshold, LR, step time and data wait, memory,
+    per-layer gradient norms; actions, decisions, skips and non-finite origins marked at their steps."""
+    from gradwatch.history import read_run
+    from gradwatch.report import write as write_report
+
+    history = read_run(run, home)
+    where = write_report(history, output or Path(f"{run}.html"), rank)
+    click.echo(f"{run}: report -> {where}", err=True)
 
 
 @cli.group(context_settings=_CONTEXT)

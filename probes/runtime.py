@@ -127,13 +127,15 @@ class ProcessRuntime:
         for probe in list(self._open):
             if probe.identity.pid != pid:
                 continue  # a forked child (e.g. a DataLoader worker) does not own the parent's probes
-            status, error, exit_code = self.ending(last, probe.opened_at)
+            status, error, exit_code = self.ending(last, probe.opened_at, at_exit=True)
             probe.close(status=status, error=error, exit_code=exit_code, timeout=timeout)
 
-    def ending(self, exc: BaseException | None, opened_at: float = 0.0) -> tuple[EndStatus, str | None, int | None]:
+    def ending(self, exc: BaseException | None, opened_at: float = 0.0,
+               at_exit: bool = False) -> tuple[EndStatus, str | None, int | None]:
         """How a run opened at ``opened_at`` (time.monotonic()) ends, given the exception its process ends with
         (None: none): (status, error, exit code). A signal before it opened (a Ctrl-C a script caught, then
-        training again) is not its."""
+        training again) is not its. ``at_exit``: the process is exiting, with the status ``sys.exit`` was given; a
+        probe closed before (its ``with`` block ended) is not judged by a ``sys.exit`` the script caught earlier."""
         interrupted_by = self.interrupted_by if self.interrupted_at >= opened_at else None
         # after Ctrl-C a script (Lightning) may exit(1) or finish; after SIGTERM whatever it raises is the signal's doing
         signalled = interrupted_by == "SIGTERM" or (interrupted_by and (exc is None or isinstance(exc, SystemExit)))
@@ -147,7 +149,7 @@ class ProcessRuntime:
                 (EndStatus.FAILED, f"exited with status {code}", code)
         if exc is not None:
             return EndStatus.FAILED, repr(exc), None
-        if self.exit_code:
+        if at_exit and self.exit_code:
             return EndStatus.FAILED, f"exited with status {self.exit_code}", self.exit_code
         return EndStatus.FINISHED, None, None
 
