@@ -28,6 +28,7 @@ def cli() -> None:
     See what runs:            gradwatch status
     A run's history:          gradwatch export RUN -o run.csv
     Its plots:                gradwatch report RUN -o run.html
+    What went wrong:          gradwatch inspect RUN
     Clean the spool:          gradwatch runs prune --older-than 30d
     Check a rules file:       gradwatch rules check rules.yaml
     Try it:                   gradwatch demo
@@ -240,6 +241,52 @@ def report(run: str, home: Path | None, output: Path | None, rank: int) -> None:
     history = read_run(run, home)
     where = write_report(history, output or Path(f"{run}.html"), rank)
     click.echo(f"{run}: report -> {where}", err=True)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="RUN RUN...")
+@_home_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.html"),
+              show_default=True, help="FILE.html (one self-contained page) or FILE.png.")
+@click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0), help="Which rank of each run.")
+def compare(names: tuple[str, ...], home: Path | None, output: Path, rank: int) -> None:
+    """Key curves of several runs on one step axis: loss, val_loss, gradient norm, LR, step time."""
+    from gradwatch.history import read_run
+    from gradwatch.report import write_comparison
+
+    if len(names) < 2:
+        raise click.UsageError("give two runs or more to compare")
+    where = write_comparison([read_run(name, home) for name in names], output, rank)
+    click.echo(f"{len(names)} runs: comparison -> {where}", err=True)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("run")
+@_home_option
+@click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0), help="Which rank to look at.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def inspect(run: str, home: Path | None, rank: int, as_json: bool) -> None:
+    """Diagnose RUN from the spool: non-finite steps and where they came from, spikes, dead, exploding and
+    vanishing layers, odd update ratios, an input-bound loop, a plateau, a clip that clips every step; each
+    with its steps and what to try."""
+    from gradwatch.diagnosis import diagnose
+    from gradwatch.history import read_run
+
+    history = read_run(run, home)
+    findings = diagnose(history, rank)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"run": run, "rank": rank, "findings": [f.to_json() for f in findings]}, indent=1))
+        return
+    steps = history.rank(rank).steps
+    click.echo(f"run {run} ({history.status}, {steps[-1].step if steps else 0} steps, rank {rank})")
+    if not findings:
+        click.echo("nothing stands out: no non-finite step, spike, layer problem, input stall, plateau or "
+                   "constant clipping")
+    for finding in findings:
+        click.echo(f"{finding.severity:<8} {finding.steps}: {finding.what}")
+        click.echo(f"{'':<8} try: {finding.advice}")
 
 
 @cli.group(context_settings=_CONTEXT)

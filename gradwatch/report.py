@@ -193,21 +193,93 @@ def _heat_map(fig: Any, axis: Any, layers: Sequence[Any]) -> None:
     fig.colorbar(image, ax=axis, label="log10 grad norm", pad=0.01)
 
 
+def comparison(runs: Sequence[RunHistory], rank_number: int = 0) -> Any:
+    """Key curves of several runs on one step axis (``gradwatch compare``): loss, validation loss when logged,
+    gradient norm, learning rate, step time; one colour per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtraError("gradwatch compare needs matplotlib: pip install 'gradwatch[report]'") from None
+    ranks = [(run, run.rank(rank_number)) for run in runs]
+    has_val = any(rank.scalar("val_loss") for _, rank in ranks)
+    panels = ["loss"] + (["val_loss"] if has_val else []) + ["grad norm", "learning rate", "step time (ms)"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.2 * len(panels) + 0.8), sharex=True, squeeze=False,
+                             layout="constrained")
+    fig.suptitle(f"gradwatch: {len(runs)} runs compared (rank {rank_number})", fontsize=12)
+    for run, rank in ranks:
+        steps = rank.steps
+        curves = {"loss": rank.scalar("loss"), "val_loss": rank.scalar("val_loss"),
+                  "grad norm": [(s.step, s.grad_norm) for s in steps if s.grad_norm is not None],
+                  "learning rate": [(s.step, s.lr[0]) for s in steps if s.lr],
+                  "step time (ms)": [(s.step, s.dur * 1000) for s in steps if s.dur is not None]}
+        for i, panel in enumerate(panels):
+            series = curves[panel]
+            if series:
+                axes[i][0].plot([a for a, _ in series], _finite([b for _, b in series]), lw=1.0, label=run.name,
+                                marker="o" if panel == "val_loss" else None, ms=3)
+    for i, panel in enumerate(panels):
+        axes[i][0].set_ylabel(panel)
+        _log_if_wide(axes[i][0])
+    axes[0][0].legend(loc="upper right", fontsize=8)
+    axes[-1][0].set_xlabel("step")
+    return fig
+
+
+def write_comparison(runs: Sequence[RunHistory], output: Path, rank: int = 0) -> Path:
+    return _save(comparison(runs, rank), output, lambda fig: _comparison_page(runs, fig))
+
+
 def write(run: RunHistory, output: Path, rank: int = 0) -> Path:
     """Write ``output``: a PNG (``.png``) or a self-contained HTML page (``.html``)."""
-    suffix = output.suffix.lower()
-    if suffix not in (".png", ".html", ".htm"):
+    _check_suffix(output)
+    return _save(figure(run, rank), output, lambda fig: _page(run, run.rank(rank), fig))
+
+
+def _check_suffix(output: Path) -> None:
+    if output.suffix.lower() not in (".png", ".html", ".htm"):
         raise GradwatchError(f"-o {output}: give a file ending in .html or .png")
-    fig = figure(run, rank)
+
+
+def _save(fig: Any, output: Path, page: Any) -> Path:
+    _check_suffix(output)
+    suffix = output.suffix.lower()
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
         fig.savefig(output, dpi=110)
     else:
-        output.write_text(_page(run, run.rank(rank), fig), encoding="utf-8")
+        output.write_text(page(fig), encoding="utf-8")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return output
+
+
+def _comparison_page(runs: Sequence[RunHistory], fig: Any) -> str:
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")
+    rows = "".join(
+        f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(run.status)}</td>"
+        f'<td class="n">{len(r.steps)}</td><td class="n">{_last(r.scalar("loss"))}</td>'
+        f'<td class="n">{_last(r.scalar("val_loss"))}</td><td>{html.escape(" ".join(r.meta.argv))}</td></tr>'
+        for run in runs for r in [run.rank(0)])
+    names = ", ".join(html.escape(run.name) for run in runs)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gradwatch: {names}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}th,td{{text-align:left;padding:.2em .8em;border-bottom:1px solid #ddd}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}}svg{{max-width:100%;height:auto}}</style></head><body>
+<h1>gradwatch: {len(runs)} runs compared</h1>
+<table><tr><th>run</th><th>status</th><th>steps</th><th>last loss</th><th>last val_loss</th><th>command</th></tr>{rows}</table>
+{svg.getvalue()[svg.getvalue().index("<svg"):]}
+<p>Made by <code>gradwatch compare</code> from the runs' spool.</p></body></html>
+"""
+
+
+def _last(series: Sequence[tuple[int, float]]) -> str:
+    return f"{series[-1][1]:.4g}" if series else "-"
 
 
 def _page(run: RunHistory, rank: RankHistory, fig: Any) -> str:

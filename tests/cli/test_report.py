@@ -82,3 +82,21 @@ def test_bad_requests_are_one_clear_line(home: Path, tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit):
         main(["report", "broken", "--home", str(home), "--rank", "3"])
     assert "has no rank 3" in capsys.readouterr().err
+
+
+def test_compare_draws_each_runs_curves_on_one_axis(home: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from gradwatch.report import comparison
+
+    runs = [gradwatch.read_run(name, home) for name in ("broken", "healthy")]
+    fig = comparison(runs)
+    loss_axis = fig.axes[0]
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["broken", "healthy"]
+    healthy = loss_axis.get_lines()[1]
+    assert list(healthy.get_ydata()) == [v for _, v in runs[1].rank(0).scalar("loss")]
+    main(["compare", "broken", "healthy", "--home", str(home), "-o", str(tmp_path / "c.html")])
+    page = (tmp_path / "c.html").read_text()
+    assert "2 runs compared" in page and "<svg" in page and ">healthy<" in page and "<script" not in page
+    with pytest.raises(SystemExit):
+        main(["compare", "broken", "--home", str(home)])
+    assert "give two runs or more" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""``gradwatch inspect`` on runs recorded here, one of each kind: each gets its finding with the right steps, and
+the healthy run gets none. Real training loops; only the exploding-layer check reads a spool written by hand (a
+layer whose gradient grows 100x alone, a shape hard to make on purpose in a few steps)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch.cli import main
+from gradwatch.diagnosis import Finding, diagnose
+from gradwatch.spool.records import LayersRecord
+from tests.agent.helpers import SpoolBuilder
+from tests.probe.test_nonfinite_origin import ForwardNaN
+
+STEPS = 160
+
+
+def _record(home: Path, run: str, *, lr: float = 0.01, lr_jump_at: int = 0, nan_at: int = 0, frozen_after: int = 0,
+            data_wait: float = 0.0, clip: float | None = None, depth: int = 3, activation: Any = torch.nn.ReLU,
+            dead: bool = False) -> list[Finding]:
+    """Regression onto an exact linear teacher (the loss keeps falling: no noise floor), layer statistics every 5
+    steps; the knobs plant one problem each."""
+    torch.manual_seed(0)
+    width = 64
+    faulty = ForwardNaN() if nan_at else None
+    layers: list[torch.nn.Module] = [torch.nn.Linear(16, width), activation()]
+    for _ in range(depth - 2):
+        layers += [torch.nn.Linear(width, width), activation()]
+    if faulty is not None:
+        faulty.lin = torch.nn.Linear(width, width)
+        layers += [faulty]
+    layers += [torch.nn.Linear(width, 1)]
+    model = torch.nn.Sequential(*layers)
+    if dead:
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)  # its ReLU never fires: nothing flows back into layer 0
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    teacher = torch.randn(16, 1)
+    fixed = torch.randn(64, 16)
+    rules = {"guards": {"clip": {"scheme": "fixed", "max_norm": clip}}} if clip else None
+    with gradwatch.attach(model, opt, run=run, home=home, autostart_agent=False, layer_stats_every=5,
+                          rules=rules) as probe:
+        for step in range(1, STEPS + 1):
+            if data_wait:
+                time.sleep(data_wait)  # the data loader's time, before the forward pass
+            x = fixed if frozen_after else torch.randn(64, 16)
+            if faulty is not None:
+                faulty.broken = step == nan_at
+            for group in opt.param_groups:
+                group["lr"] = lr * 200 if step == lr_jump_at else 0.0 if frozen_after and step > frozen_after else lr
+            loss = torch.nn.functional.mse_loss(model(x), x @ teacher)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe.log(loss=loss)
+    return diagnose(gradwatch.read_run(run, home))
+
+
+def _kinds(findings: list[Finding]) -> list[str]:
+    return [f.kind for f in findings]
+
+
+def test_a_healthy_run_has_nothing_to_say(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _record(tmp_path, "healthy") == []
+    main(["inspect", "healthy", "--home", str(tmp_path)])
+    assert "nothing stands out" in capsys.readouterr().out
+
+
+def test_a_spike_is_found_at_its_step_with_the_lr_there(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "spike", lr_jump_at=100)
+    spikes = [f for f in findings if f.kind == "spike"]
+    assert spikes and all(f.steps.startswith(("step 10", "steps 10")) for f in spikes)
+    assert any("after a learning rate of 2 at step 100; 0.01 at the spike" in f.what for f in spikes)
+
+
+def test_a_nan_says_where_it_came_from(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "nan", nan_at=90)
+    [nonfinite] = [f for f in findings if f.kind == "nonfinite"]
+    assert nonfinite.severity == "problem" and nonfinite.steps == "step 90"
+    assert "step 90: gradients non-finite (nan)" in nonfinite.what
+
+
+def test_a_plateau_is_a_note_with_its_steps(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "plateau", frozen_after=60)
+    [plateau] = [f for f in findings if f.kind == "plateau"]
+    assert plateau.severity == "note" and plateau.steps.startswith("steps 96-160")
+
+
+def test_an_input_bound_loop_is_told_to_load_faster(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "slow-data", data_wait=0.01)
+    [slow] = [f for f in findings if f.kind == "input_bound"]
+    assert "num_workers" in slow.advice
+
+
+def test_a_clip_that_clips_every_step(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "clipped", clip=1e-4)
+    [clipping] = [f for f in findings if f.kind == "clipping"]
+    assert "clipped 100% of the steps" in clipping.what
+
+
+def test_a_dead_layer(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "dead", dead=True)
+    [dead] = [f for f in findings if f.kind == "dead_layer"]
+    assert "`0`" in dead.what
+
+
+def test_vanishing_gradients_in_a_deep_sigmoid_net(tmp_path: Path) -> None:
+    findings = _record(tmp_path, "deep", depth=12, activation=torch.nn.Sigmoid)
+    [vanishing] = [f for f in findings if f.kind == "vanishing_gradients"]
+    assert "`0` gets" in vanishing.what and "`22`" in vanishing.what
+
+
+def test_an_exploding_layer(tmp_path: Path) -> None:
+    spool = SpoolBuilder(tmp_path)
+    spool.start("exploding")
+    spool.steps("exploding", 0, 1, 60)
+    for step in range(5, 61, 5):
+        spool.append("exploding", 0, LayersRecord(step=step, t=1_000_000.0 + step / 10, layers=["a", "b", "c", "d"],
+                                                  grad_norm=[0.1 * 1.7 ** step / 1.7**5, 0.1, 0.1, 0.1]))
+    [exploding] = [f for f in diagnose(gradwatch.read_run("exploding", tmp_path)) if f.kind == "exploding_layer"]
+    assert "`a`" in exploding.what and exploding.severity == "problem"
+
+
+def test_the_json_output_lists_the_findings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _record(tmp_path, "clipped", clip=1e-4)
+    main(["inspect", "clipped", "--home", str(tmp_path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"] == "clipped" and "clipping" in [f["kind"] for f in out["findings"]]
