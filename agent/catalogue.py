@@ -49,9 +49,17 @@ LEARNING_RATE = _run("gradwatch_learning_rate", "gauge",
 STEPS = _run("gradwatch_steps_total", "counter", "Steps the optimizer has completed (optimizer 0: the run's steps).",
              "optimizer")
 STEP_DURATION = _run("gradwatch_step_duration_seconds", "gauge",
-                     "Wall time of the last optimizer step, from the end of the previous step to the end of this one.")
+                     "Wall time of the last optimizer step, from the end of the previous step to the end of this one "
+                     "(the last value only: for averages, gradwatch_step_seconds_total).")
 DATA_WAIT = _run("gradwatch_data_wait_seconds", "gauge",
-                 "Time from the end of the last optimizer step to the next forward pass (data loading).")
+                 "Time from the end of the last optimizer step to the next forward pass (data loading; the last "
+                 "value only: for averages, gradwatch_data_wait_seconds_total).")
+STEP_SECONDS = _run("gradwatch_step_seconds_total", "counter",
+                    "Wall time of the run's optimizer steps, summed: rate() of it over rate(gradwatch_steps_total) is "
+                    "the mean step time, whatever the scrape interval.")
+DATA_WAIT_SECONDS = _run("gradwatch_data_wait_seconds_total", "counter",
+                         "Time spent waiting for the next batch, summed: rate() of it over "
+                         "rate(gradwatch_step_seconds_total) is the fraction of the time the loop waits for data.")
 SAMPLES_PER_SECOND = _run("gradwatch_samples_per_second", "gauge",
                           "Samples per second at the last step: logged batch_size over step duration.")
 SAMPLES = _run("gradwatch_samples_total", "counter", "Samples processed: sum of the logged batch_size.")

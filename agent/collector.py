@@ -22,7 +22,6 @@ from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 from gradwatch.spool.proc import judges_pid
 
-TOP_LAYERS = 10  # layer series per rank and metric: the largest values only (bounded cardinality)
 RUNS_PER_LOCK = 50  # runs whose samples a scrape makes per hold of the state lock (a few ms)
 
 
@@ -127,6 +126,8 @@ class AgentCollector(Collector):
                 put(c.STEPS, other, series.get("steps"))
             put(c.STEP_DURATION, key, s.step_duration)
             put(c.DATA_WAIT, key, s.data_wait)
+            put(c.STEP_SECONDS, key, s.step_seconds_total)
+            put(c.DATA_WAIT_SECONDS, key, s.data_wait_seconds_total)
             put(c.SAMPLES_PER_SECOND, key, s.samples_per_second)
             put(c.SAMPLES, key, s.samples_total)
             for quantity in NONFINITE_QUANTITIES:
@@ -153,9 +154,9 @@ class AgentCollector(Collector):
                 put(c.CLIPPED_FRACTION, key, s.clipped_fraction)
             if s.would_skip:
                 put(c.RULE_DECISIONS, key + ["guards.skip", "skip_step", "observe"], s.would_skip)
-            for name, value in _largest(s.layer_grad_norms):
+            for name, value in _exported(s.exported_grad_layers, s.layer_grad_norms):
                 put(c.LAYER_GRAD_NORM, key + [esc(name)], value)
-            for name, value in _largest(s.layer_update_ratios):
+            for name, value in _exported(s.exported_ratio_layers, s.layer_update_ratios):
                 put(c.LAYER_UPDATE_RATIO, key + [esc(name)], value)
             memory = s.cuda_memory
             put(c.CUDA_MEMORY_ALLOCATED, key, memory.get("allocated"))
@@ -276,6 +277,6 @@ def _info_labels(s: RankState) -> dict[str, str]:
     return labels
 
 
-def _largest(values: dict[str, float]) -> list[tuple[str, float]]:
-    finite = [(name, v) for name, v in values.items() if math.isfinite(v)]
-    return sorted(finite, key=lambda item: item[1], reverse=True)[:TOP_LAYERS]
+def _exported(names: list[str], values: dict[str, float]) -> list[tuple[str, float]]:
+    """The layers the state chose to export (a stable set, agent/state.py stable_top), with their values."""
+    return [(name, v) for name in names if (v := values.get(name)) is not None and math.isfinite(v)]

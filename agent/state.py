@@ -80,6 +80,8 @@ class RankState:
     grad_norm: float | None = None
     learning_rates: list[float] = field(default_factory=list)
     step_duration: float | None = None
+    step_seconds_total: float = 0.0  # the steps' durations, summed (a counter PromQL can rate)
+    data_wait_seconds_total: float = 0.0
     step_duration_ema: float | None = None  # smoothed, for the pace of the run (command lead)
     data_wait: float | None = None
     samples_per_second: float | None = None
@@ -102,6 +104,9 @@ class RankState:
     layer_grad_norms: dict[str, float] = field(default_factory=dict)  # from the newest layers record
     layer_update_ratios: dict[str, float] = field(default_factory=dict)  # newest value of each layer
     layers_step: int | None = None
+    # the layers exported as series: the largest, kept while they stay among the 2 x TOP_LAYER_SERIES largest
+    exported_grad_layers: list[str] = field(default_factory=list)
+    exported_ratio_layers: list[str] = field(default_factory=list)
     cuda_memory: dict[str, float] = field(default_factory=dict)  # CUDA allocator: allocated, reserved, peak, total
     # the run's other optimizers (a GAN's second network...), by name: steps, loss, grad_norm, lr of each
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -183,6 +188,8 @@ class RankState:
             if name in self.layer_update_ratios or len(self.layer_update_ratios) < MAX_LAYERS:
                 self.layer_update_ratios[name] = ratio
         self.layers_step = record.step
+        self.exported_grad_layers = stable_top(self.exported_grad_layers, self.layer_grad_norms)
+        self.exported_ratio_layers = stable_top(self.exported_ratio_layers, self.layer_update_ratios)
 
     def _count_action(self, action: str, reason: str, step: int, detail: str) -> None:
         key = f"{action}:{reason}"
@@ -248,6 +255,8 @@ class RankState:
         self.step_duration = duration = record.dur
         if duration is not None:
             observed["step_duration_seconds"] = duration
+            if math.isfinite(duration) and duration >= 0:
+                self.step_seconds_total += duration
         if duration and duration > 0:
             ema = self.step_duration_ema
             self.step_duration_ema = duration if ema is None else ema + 0.1 * (duration - ema)
@@ -255,6 +264,8 @@ class RankState:
         self.data_wait = record.wait
         if record.wait is not None:
             observed["data_wait_seconds"] = record.wait
+            if math.isfinite(record.wait) and record.wait >= 0:
+                self.data_wait_seconds_total += record.wait
         if record.clip is not None:
             self.clip_threshold = record.clip
             self.guarded_steps += 1
@@ -549,3 +560,27 @@ class AgentState:
             "faults": self.faults.of_run(run),
         }
 
+
+
+TOP_LAYER_SERIES = 10  # layer series per rank and metric (bounded cardinality)
+
+
+def stable_top(current: list[str], values: dict[str, float], k: int = TOP_LAYER_SERIES) -> list[str]:
+    """The ``k`` layers to export, with hysteresis: a layer in the set stays while it is among the ``2k`` largest
+    values and no outsider is twice its value; free places go to the largest others. Plain top-k changes
+    membership between scrapes whenever two layers trade places, and graph lines get gaps; this set changes only
+    when a layer really moves (one that explodes gets in at once)."""
+    ranked = [name for name, v in sorted(values.items(), key=lambda item: item[1], reverse=True) if math.isfinite(v)]
+    keep_within = set(ranked[:2 * k])
+    kept = [name for name in current if name in keep_within][:k]
+    for name in ranked:
+        if name in kept:
+            continue
+        if len(kept) < k:
+            kept.append(name)
+            continue
+        smallest = min(kept, key=lambda n: values[n])
+        if values[name] <= 2 * values[smallest]:
+            break  # ranked: no later outsider is larger
+        kept[kept.index(smallest)] = name
+    return kept

@@ -199,10 +199,16 @@ def run_dashboard() -> dashboard.Dashboard:
                                   "steps/s r{{rank}}"),
                             query(f"rate(gradwatch_samples_total{{{RANK}}}[$__rate_interval])", "samples/s r{{rank}}",
                                   "B"), width=8))
-         .with_panel(series("Step time vs data wait", "Wall time per optimizer step, and the part of it spent waiting "
-                            "for the next batch. Data wait close to step time: the input pipeline is the bottleneck.",
-                            query(f"gradwatch_step_duration_seconds{{{RANK}}}", "step r{{rank}}"),
-                            query(f"gradwatch_data_wait_seconds{{{RANK}}}", "data wait r{{rank}}", "B"),
+         .with_panel(series("Step time vs data wait", "Mean wall time per optimizer step over the rate window, and "
+                            "the part of it spent waiting for the next batch (rates of the _seconds_total counters: "
+                            "every step counts, not the one a scrape happened to see). Data wait close to step time: "
+                            "the input pipeline is the bottleneck.",
+                            query(f"rate(gradwatch_step_seconds_total{{{RANK}}}[$__rate_interval]) / on (run, rank) "
+                                  f'rate(gradwatch_steps_total{{{RANK},optimizer="0"}}[$__rate_interval])',
+                                  "step r{{rank}}"),
+                            query(f"rate(gradwatch_data_wait_seconds_total{{{RANK}}}[$__rate_interval]) / on (run, rank) "
+                                  f'rate(gradwatch_steps_total{{{RANK},optimizer="0"}}[$__rate_interval])',
+                                  "data wait r{{rank}}", "B"),
                             unit="s", width=8))
          .with_panel(series("Clipped fraction and non-finite values", "Fraction of steps whose gradients were clipped, "
                             "NaN/inf values seen per scrape interval, and steps GradScaler skipped (inf/NaN in the "

@@ -167,17 +167,26 @@ def run_cmd(run_name: str | None, rules_file: Path | None, home: Path | None, on
 @_home_option
 @click.option("--url", default=None, help="Agent URL. [default: the agent serving --home, else read the spool]")
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
-def status(home: Path | None, url: str | None, as_json: bool) -> None:
+@click.option("--show", "show", multiple=True, metavar="NAME",
+              help="A logged scalar as a column of its own (val_loss, accuracy); repeat for more.")
+@click.option("--watch", "watch", is_flag=True, help="Redraw the table in place until Ctrl-C.")
+@click.option("--every", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds between redraws, with --watch.")
+def status(home: Path | None, url: str | None, as_json: bool, show: tuple[str, ...], watch: bool,
+           every: float) -> None:
     """Show a table of runs: state, steps, loss, gradient norm, learning rate, throughput."""
-    from gradwatch.status import fetch_runs, print_runs
+    from gradwatch.status import fetch_runs, print_runs, watch_runs
 
+    if watch:
+        watch_runs(home, url, every, show)
+        return
     runs, source = fetch_runs(home=home, url=url)
     if as_json:
         import json
 
         click.echo(json.dumps({"source": source, "runs": runs}, indent=1, default=str))
     else:
-        print_runs(runs, source)
+        print_runs(runs, source, show)
 
 
 @cli.command(context_settings=_CONTEXT)

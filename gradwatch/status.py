@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ _ORDER = ("run", "rank", "state", "steps", "loss", "grad norm", "lr", "step time
 _LEFT = ("run", "state", "actions")
 
 
-def _rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _rows(runs: list[dict[str, Any]], show: Sequence[str] = ()) -> list[dict[str, str]]:
     rows = []
     for run in runs:
         if not run["ranks"]:
@@ -101,6 +102,7 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "step time": "-" if r["step_duration_seconds"] is None else f"{r['step_duration_seconds'] * 1000:.1f} ms",
                 "samples/s": _fmt(r["samples_per_second"], ".1f"), "actions": actions_text(r),
                 "last record": _ago(r.get("seconds_since_last_record")),
+                **{name: _fmt((r.get("metrics") or {}).get(name)) for name in show},
             })
     return rows
 
@@ -111,13 +113,15 @@ def _width(column: str, rows: list[dict[str, str]]) -> int:
     return max([len(column)] + [Text.from_markup(row.get(column, "")).cell_len for row in rows])
 
 
-def runs_table(runs: list[dict[str, Any]], title: str, width: int | None = None) -> Table:
+def runs_table(runs: list[dict[str, Any]], title: str, width: int | None = None, show: Sequence[str] = ()) -> Table:
     """The runs, one row per rank. At ``width`` columns (a terminal's), run, state, steps, loss, grad norm and lr
     always show (a long run name is cut with an ellipsis, never to nothing); step time, last record, rank (when a
-    run has several), samples/s and actions follow while they fit."""
-    rows = _rows(runs)
-    widths = {column: _width(column, rows) for column in _ORDER}
-    shown = set(_ESSENTIAL)
+    run has several), samples/s and actions follow while they fit. ``show``: logged scalars (``val_loss``) as
+    columns of their own, after the essential ones."""
+    rows = _rows(runs, show)
+    order = _ORDER[:7] + tuple(show) + _ORDER[7:]
+    widths = {column: _width(column, rows) for column in order}
+    shown = set(_ESSENTIAL) | set(show)
     several_ranks = any(len(run["ranks"]) > 1 for run in runs)
     if width is not None:
         widths["run"] = min(widths["run"], max(12, width // 4))
@@ -131,7 +135,7 @@ def runs_table(runs: list[dict[str, Any]], title: str, width: int | None = None)
     else:
         shown.update(_OPTIONAL)
     table = Table(title=title, title_justify="left", header_style="bold")
-    columns = [c for c in _ORDER if c in shown]
+    columns = [c for c in order if c in shown]
     for column in columns:
         table.add_column(column, justify="left" if column in _LEFT else "right",
                          no_wrap=True, overflow="ellipsis", min_width=min(widths[column], 12 if column == "run" else 6),
@@ -177,13 +181,38 @@ def make_console() -> Console:
     return console
 
 
-def print_runs(runs: list[dict[str, Any]], source: str) -> None:
+def watch_runs(home: Path | None, url: str | None, every: float, show: Sequence[str] = ()) -> None:
+    """``gradwatch status --watch``: the table redrawn in place every ``every`` seconds (plain ANSI, fine over SSH),
+    until Ctrl-C; without a terminal, one table per interval, for a log."""
+    from rich.live import Live
+
+    console = make_console()
+
+    def table() -> Table:
+        runs, source = fetch_runs(home=home, url=url)
+        return runs_table(safe(runs), f"gradwatch runs ({source}, every {every:g} s; Ctrl-C to stop)",
+                          width=console.width if console.is_terminal else None, show=show)
+
+    try:
+        if not console.is_terminal:
+            while True:
+                console.print(table())
+                time.sleep(every)
+        with Live(table(), console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(table(), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def print_runs(runs: list[dict[str, Any]], source: str, show: Sequence[str] = ()) -> None:
     console = make_console()
     runs = safe(runs)  # every string from the spool, escaped for the terminal
     if not runs:
         console.print(f"No runs yet ({source}). Add [bold]gradwatch.attach(model, optimizer)[/] to a training script.")
         return
-    console.print(runs_table(runs, "gradwatch runs", width=console.width if console.is_terminal else None))
+    console.print(runs_table(runs, "gradwatch runs", width=console.width if console.is_terminal else None, show=show))
     if any(r.get("steps_from") == "backward" for run in runs for r in run["ranks"]):
         console.print("[dim]* no torch.optim optimizer: the script updates its parameters by hand, so there is no "
                       "learning rate to read, and each backward pass counts as a step[/]", soft_wrap=True)

@@ -101,3 +101,12 @@ def test_promtool_check_metrics_passes_without_warnings(scrape: str) -> None:
     result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", \
         result.stdout + result.stderr
+
+
+def test_step_time_and_data_wait_are_counters_prometheus_can_rate(scrape: str) -> None:
+    """Run b: 5 steps of 0.1 s, each with 0.02 s of data wait. Summed, rate() over rate(steps) is the mean step
+    time and rate(wait) over rate(step time) the data-wait fraction, whatever the scrape interval."""
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scrape.splitlines()
+              if line.startswith(("gradwatch_step_seconds_total{", "gradwatch_data_wait_seconds_total{"))}
+    assert values['gradwatch_step_seconds_total{rank="1",run="b"}'] == pytest.approx(0.5)
+    assert values['gradwatch_data_wait_seconds_total{rank="1",run="b"}'] == pytest.approx(0.1)

@@ -191,3 +191,30 @@ def test_a_run_of_a_newer_spool_format_is_refused_and_reported(env, caplog: pyte
     assert "newer than this agent understands" in state.rejected_runs["future"]
     assert [r["status"] for r in state.summary(clock())] == ["running", "rejected"]
     assert len([r for r in caplog.records if "newer than this agent" in r.getMessage()]) == 1  # reported once
+
+
+def test_exported_layer_series_do_not_churn_when_layers_trade_places() -> None:
+    """Fifteen layers whose norms shuffle a little between samples: plain top 10 changes members at every sample;
+    the exported set keeps its members while they stay among the 20 largest, and takes a layer that really rises."""
+    import random
+
+    from gradwatch.agent.state import stable_top
+
+    rng = random.Random(0)
+    base = {f"layer{i}": 1.0 + i * 0.01 for i in range(15)}  # close together: ranks trade all the time
+    current: list[str] = []
+    changes = plain_changes = 0
+    plain: set[str] = set()
+    for _ in range(50):
+        values = {name: v * rng.uniform(0.9, 1.1) for name, v in base.items()}
+        chosen = stable_top(current, values)
+        changes += bool(current) and set(chosen) != set(current)
+        top = set(sorted(values, key=values.__getitem__, reverse=True)[:10])
+        plain_changes += bool(plain) and top != plain
+        current, plain = chosen, top
+    assert len(current) == 10 and changes == 0 and plain_changes > 10
+    outside = next(name for name in base if name not in current)
+    exploding = stable_top(current, {**base, outside: 100.0})
+    assert outside in exploding and len(exploding) == 10  # a layer that explodes gets in at once
+    values = {**dict.fromkeys(base, 1.0), **{f"x{i}": 50.0 for i in range(20)}}
+    assert set(stable_top(current, values)) == {f"x{i}" for i in range(10)}  # fallen out of the top 20: replaced

@@ -40,3 +40,39 @@ def test_wider_terminals_get_more_columns() -> None:
     assert "step time" not in narrow and "234.5 ms" in wide and "last record" in wide
     everything = "\n".join(_render(None, 220))  # not a terminal (a pipe, a log): every column
     assert NAME in everything and "lr cut x2" in everything and "512.3" in everything
+
+
+def test_show_adds_a_logged_scalar_column() -> None:
+    runs = _runs()
+    runs[0]["ranks"][0]["metrics"] = {"val_loss": 0.4321}
+    console = Console(width=120, record=True, color_system=None)
+    console.print(runs_table(runs, "gradwatch runs", width=120, show=["val_loss"]))
+    text = console.export_text()
+    assert "val_loss" in text and "0.4321" in text
+
+
+def test_watch_redraws_until_interrupted(tmp_path: Any) -> None:
+    """Without a terminal (a log) --watch prints one table per interval; Ctrl-C ends it quietly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.agent.helpers import SpoolBuilder
+
+    spool = SpoolBuilder(tmp_path)
+    spool.start("watched")
+    spool.steps("watched", 0, 1, 5)
+    process = subprocess.Popen([sys.executable, "-m", "gradwatch", "status", "--watch", "--every", "0.2", "--home",
+                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "GRADWATCH_AUTOSTART": "0"})
+    lines: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        if sum("gradwatch runs (spool" in seen for seen in lines) >= 3:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Traceback" not in err
+    assert sum("watched" in line for line in lines) >= 2
