@@ -80,10 +80,8 @@ def _counter(name: str, quantity: str, values: str) -> tuple[str, dict[str, str]
     return (name, {**_RUN_LABELS, "quantity": quantity}, values)
 
 
-_DCGM = {"job": "dcgm", "instance": "trainer-1:9400", "Hostname": "trainer-1", "gpu": "0",
-         "UUID": "GPU-1c2d", "modelName": "NVIDIA H100 80GB HBM3"}
-_ACTIVE_HOSTS = ('label_replace(max by (host) (gradwatch_run_info and on (job, instance, run, rank) '
-                 '(gradwatch_run_state{state="running"} == 1)), "Hostname", "$1", "host", "(.*)")')
+_GPU = {"job": AGENT_JOB, "instance": "trainer-1:9478", "gpu": "0", "uuid": "GPU-1c2d", "host": "trainer-1",
+        "run": "resnet-lr3e-4", "rank": "0"}
 
 ALERTS: list[PromAlert] = [
     PromAlert(
@@ -206,37 +204,36 @@ ALERTS: list[PromAlert] = [
     ),
     PromAlert(
         name="GradwatchGPUUnderutilised", severity="warning",
-        expr=f"avg_over_time(DCGM_FI_DEV_GPU_UTIL[10m]) < {GPU_UTIL_PERCENT} and on (Hostname) {_ACTIVE_HOSTS}",
+        expr=f'100 * avg_over_time(gradwatch_gpu_utilization_ratio{{run!=""}}[10m]) < {GPU_UTIL_PERCENT}',
         for_="15m",
-        summary="GPU {gpu} on {Hostname} is {value:.0f}% busy while runs are active there",
-        description="GPU {gpu} ({modelName}) on host {Hostname} averaged under " + str(GPU_UTIL_PERCENT) +
-                    "% utilisation for 15 minutes while these runs were active on the host: {runs}.",
-        hint="The run is input-bound (check data wait) or this GPU is not used at all (CUDA_VISIBLE_DEVICES, "
-             "a rank that did not start).",
-        meaning="A GPU of a host with an active run was mostly idle (from the DCGM exporter's "
-                "DCGM_FI_DEV_GPU_UTIL, joined on the host).",
+        summary="GPU {gpu} on {host_label} is {value:.0f}% busy while run {run} rank {rank} uses it",
+        description="GPU {gpu} ({uuid}) on host {host_label} averaged under " + str(GPU_UTIL_PERCENT) +
+                    "% utilisation for 15 minutes while run {run} rank {rank} used it.",
+        hint="The run is input-bound (check data wait) or waits on something else (a collective, the CPU).",
+        meaning="A GPU a run uses was mostly idle (gradwatch's own NVML series, labelled with the run by its GPU's "
+                "UUID: no join with the DCGM exporter's host names).",
         threshold=f"under {GPU_UTIL_PERCENT}% on average over 10 minutes, for 15m",
-        fires=Case([("DCGM_FI_DEV_GPU_UTIL", _DCGM, "10+0x40"), _running("1+0x40"), _INFO + ("1x40",)], "30m",
-                   _DCGM, {"value": 10.0, "runs": _RUN_LABELS["run"]}),
-        quiet=Case([("DCGM_FI_DEV_GPU_UTIL", _DCGM, "95+0x40"), _running("1+0x40"), _INFO + ("1x40",)], "30m"),
+        fires=Case([("gradwatch_gpu_utilization_ratio", _GPU, "0.1+0x40")], "30m", _GPU, {"value": 10.0}),
+        quiet=Case([("gradwatch_gpu_utilization_ratio", _GPU, "0.95+0x40"),
+                    ("gradwatch_gpu_utilization_ratio", {**_GPU, "gpu": "1", "run": "", "rank": ""}, "0+0x40")],
+                   "30m"),
     ),
     PromAlert(
         name="GradwatchGPUMemoryNearFull", severity="warning",
-        expr=(f"100 * DCGM_FI_DEV_FB_USED / (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE) > {GPU_MEMORY_RATIO * 100:g} "
-              f"and on (Hostname) {_ACTIVE_HOSTS}"), for_="5m",
-        summary="GPU {gpu} on {Hostname} is {value:.0f}% full",
-        description="GPU {gpu} ({modelName}) on host {Hostname} has over " + f"{GPU_MEMORY_RATIO:.0%}" +
-                    " of its memory in use while these runs are active there: {runs}.",
+        expr=(f'100 * gradwatch_gpu_memory_used_bytes{{run!=""}} / gradwatch_gpu_memory_total_bytes{{run!=""}} > '
+              f"{GPU_MEMORY_RATIO * 100:g}"), for_="5m",
+        summary="GPU {gpu} on {host_label} is {value:.0f}% full (run {run} rank {rank})",
+        description="GPU {gpu} ({uuid}) on host {host_label} has over " + f"{GPU_MEMORY_RATIO:.0%}" +
+                    " of its memory in use while run {run} rank {rank} uses it.",
         hint="The next larger batch or sequence will hit out-of-memory: lower the batch size, enable activation "
              "checkpointing, or check for a leak (memory that grows every step).",
-        meaning="GPU memory in use over the threshold on a host with an active run (DCGM_FI_DEV_FB_USED and "
-                "_FREE).",
+        meaning="GPU memory in use over the threshold on a GPU a run uses (gradwatch_gpu_memory_used_bytes over "
+                "_total_bytes, all processes on the GPU).",
         threshold=f"over {GPU_MEMORY_RATIO:.0%} used, for 5m",
-        fires=Case([("DCGM_FI_DEV_FB_USED", _DCGM, "79000+0x20"), ("DCGM_FI_DEV_FB_FREE", _DCGM, "1000+0x20"),
-                    _running("1+0x20"), _INFO + ("1x20",)], "10m", _DCGM,
-                   {"value": 98.75, "runs": _RUN_LABELS["run"]}),
-        quiet=Case([("DCGM_FI_DEV_FB_USED", _DCGM, "40000+0x20"), ("DCGM_FI_DEV_FB_FREE", _DCGM, "40000+0x20"),
-                    _running("1+0x20"), _INFO + ("1x20",)], "10m"),
+        fires=Case([("gradwatch_gpu_memory_used_bytes", _GPU, "79000+0x20"),
+                    ("gradwatch_gpu_memory_total_bytes", _GPU, "80000+0x20")], "10m", _GPU, {"value": 98.75}),
+        quiet=Case([("gradwatch_gpu_memory_used_bytes", _GPU, "40000+0x20"),
+                    ("gradwatch_gpu_memory_total_bytes", _GPU, "80000+0x20")], "10m"),
     ),
     PromAlert(
         name="GradwatchAgentDown", severity="critical",
@@ -297,6 +294,8 @@ def go_template(text: str) -> str:
         name, fmt = m.group(1), m.group(2)
         if name == "host":
             return _HOST_QUERY
+        if name == "host_label":  # a series that carries its host (gradwatch_gpu_*)
+            return "{{ $labels.host }}"
         if name == "runs":
             return _RUNS_QUERY
         if name == "value":
@@ -314,6 +313,8 @@ def render(text: str, labels: dict[str, str], values: dict[str, Any]) -> str:
         name, fmt = m.group(1), m.group(2)
         if name == "host":
             return _HOST_VALUE
+        if name == "host_label":
+            return labels["host"]
         if name == "value":
             return _go_printf(fmt, values[name])
         if name == "runs":

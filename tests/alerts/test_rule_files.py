@@ -78,10 +78,9 @@ def test_every_alert_says_who_how_bad_and_what_to_check() -> None:
         assert rule["labels"]["source"] == "prometheus"
         ann = rule["annotations"]
         assert ann["summary"] and ann["description"] and ann["hint"], rule["alert"]
-        names_the_run = "$labels.run" in ann["summary"] and "$labels.rank" in ann["summary"] and \
-            '"host"' in ann["description"]
-        names_the_place = "$labels.instance" in ann["summary"] or (
-            "$labels.Hostname" in ann["summary"] and ".Labels.run" in ann["description"])
+        names_the_run = "$labels.run" in ann["summary"] and "$labels.rank" in ann["summary"] and (
+            '"host"' in ann["description"] or "$labels.host" in ann["description"])
+        names_the_place = "$labels.instance" in ann["summary"]
         assert names_the_run or names_the_place, f"{rule['alert']} names neither the run nor where it is"
 
 
