@@ -83,6 +83,10 @@ def _counter(name: str, quantity: str, values: str) -> tuple[str, dict[str, str]
 _GPU = {"job": AGENT_JOB, "instance": "trainer-1:9478", "gpu": "0", "uuid": "GPU-1c2d", "host": "trainer-1",
         "run": "resnet-lr3e-4", "rank": "0"}
 
+#: Recording rules the alerts read: evaluated once per interval, instead of a subquery per alert evaluation.
+LOSS_AVG_5M = "gradwatch:loss:avg_over_time_5m"
+RECORDING_RULES = [{"record": LOSS_AVG_5M, "expr": "avg_over_time(gradwatch_loss[5m])"}]
+
 ALERTS: list[PromAlert] = [
     PromAlert(
         name="GradwatchNonfiniteLoss", severity="critical",
@@ -130,9 +134,8 @@ ALERTS: list[PromAlert] = [
     ),
     PromAlert(
         name="GradwatchLossDivergence", severity="critical",
-        expr=(f"avg_over_time(gradwatch_loss[5m]) > {DIVERGENCE_FACTOR} * "
-              f"min_over_time(avg_over_time(gradwatch_loss[5m])[1h:1m]) "
-              f"and min_over_time(avg_over_time(gradwatch_loss[5m])[1h:1m]) > 0"), for_="5m",
+        expr=(f"{LOSS_AVG_5M} > {DIVERGENCE_FACTOR} * min_over_time({LOSS_AVG_5M}[1h]) "
+              f"and min_over_time({LOSS_AVG_5M}[1h]) > 0"), for_="5m",
         summary="Run {run} rank {rank} is diverging",
         description="The 5-minute average loss of run {run} (rank {rank}, host {host}) is {value:.3g}, over "
                     f"{DIVERGENCE_FACTOR} times its best 5-minute average of the last hour.",
@@ -337,7 +340,8 @@ def rules_document() -> dict[str, Any]:
             "annotations": {"summary": go_template(a.summary), "description": go_template(a.description),
                             "hint": a.hint},
         })
-    return {"groups": [{"name": "gradwatch", "rules": rules}]}
+    return {"groups": [{"name": "gradwatch-recording", "rules": RECORDING_RULES},
+                       {"name": "gradwatch", "rules": rules}]}
 
 
 def _series(metric: str, labels: dict[str, str]) -> str:

@@ -82,8 +82,9 @@ def test_prometheus_config_passes_promtool_as_mounted(compose: dict[str, Any], t
     result = subprocess.run(["promtool", "check", "config", str(etc / "prometheus.yml")], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    alerts = (etc / "alerts" / "gradwatch.rules.yml").read_text().count("alert:")
-    assert f"SUCCESS: {alerts} rules found" in result.stdout  # the alert rules were found and loaded
+    text = (etc / "alerts" / "gradwatch.rules.yml").read_text()
+    rules = text.count("- alert:") + text.count("- record:")
+    assert f"SUCCESS: {rules} rules found" in result.stdout  # the alert and recording rules were found and loaded
 
 
 @pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool comes with the Debian package prometheus-alertmanager")
