@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import bargauge, common, dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
@@ -24,13 +25,16 @@ from grafana_foundation_sdk.models import prometheus as prometheus_models
 
 HERE = Path(__file__).resolve().parent
 DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
-RUN = 'run="$run"'
-RANK = 'run="$run",rank=~"$rank"'
+HOST = 'instance=~"$instance"'  # the agents (one per host) the dashboards show: All by default
+RUN = f'run="$run",{HOST}'
+RANK = f'run="$run",rank=~"$rank",{HOST}'
+FLEET = f'run!="",{HOST}'
 TAGS = ["gradwatch"]
 GREEN, ORANGE, RED, GREY, BLUE, PURPLE = "green", "orange", "red", "text", "blue", "purple"
 #: Per-layer update/weight ratios: about 1e-3 is healthy for Adam-style training; above 1e-2 the
 #: weights change fast relative to their size (Karpathy, "A Recipe for Training Neural Networks").
 UPDATE_RATIO_WARN, UPDATE_RATIO_HIGH = 1e-2, 1e-1
+DIVERGENCE_COUNTERS = ("gradwatch_nonfinite_total", "gradwatch_spikes_total")
 
 
 # -- building blocks ------------------------------------------------------------------------------------
@@ -114,15 +118,24 @@ def datasource_variable() -> dashboard.DatasourceVariable:
     return dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
 
 
+def host_variable() -> dashboard.QueryVariable:
+    """The agents to show, by scrape target (one agent per host): every dashboard filters on it."""
+    return (dashboard.QueryVariable("instance").label("Host").datasource(DATASOURCE)
+            .query("label_values(gradwatch_run_info, instance)")
+            .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(models.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+            .current(models.VariableOption(selected=True, text="All", value="$__all")))
+
+
 def run_variable() -> dashboard.QueryVariable:
     return (dashboard.QueryVariable("run").label("Run").datasource(DATASOURCE)
-            .query("label_values(gradwatch_run_info, run)").refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .query(f"label_values(gradwatch_run_info{{{HOST}}}, run)").refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(models.VariableSort.ALPHABETICAL_ASC))
 
 
 def rank_variable() -> dashboard.QueryVariable:
     return (dashboard.QueryVariable("rank").label("Rank").datasource(DATASOURCE)
-            .query('label_values(gradwatch_run_info{run="$run"}, rank)')
+            .query(f"label_values(gradwatch_run_info{{{RUN}}}, rank)")
             .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(models.VariableSort.NUMERICAL_ASC)
             .multi(True).include_all(True).all_value(".*")
             .current(models.VariableOption(selected=True, text="All", value="$__all")))
@@ -132,7 +145,7 @@ def annotation_queries(run_scoped: bool) -> list[dashboard.AnnotationQuery]:
     """Actions and alerts on every time-series panel: from gradwatch's Grafana annotations (agent
     setting grafana_url), from the action counters, and from Prometheus's alerts."""
     tag = "run:$run" if run_scoped else "gradwatch"
-    scope = RUN if run_scoped else 'run!=""'
+    scope = RUN if run_scoped else FLEET
     return [
         dashboard.AnnotationQuery().name("gradwatch actions and alerts").enable(True).icon_color("purple")
         .datasource(models.DataSourceRef(type_val="datasource", uid="grafana"))
@@ -157,7 +170,8 @@ def base(uid: str, title: str, description: str) -> dashboard.Dashboard:
 def run_dashboard() -> dashboard.Dashboard:
     d = (base("gradwatch-run", "gradwatch / Run", "One training run: loss, gradients, learning rate, speed and "
               "GPUs, with gradwatch's actions and alerts as annotations.")
-         .with_variable(datasource_variable()).with_variable(run_variable()).with_variable(rank_variable()))
+         .with_variable(datasource_variable()).with_variable(host_variable()).with_variable(run_variable())
+         .with_variable(rank_variable()))
     for a in annotation_queries(run_scoped=True):
         d = d.annotation(a)
     d = (d.with_row(dashboard.Row("Run"))
@@ -243,22 +257,26 @@ def run_dashboard() -> dashboard.Dashboard:
 
 
 def fleet_dashboard() -> dashboard.Dashboard:
-    scope = 'run!=""'
+    scope = FLEET
     runs_table = (
         table.Panel().title("Runs").description("Every run the agents export: worst state of its ranks, last step, "
                                                 "loss, alerts firing, divergence events and GPUs. Stalled, crashed "
                                                 "and diverging runs are coloured.")
         .datasource(DATASOURCE).span(24).height(10)
         .with_target(query(state_code(scope), ref="state", instant=True, table_format=True))
-        .with_target(query('max by (run) (gradwatch_steps_total{optimizer="0"})', ref="step", instant=True, table_format=True))
-        .with_target(query('max by (run) (gradwatch_loss{rank="0",optimizer="0"})', ref="loss", instant=True, table_format=True))
-        .with_target(query('count by (run) (ALERTS{alertstate="firing",run!=""}) or on (run) '
-                           "(0 * max by (run) (gradwatch_run_state))", ref="alerts", instant=True, table_format=True))
-        .with_target(query("sum by (run) (increase(gradwatch_nonfinite_total[15m]) + "
-                           "increase(gradwatch_spikes_total[15m]))", ref="divergence", instant=True, table_format=True))
-        .with_target(query('count by (run) (gradwatch_gpu_utilization_ratio{run!=""}) or on (run) '
-                           "(0 * max by (run) (gradwatch_run_state))", ref="gpus", instant=True, table_format=True))
-        .with_target(query('avg by (run) (gradwatch_gpu_utilization_ratio{run!=""})', ref="gpu_util", instant=True,
+        .with_target(query(f'max by (run) (gradwatch_steps_total{{{scope},optimizer="0"}})', ref="step", instant=True,
+                           table_format=True))
+        .with_target(query(f'max by (run) (gradwatch_loss{{{scope},rank="0",optimizer="0"}})', ref="loss", instant=True,
+                           table_format=True))
+        .with_target(query(f'count by (run) (ALERTS{{alertstate="firing",{scope}}}) or on (run) '
+                           f"(0 * max by (run) (gradwatch_run_state{{{scope}}}))", ref="alerts", instant=True, table_format=True))
+        .with_target(query(" + on (run) ".join(per_run(f"increase({name}{{{scope}}}[15m])", scope)
+                                                 for name in DIVERGENCE_COUNTERS),
+                           ref="divergence", instant=True, table_format=True))
+        .with_target(query(f"count by (run) (gradwatch_gpu_utilization_ratio{{{scope}}}) or on (run) "
+                           f"(0 * max by (run) (gradwatch_run_state{{{scope}}}))", ref="gpus", instant=True,
+                           table_format=True))
+        .with_target(query(f"avg by (run) (gradwatch_gpu_utilization_ratio{{{scope}}})", ref="gpu_util", instant=True,
                            table_format=True))
         .with_transformation(models.DataTransformerConfig(id_val="merge", options={}))
         .with_transformation(models.DataTransformerConfig(id_val="organize", options={
@@ -280,39 +298,45 @@ def fleet_dashboard() -> dashboard.Dashboard:
             models.DynamicConfigValue(id_val="unit", value="percentunit"),
             models.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "gauge", "mode": "basic"}),
             models.DynamicConfigValue(id_val="min", value=0), models.DynamicConfigValue(id_val="max", value=1)])
+        .override_by_name("Run", [models.DynamicConfigValue(id_val="links", value=[
+            run_link("Run dashboard", "gradwatch-run"), run_link("Debug dashboard", "gradwatch-debug")])])
         .sort_by([common.TableSortByFieldState().display_name("State").desc(True)])
     )
     d = (base("gradwatch-fleet", "gradwatch / Fleet", "Every run on every machine: which are running, stalled, "
-              "crashed or diverging, and how busy their GPUs are.").with_variable(datasource_variable()))
+              "crashed or diverging, and how busy their GPUs are.").with_variable(datasource_variable())
+         .with_variable(host_variable()))
     for a in annotation_queries(run_scoped=False):
         d = d.annotation(a)
     return (d.with_row(dashboard.Row("Runs"))
             .with_panel(single("Running", "Runs with a rank still training.",
-                               'sum(gradwatch_agent_runs{state="running"})', steps=((None, GREEN),), width=6))
+                               f'sum(gradwatch_agent_runs{{state="running",{HOST}}})', steps=((None, GREEN),),
+                               width=6))
             .with_panel(single("Stalled", "Runs with a rank that stopped reporting (agent setting "
-                               "stall_after_seconds).", 'sum(gradwatch_agent_runs{state="stalled"})',
+                               "stall_after_seconds).", f'sum(gradwatch_agent_runs{{state="stalled",{HOST}}})',
                                steps=((None, GREEN), (1, ORANGE)), width=6))
             .with_panel(single("Crashed or failed", "Runs whose process died or raised (crashed), or whose script exited "
                                "with a non-zero status (failed). Interrupted runs (Ctrl-C, SIGTERM) are not counted.",
-                               'sum(gradwatch_agent_runs{state=~"crashed|failed"})', steps=((None, GREEN), (1, RED)),
+                               f'sum(gradwatch_agent_runs{{state=~"crashed|failed",{HOST}}})',
+                               steps=((None, GREEN), (1, RED)),
                                width=6))
             .with_panel(single("Alerts firing", "Prometheus alerts firing, all runs.",
-                               'count(ALERTS{alertstate="firing",alertname=~"Gradwatch.*"}) or vector(0)',
+                               f'count(ALERTS{{alertstate="firing",alertname=~"Gradwatch.*",{HOST}}}) or vector(0)',
                                steps=((None, GREEN), (1, RED)), width=6))
             .with_panel(runs_table)
             .with_row(dashboard.Row("Progress"))
             .with_panel(series("Loss by run", "Loss of rank 0 of every run.",
-                               query('gradwatch_loss{rank="0",optimizer="0"}', "{{run}}"), log_scale=True))
+                               query(f'gradwatch_loss{{rank="0",optimizer="0",{HOST}}}', "{{run}}"), log_scale=True))
             .with_panel(series("Steps per second by run", "Optimizer steps per second (rank 0).",
-                               query('rate(gradwatch_steps_total{rank="0",optimizer="0"}[$__rate_interval])', "{{run}}")))
+                               query(f'rate(gradwatch_steps_total{{rank="0",optimizer="0",{HOST}}}[$__rate_interval])',
+                                     "{{run}}")))
             .with_row(dashboard.Row("GPUs across hosts"))
             .with_panel(series("GPU utilisation", "Every GPU the agents see, by host and the run on it (empty run: "
                                "idle or used by something else).",
-                               query("gradwatch_gpu_utilization_ratio", "{{host}} GPU {{gpu}} {{run}}"),
+                               query(f"gradwatch_gpu_utilization_ratio{{{HOST}}}", "{{host}} GPU {{gpu}} {{run}}"),
                                unit="percentunit"))
             .with_panel(series("GPUs in use by host", "GPUs the agents see, and how many of them run a gradwatch run.",
-                               query("count by (host) (gradwatch_gpu_utilization_ratio)", "{{host}} all"),
-                               query('count by (host) (gradwatch_gpu_utilization_ratio{run!=""})',
+                               query(f"count by (host) (gradwatch_gpu_utilization_ratio{{{HOST}}})", "{{host}} all"),
+                               query(f"count by (host) (gradwatch_gpu_utilization_ratio{{{FLEET}}})",
                                      "{{host}} in a run", "B"))))
 
 
@@ -320,7 +344,8 @@ def debug_dashboard() -> dashboard.Dashboard:
     top = "topk($topk, %s)"
     d = (base("gradwatch-debug", "gradwatch / Debug", "Inside a run: per-layer gradient norms and update/weight "
               "ratios, non-finite values, spikes, rewinds, skipped steps and rule decisions.")
-         .with_variable(datasource_variable()).with_variable(run_variable()).with_variable(rank_variable())
+         .with_variable(datasource_variable()).with_variable(host_variable()).with_variable(run_variable())
+         .with_variable(rank_variable())
          .with_variable(dashboard.CustomVariable("topk").label("Top layers").values("5,10")
                         .current(models.VariableOption(selected=True, text="10", value="10"))))
     for a in annotation_queries(run_scoped=True):
@@ -377,6 +402,19 @@ def layer_bars(title: str, description: str, expr: str) -> bargauge.Panel:
             .with_target(query(expr, "{{layer}} r{{rank}}", instant=True)).span(12).height(8)
             .orientation(common_models.VizOrientation.HORIZONTAL).display_mode(common_models.BarGaugeDisplayMode.GRADIENT)
             .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"])))
+
+
+def per_run(expr: str, scope: str) -> str:
+    """``expr`` summed per run, 0 for a run that has none of its series: so that adding two of them keeps a run
+    that has only one side ("a + b" alone matches series label for label and drops it)."""
+    return f"(sum by (run) ({expr}) or on (run) 0 * max by (run) (gradwatch_run_state{{{scope}}}))"
+
+
+def run_link(title: str, uid: str) -> dict[str, Any]:
+    """A data link from a table's run cell to a run-scoped dashboard: that run, the same data source, hosts and
+    time range."""
+    return {"title": title, "url": f"/d/{uid}?var-run=${{__value.raw}}&${{datasource:queryparam}}"
+                                   "&${instance:queryparam}&${__url_time_range}", "targetBlank": False}
 
 
 def _alarm_cells() -> list[models.DynamicConfigValue]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import yaml
 
 from gradwatch.agent import catalogue
 from gradwatch.dashboards import NAMES, load, load_all
@@ -54,6 +56,8 @@ def metric_names(expr: str) -> set[str]:
     """Metric names an expression selects: every gradwatch_* name, and any name before a selector."""
     without_strings = re.sub(r'"[^"]*"', '""', expr)
     names = set(re.findall(r"\bgradwatch_\w+", without_strings))
+    for alternatives in re.findall(r'__name__=~?"([^"]*)"', expr):  # {__name__=~"a|b"}: both count
+        names |= set(alternatives.split("|"))
     names |= set(re.findall(r"\b([A-Za-z_:][\w:]*)\{", without_strings))
     return names - {"by", "without", "on", "ignoring", "group_left", "group_right"}
 
@@ -75,6 +79,73 @@ def test_a_dashboard_naming_a_metric_the_agent_lacks_fails() -> None:
     assert unknown_metrics(model) == ["x / p / A: DCGM_FI_DEV_GPU_UTIL", "x / p / A: gradwatch_loss_total"]
 
 
+def test_a_metric_named_by_a_name_regex_is_checked_too() -> None:
+    model = {"uid": "x", "panels": [{"title": "p", "targets": [
+        {"refId": "A", "instant": True, "expr": 'sum(increase({__name__=~"gradwatch_spikes_total|gradwatch_nope"}[5m]))'}]}],
+        "annotations": {"list": []}}
+    assert unknown_metrics(model) == ["x / p / A: gradwatch_nope"]
+
+
+def test_the_fleet_table_links_each_run_to_its_run_and_debug_dashboards() -> None:
+    models = load_all()
+    table = next(p for p in _panels(models["fleet"]) if p["type"] == "table")
+    override = next(o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Run")
+    links = next(p["value"] for p in override["properties"] if p["id"] == "links")
+    targets = {}
+    for link in links:
+        match = re.fullmatch(r"/d/([\w-]+)\?(.*)", link["url"])
+        assert match, link
+        targets[match.group(1)] = match.group(2).split("&")
+    assert set(targets) == {"gradwatch-run", "gradwatch-debug"}
+    for uid, params in targets.items():
+        # the clicked cell's run, and the data source, hosts and time range the fleet view had
+        assert params == ["var-run=${__value.raw}", "${datasource:queryparam}", "${instance:queryparam}",
+                          "${__url_time_range}"]
+        dashboard = next(m for m in models.values() if m["uid"] == uid)
+        assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "instance", "run"}
+
+
+def test_every_query_is_filtered_by_the_host_variable() -> None:
+    """One host picked in the Host variable: every panel shows that agent's series only (ALERTS included)."""
+    for name, model in load_all().items():
+        variables = {v["name"]: v for v in model["templating"]["list"]}
+        host = variables["instance"]
+        assert host["query"] == "label_values(gradwatch_run_info, instance)" and host["includeAll"], name
+        if "run" in variables:
+            assert 'instance=~"$instance"' in variables["run"]["query"], name
+        for where, expr, *_ in queries(model):
+            selectors = re.findall(r"\{[^{}]*\}", re.sub(r"\{\{\w+\}\}", "", expr))
+            # range selectors [5m] and "by (run)" have no braces; every metric selector names the host
+            assert selectors and all('instance=~"$instance"' in sel for sel in selectors), f"{where}: {expr}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with the Debian package prometheus")
+def test_the_fleet_divergence_column_keeps_runs_that_have_only_one_of_the_counters(tmp_path: Path) -> None:
+    """A run with spikes but no non-finite series (and one the other way round) still gets its count: "a + b"
+    matched label for label would have dropped both (promtool evaluates the panel's own query)."""
+    table = next(p for p in _panels(load_all()["fleet"]) if p["type"] == "table")
+    expr = substitute(next(t["expr"] for t in table["targets"] if t["refId"] == "divergence"), "unused")
+    base = 'job="gradwatch",instance="trainer-1:9478",rank="0"'
+    tests = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": f'gradwatch_spikes_total{{{base},run="only-spikes",quantity="loss"}}', "values": "0 0 1 2"},
+            {"series": f'gradwatch_nonfinite_total{{{base},run="only-nan",quantity="metric"}}', "values": "0 0 0 3"},
+            {"series": f'gradwatch_spikes_total{{{base},run="both",quantity="loss"}}', "values": "0 0 0 1"},
+            {"series": f'gradwatch_nonfinite_total{{{base},run="both",quantity="grad_norm"}}', "values": "0 1 1 1"},
+            # the same quantity on both sides, and a run with neither
+            {"series": f'gradwatch_nonfinite_total{{{base},run="both",quantity="loss"}}', "values": "0 0 0 0"},
+            *({"series": f'gradwatch_run_state{{{base},run="{run}",state="running"}}', "values": "1 1 1 1"}
+              for run in ("only-spikes", "only-nan", "both", "neither"))],
+        "promql_expr_test": [{"expr": expr, "eval_time": "3m", "exp_samples": [
+            {"labels": '{run="only-spikes"}', "value": 2}, {"labels": '{run="only-nan"}', "value": 3},
+            {"labels": '{run="both"}', "value": 2}, {"labels": '{run="neither"}', "value": 0}]}]}]}
+    path = tmp_path / "divergence.test.yml"
+    path.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_panel_has_units_a_description_and_a_place_on_a_laptop_screen() -> None:
     for name, model in load_all().items():
         for panel in _panels(model):
@@ -90,7 +161,7 @@ def test_every_panel_has_units_a_description_and_a_place_on_a_laptop_screen() ->
 
 def substitute(expr: str, run: str) -> str:
     """What Grafana sends for the default variable values: one run, all ranks, top 10 layers."""
-    return (expr.replace("$run", run).replace("$rank", ".*").replace("$topk", "10")
+    return (expr.replace("$run", run).replace("$rank", ".*").replace("$instance", ".*").replace("$topk", "10")
             .replace("$__rate_interval", "1m").replace("$__interval", "5s"))
 
 
@@ -134,7 +205,8 @@ def test_every_query_runs_and_returns_data_for_a_live_run(isolated_home: Path, a
             for variable in model["templating"]["list"]:
                 if variable["type"] in ("query", "custom"):
                     values = variable_values(prom, variable, "demo")
-                    expected = {"run": "demo", "rank": "0", "topk": "10"}[variable["name"]]
+                    expected = {"run": "demo", "rank": "0", "topk": "10",
+                                "instance": f"127.0.0.1:{agent.port}"}[variable["name"]]
                     if expected not in values:
                         failures.append(f"{name}: variable {variable['name']} = {values}, no {expected!r}")
             for where, expr, instant, is_panel in queries(model):
