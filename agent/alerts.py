@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gradwatch.agent.faults import Stage
+from gradwatch.agent.links import AlertLinks
 from gradwatch.agent.state import AgentState, RankState, RunStatus
 from gradwatch.rules.engine import RuleState
 
@@ -137,6 +138,7 @@ class _Condition:
 @dataclass
 class AlertTracker:
     resolve_after: float
+    links: AlertLinks = field(default_factory=AlertLinks)
     active: dict[str, Alert] = field(default_factory=dict)
 
     def evaluate(self, state: AgentState, now: float) -> list[Alert]:
@@ -189,6 +191,7 @@ class AlertTracker:
             self._rule_alert(out, rule_state, rank0, now)
 
     def _put(self, out: dict[str, _Condition], cond: _Condition) -> None:
+        cond.annotations.update(self.links.annotations(cond.labels))  # its runbook and its run's dashboard
         out[alert_key(cond.labels)] = cond
 
     def _labels(self, name: str, rank_state: RankState, severity: str) -> dict[str, str]:

@@ -68,7 +68,7 @@ class Agent:
                                            config.command_min_lead_steps, clock)
         self.watcher = SpoolWatcher(self.layout.runs_dir)
         self.rules_watcher = RulesFileWatcher(config.rules_file, self.watcher.wake) if config.rules_file else None
-        self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds)
+        self.alerts = AlertTracker(resolve_after=config.alert_resolve_after_seconds, links=config.alert_links())
         self.notifier: Notifier | None = None  # made at start, once the agent's URL is known
         self.gpus = GpuCollector(enabled=config.gpu_collector)  # sampling on its own thread from start()
         self.collector = AgentCollector(self.state, clock, self.watcher.alive, self._alerting, self.gpus,

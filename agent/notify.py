@@ -155,6 +155,12 @@ def alertmanager_webhook(alerts: list[Alert], external_url: str) -> dict[str, An
 _SEVERITY_ICON = {"critical": ":red_circle:", "warning": ":large_orange_circle:", "info": ":large_blue_circle:"}
 
 
+def _slack_links(annotations: dict[str, str]) -> str:
+    links = [f"<{annotations[key]}|{title}>" for key, title in (("dashboard_url", "dashboard"),
+                                                              ("runbook_url", "runbook")) if annotations.get(key)]
+    return ("\n" + " · ".join(links)) if links else ""
+
+
 def slack_message(alerts: list[Alert]) -> dict[str, Any]:
     lines = []
     for a in alerts:
@@ -162,7 +168,7 @@ def slack_message(alerts: list[Alert]) -> dict[str, Any]:
             icon = _SEVERITY_ICON.get(a.labels.get("severity", ""), ":bell:")
             lines.append(f"{icon} *[FIRING] {a.name}* run `{a.labels['run']}` rank {a.labels['rank']} "
                          f"({a.labels.get('severity')})\n{a.annotations.get('summary', '')}\n"
-                         f"_{a.annotations.get('hint', '')}_")
+                         f"_{a.annotations.get('hint', '')}_" + _slack_links(a.annotations))
         else:
             lines.append(f":white_check_mark: *[RESOLVED] {a.name}* run `{a.labels['run']}` rank {a.labels['rank']}")
     return {"text": "\n\n".join(lines), "username": "gradwatch"}

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from gradwatch.agent.links import DEFAULT_DOCS_URL, DEFAULT_GRAFANA_URL, AlertLinks, without_credentials
 from gradwatch.agent.redact import redact_url
 from gradwatch.errors import ConfigError
 from gradwatch.rules.bounded_yaml import MAX_YAML_BYTES, load_bounded
@@ -68,12 +69,23 @@ class AgentConfig(BaseModel):
                                                                "alert")
     grafana_token: SecretStr | None = Field(
         None, description="Grafana service-account token (set it in GRADWATCH_GRAFANA_TOKEN; never logged)")
+    docs_url: AnyHttpUrl = Field(
+        AnyHttpUrl(DEFAULT_DOCS_URL), description="where gradwatch's docs/ is published: each alert's runbook_url "
+                                                  "links to its section of alerts.md there")
+    dashboard_url: AnyHttpUrl | None = Field(
+        None, description="Grafana as people open it, for each alert's dashboard_url (default: grafana_url "
+                          "without credentials, else " + DEFAULT_GRAFANA_URL + ")")
     # -- secrets from files (as Prometheus and Alertmanager take them): nothing on the command line, which `ps`
     # shows every user of the machine ------------------------------------------------------------------
     alertmanager_url_file: Path | None = Field(
         None, description="read alertmanager_url from this file (a URL with basic-auth credentials)")
     webhook_url_file: Path | None = Field(None, description="read webhook_url from this file (its path is its secret)")
     grafana_token_file: Path | None = Field(None, description="read grafana_token from this file")
+
+    def alert_links(self) -> AlertLinks:
+        grafana = self.dashboard_url or self.grafana_url
+        return AlertLinks(docs_url=str(self.docs_url).rstrip("/"),
+                          grafana_url=without_credentials(str(grafana)).rstrip("/") if grafana else DEFAULT_GRAFANA_URL)
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:

@@ -58,6 +58,9 @@ def test_a_rule_alert_fires_once_names_the_run_and_resolves_after_a_quiet_spell(
     state, ingestor, tracker = _setup(isolated_home, clock)
     ingestor.scan_all()
     [alert] = tracker.evaluate(state, clock())
+    # a rule of the user's own: its runbook is the section on the agent's rule alerts
+    assert alert.annotations["runbook_url"].endswith("/alerts.md#the-agents-alerts")
+    assert alert.annotations["dashboard_url"].endswith("/d/gradwatch-run?var-run=r1&var-rank=0")
     assert alert.labels == {"alertname": "GradwatchLossTooHigh", "run": "r1", "rank": "0", "severity": "critical",
                             "source": "agent"}
     assert alert.firing and "Run r1" in alert.annotations["summary"] and "step 51" in alert.annotations["summary"]
@@ -105,6 +108,10 @@ def test_stalled_and_crashed_ranks_raise_their_alerts(isolated_home: Path) -> No
     assert alerts["GradwatchRunCrashed"].labels | {} == {"alertname": "GradwatchRunCrashed", "run": "dead", "rank": "0",
                                                          "severity": "critical", "source": "agent"}
     assert "crashed at step 20" in alerts["GradwatchRunCrashed"].annotations["summary"]
+    crashed = alerts["GradwatchRunCrashed"]
+    assert crashed.annotations["runbook_url"].endswith("/alerts.md#gradwatchruncrashed")
+    assert crashed.annotations["dashboard_url"].endswith(
+        f"/d/gradwatch-run?var-run={crashed.labels['run']}&var-rank={crashed.labels['rank']}")
     # the stalled run comes back: its alert resolves; the crashed run's alert stays until it is retired
     spool.steps("stuck", 0, 21, 22, t0=clock() - 2.2)
     ingestor.scan_all()

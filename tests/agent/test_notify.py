@@ -20,6 +20,7 @@ import pytest
 from gradwatch.agent.actions import ActionNote
 from gradwatch.agent.alerts import Alert
 from gradwatch.agent.daemon import Agent
+from gradwatch.agent.links import AlertLinks
 from gradwatch.agent.notify import (
     AlertmanagerSink,
     DeliveryWorker,
@@ -75,6 +76,31 @@ def test_slack_format_is_a_readable_message(webhook_receiver: WebhookReceiver) -
     assert "*[FIRING] GradwatchNonfiniteLoss* run `r1` rank 0 (critical)" in body["text"]
     assert "Run r1: loss is nan at step 7" in body["text"] and "_check the batch_" in body["text"]
     assert "[RESOLVED] GradwatchLossSpike* run `r2`" in body["text"]
+
+
+def test_slack_format_links_the_dashboard_and_the_runbook(webhook_receiver: WebhookReceiver) -> None:
+    alert = _alert()
+    alert.annotations.update(AlertLinks().annotations(alert.labels))
+    for worker in _worker(WebhookSink(webhook_receiver.url, "slack", "http://agent:9478")):
+        worker.submit([Item("alert", alert)])
+        wait_until(webhook_receiver.bodies, what="the slack post")
+    [body] = webhook_receiver.bodies()
+    assert ("<http://127.0.0.1:3000/d/gradwatch-run?var-run=r1&var-rank=0|dashboard> · "
+            "<https://github.com/gradwatch/gradwatch/blob/main/docs/alerts.md#gradwatchnonfiniteloss|runbook>"
+            in body["text"])
+
+
+def test_alert_links_come_from_the_settings_and_never_carry_credentials(tmp_path: Path) -> None:
+    config = AgentConfig(home=tmp_path, grafana_url="https://admin:s3cret@grafana.internal:3443/g",
+                         docs_url="https://wiki.example.com/gradwatch/")
+    links = config.alert_links()
+    assert links == AlertLinks("https://wiki.example.com/gradwatch", "https://grafana.internal:3443/g")
+    assert "s3cret" not in links.dashboard_url({"run": "r 1/x"})
+    assert links.dashboard_url({"run": "r 1/x", "rank": "3"}) == \
+        "https://grafana.internal:3443/g/d/gradwatch-run?var-run=r+1%2Fx&var-rank=3"
+    people = AgentConfig(home=tmp_path, grafana_url="http://grafana:3000", dashboard_url="https://grafana.example.com")
+    assert people.alert_links().grafana_url == "https://grafana.example.com"
+    assert AgentConfig(home=tmp_path).alert_links() == AlertLinks()  # the docker-compose Grafana, the project's docs
 
 
 def test_alertmanager_payload_has_an_end_in_the_future_while_firing() -> None:

@@ -6,12 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from gradwatch.agent.alerts import alert_name
 from gradwatch.agent.catalogue import ALL
+from gradwatch.agent.links import DEFAULT_DOCS_URL, DEFAULT_GRAFANA_URL, RUNBOOK_ALERTS, anchor
 from gradwatch.rules.config import default_rules
 from tests.conftest import REPO
 
@@ -111,3 +113,48 @@ def test_docs_list_every_alert() -> None:
     agent_alerts = {alert_name(r.name) for r in default_rules().rules if r.alert != "none"}
     for name in {rule["alert"] for rule in RULES} | agent_alerts | {"GradwatchRunStalled", "GradwatchRunCrashed"}:
         assert f"`{name}`" in DOC or f"`{name}` (rule" in DOC, f"docs/alerts.md does not explain {name}"
+
+
+def _runbook_headings() -> set[str]:
+    section = DOC[DOC.index("<!-- runbooks:start -->"):DOC.index("<!-- runbooks:end -->")]
+    return set(re.findall(r"^### `(\w+)`$", section, re.MULTILINE))
+
+
+def test_every_alert_either_source_sends_has_a_runbook_section_and_nothing_else_does() -> None:
+    agent_alerts = {alert_name(r.name) for r in default_rules().rules if r.alert != "none"}
+    state_alerts = {"GradwatchRunStalled", "GradwatchRunCrashed", "GradwatchRunFailed"}
+    sent = {rule["alert"] for rule in RULES} | agent_alerts | state_alerts
+    assert _runbook_headings() == sent == RUNBOOK_ALERTS
+
+
+def test_every_rule_links_its_runbook_section_and_its_runs_dashboard() -> None:
+    headings = {anchor(name) for name in _runbook_headings()}
+    for rule in RULES:
+        ann = rule["annotations"]
+        base, _, fragment = ann["runbook_url"].partition("#")
+        assert base == f"{DEFAULT_DOCS_URL}/alerts.md" and fragment == anchor(rule["alert"]) in headings
+        if "$labels.run" in ann["summary"]:
+            assert ann["dashboard_url"] == (f"{DEFAULT_GRAFANA_URL}/d/gradwatch-run?var-run={{{{ $labels.run | "
+                                            "urlquery }}&var-rank={{ $labels.rank | urlquery }}"), rule["alert"]
+        else:  # about an agent: its host's fleet view
+            assert ann["dashboard_url"] == (f"{DEFAULT_GRAFANA_URL}/d/gradwatch-fleet?var-instance="
+                                            "{{ $labels.instance | urlquery }}"), rule["alert"]
+    # promtool's unit tests expect the rendered links (a run name escaped for a query string, the instance too)
+    expected = [a["exp_annotations"] for t in TESTS for check in t["alert_rule_test"] for a in check["exp_alerts"]]
+    assert all(e["runbook_url"] and e["dashboard_url"] for e in expected)
+    assert any(e["dashboard_url"].endswith("var-instance=trainer-1%3A9478") for e in expected)
+
+
+def test_a_site_writes_the_rules_with_its_own_links(tmp_path: Path) -> None:
+    out = tmp_path / "site.rules.yml"
+    _run(sys.executable, "alerts/generate.py", "--docs-url", "https://docs.example.com/gw/", "--grafana-url",
+         "https://grafana.example.com", "-o", str(out))
+    rules = [r for g in yaml.safe_load(out.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    assert [r["alert"] for r in rules] == [r["alert"] for r in RULES]
+    spike = next(r for r in rules if r["alert"] == "GradwatchLossSpike")["annotations"]
+    assert spike["runbook_url"] == "https://docs.example.com/gw/alerts.md#gradwatchlossspike"
+    assert spike["dashboard_url"].startswith("https://grafana.example.com/d/gradwatch-run?var-run={{ $labels.run")
+    _run(_tool("promtool"), "check", "rules", str(out))
+    proc = subprocess.run([sys.executable, "alerts/generate.py", "--docs-url", "https://x"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "give its path with -o" in proc.stderr
