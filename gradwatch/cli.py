@@ -26,6 +26,7 @@ def cli() -> None:
     In the training script:   probe = gradwatch.attach(model, optimizer)
     On each machine:          gradwatch agent    (started for you if none runs)
     See what runs:            gradwatch status
+    Follow one:               gradwatch tail RUN
     A run's history:          gradwatch export RUN -o run.csv
     Its plots:                gradwatch report RUN -o run.html
     What went wrong:          gradwatch inspect RUN
@@ -272,6 +273,26 @@ def compare(names: tuple[str, ...], home: Path | None, output: Path, rank: int) 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("run")
 @_home_option
+@click.option("--rank", default=None, type=click.IntRange(min=0), help="Only this rank. [default: every rank]")
+@click.option("-n", "--lines", "last", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Steps to show from before now.")
+@click.option("--no-follow", is_flag=True, help="Print the last steps and exit instead of following the run.")
+def tail(run: str, home: Path | None, rank: int | None, last: int, no_follow: bool) -> None:
+    """Follow RUN as it trains, from the spool: a line per step (loss, grad norm, LR, step time, logged scalars)
+    and one per event (actions, skipped updates, non-finite origins, spikes, resumes, the end), until it ends or
+    Ctrl-C. A run faster than a terminal can show (over 20 new steps of a rank in a quarter second) prints the newest
+    step of each rank per quarter second."""
+    from gradwatch.tail import RunTail, follow
+
+    try:
+        follow(RunTail(run, home, rank, last), click.echo, keep_following=not no_follow)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("run")
+@_home_option
 @click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0), help="Which rank to look at.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def inspect(run: str, home: Path | None, rank: int, as_json: bool) -> None:
@@ -295,6 +316,8 @@ def inspect(run: str, home: Path | None, rank: int, as_json: bool) -> None:
                    "constant clipping")
     for finding in findings:
         click.echo(f"{finding.severity:<8} {finding.steps}: {finding.what}")
+        for line in finding.details:
+            click.echo(f"{'':<8} {line}")
         click.echo(f"{'':<8} try: {finding.advice}")
 
 

@@ -5,7 +5,8 @@ The checks and their thresholds (documented in docs/debugging.md):
 
 - non-finite steps (loss or gradient norm NaN/inf), with where the value came from (the probe's nonfinite records);
 - loss and gradient-norm spikes: a step over 6 robust standard deviations (median absolute deviation) above the
-  median of the 50 steps before it;
+  median of the 50 steps before it, with the LR and batch there and the layers that moved first
+  (gradwatch.forensics);
 - layers: dead (a gradient norm of 0 at every one of the last 3 or more samples), exploding (a layer's gradient
   norm over 100x its first sample and 10x the median layer's), vanishing gradients (the first layer's norm under
   1/1000 of the last layer's, model order), update/weight ratios far from the usual 1e-4 .. 1e-2 (median over
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gradwatch.forensics import spike_forensics
 from gradwatch.history import RankHistory, RunHistory
 
 SPIKE_WINDOW = 50
@@ -43,6 +45,7 @@ class Finding:
     steps: str  # "step 1234", "steps 100-250"
     what: str
     advice: str
+    details: tuple[str, ...] = ()  # evidence under the finding (a spike's forensics)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,22 +109,28 @@ def _robust_spikes(series: Sequence[tuple[int, float]]) -> list[tuple[int, float
     return out
 
 
-def _spikes(rank: RankHistory) -> list[Finding]:
-    findings = []
+def find_spikes(rank: RankHistory) -> dict[str, list[tuple[int, float]]]:
+    """(step, z) of the loss and gradient-norm spikes, by quantity ("loss", "gradient norm")."""
     series = {"loss": [(s, v) for s, v in rank.scalar("loss")],
               "gradient norm": [(s.step, s.grad_norm) for s in rank.steps if s.grad_norm is not None]}
-    for name, values in series.items():
-        spikes = _robust_spikes(values)
-        if not spikes:
-            continue
+    return {name: spikes for name, values in series.items() if (spikes := _robust_spikes(values))}
+
+
+def _spikes(rank: RankHistory) -> list[Finding]:
+    findings = []
+    for name, spikes in find_spikes(rank).items():
         stretches = _stretches(step for step, _ in spikes)
         peak_step, peak_z = max(spikes, key=lambda p: p[1])
         lr = _lr_before(rank, peak_step)
+        first = stretches[0][0]  # where it started: what moved there is the lead
+        evidence = spike_forensics(rank, first, name).lines()
+        if peak_step != first:
+            evidence += [f"highest at step {peak_step}:"] + spike_forensics(rank, peak_step, name).lines()[1:]
         findings.append(Finding("spike", "warning", _steps_text(stretches),
                                 f"{name} spiked {len(stretches)} time(s), highest at step {peak_step} "
                                 f"({peak_z:.0f} robust deviations above its recent median{lr})",
                                 "a bad batch or a learning rate too high for that phase: warm up longer, clip "
-                                "(guards.clip), or let the loss-spike rule cut the LR or rewind"))
+                                "(guards.clip), or let the loss-spike rule cut the LR or rewind", tuple(evidence)))
     return findings
 
 
@@ -137,7 +146,7 @@ def _lr_before(rank: RankHistory, step: int) -> str:
 
 
 def _layers(rank: RankHistory) -> list[Finding]:
-    samples = [r for r in rank.layers if r.grad_norm]
+    samples = [r for r in rank.layers if r.grad_norm and not r.trigger]  # periodic: a spike's sample is its own
     if not samples:
         return []
     findings = []

@@ -154,7 +154,7 @@ def _jsonl(run: RunHistory, f: IO[str]) -> None:
 
 
 def _layers_row(rank: int, record: LayersRecord) -> dict[str, Any]:
-    return {"kind": "layers", "rank": rank, "step": record.step, "time": record.t,
+    return {"kind": "layers", "rank": rank, "step": record.step, "time": record.t, "trigger": record.trigger or None,
             "layers": {name: {"grad_norm": norm, **({"update_ratio": record.update_ratio[name]}
                                                     if name in record.update_ratio else {})}
                        for name, norm in zip(record.layers, record.grad_norm, strict=False)}}

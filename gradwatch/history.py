@@ -180,16 +180,22 @@ def run_names(home: str | Path | None = None) -> list[str]:
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and not p.is_symlink())
 
 
-def read_run(name: str, home: str | Path | None = None) -> RunHistory:
-    """Everything recorded of run ``name`` (``home``: the spool, default ``$GRADWATCH_HOME``). RunNotFound, naming
-    the runs there are, when there is none of that name. A rank whose files cannot be read is left out and named
-    in ``unreadable``; a line that is not a valid record is skipped, as the agent skips it."""
+def run_directory(name: str, home: str | Path | None = None) -> Path:
+    """The directory of run ``name``; RunNotFound, naming the runs there are, when there is none of that name."""
     layout = _home(home)
     run_dir = layout.run_dir(name)
     if not run_dir.is_dir() or run_dir.is_symlink() or "/" in name or name in ("", ".", ".."):
         known = run_names(home)
         hint = f"runs there: {', '.join(known[:20])}" + (" ..." if len(known) > 20 else "") if known else "it is empty"
         raise RunNotFound(f"no run {name!r} in {layout.runs_dir} ({hint})")
+    return run_dir
+
+
+def read_run(name: str, home: str | Path | None = None) -> RunHistory:
+    """Everything recorded of run ``name`` (``home``: the spool, default ``$GRADWATCH_HOME``). RunNotFound, naming
+    the runs there are, when there is none of that name. A rank whose files cannot be read is left out and named
+    in ``unreadable``; a line that is not a valid record is skipped, as the agent skips it."""
+    run_dir = run_directory(name, home)
     history = RunHistory(name=name, path=run_dir, ranks={})
     for path in sorted(run_dir.iterdir()):
         parsed = parse_rank_file(path.name)

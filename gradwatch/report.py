@@ -2,8 +2,9 @@
 
 One figure, its panels sharing the step axis: the loss and logged scalars; the gradient norm against the clip
 threshold; the learning rate of each param group; step time and data wait; CUDA memory, when recorded; and a
-heat map of the per-layer gradient norms. Actions, the agent's decisions, skipped steps, rewinds and where a
-non-finite value came from are marked on every panel at their step, and listed. ``-o FILE.png`` writes the
+heat map of the per-layer gradient norms. Actions, the agent's decisions, skipped steps, rewinds, where a
+non-finite value came from and spikes (with what moved first: gradwatch.forensics) are marked on every panel at
+their step, and listed. ``-o FILE.png`` writes the
 figure (for a chat message), ``-o FILE.html`` one self-contained page that opens offline: the figure inline
 (SVG), the run's metadata and the list of what happened, step by step. Rank 0 is drawn; ``--rank`` picks another.
 """
@@ -23,7 +24,8 @@ from gradwatch.errors import GradwatchError, MissingExtraError
 from gradwatch.history import RankHistory, RunHistory
 
 MARK_COLORS = {"action": "#d62728", "decision": "#9467bd", "skip": "#ff7f0e", "nonfinite": "#000000",
-               "resume": "#2ca02c"}
+               "resume": "#2ca02c", "spike": "#8c564b"}
+MAX_SPIKE_MARKS = 10  # the first spikes of each quantity: what moved there is the lead
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Mark:
     """Something that happened at a step, drawn as a vertical line and listed."""
 
     step: int
-    kind: str  # action, decision, skip, nonfinite, resume
+    kind: str  # action, decision, skip, nonfinite, resume, spike
     text: str
     to_step: int | None = None  # a stretch of consecutive skipped updates ends here
 
@@ -44,7 +46,21 @@ def marks(run: RunHistory, rank: RankHistory) -> list[Mark]:
     out += _skip_stretches(rank)
     out += [Mark(n.step, "nonfinite", n.text()) for n in rank.nonfinite]
     out += [Mark(r.step, "resume", f"resumed after step {r.step}") for r in rank.resumes]
+    out += _spike_marks(rank)
     return sorted(out, key=lambda m: (m.step, m.kind))
+
+
+def _spike_marks(rank: RankHistory) -> list[Mark]:
+    """The start of each spike stretch, with its forensics (gradwatch.forensics): LR, batch, what moved first."""
+    from gradwatch.diagnosis import find_spikes
+    from gradwatch.forensics import spike_forensics
+
+    out = []
+    for quantity, spikes in find_spikes(rank).items():
+        starts = [step for i, (step, _) in enumerate(spikes) if i == 0 or spikes[i - 1][0] != step - 1]
+        out += [Mark(step, "spike", f"{quantity} spike; " + "; ".join(spike_forensics(rank, step, quantity).lines()))
+                for step in starts[:MAX_SPIKE_MARKS]]
+    return out
 
 
 def _skip_stretches(rank: RankHistory) -> list[Mark]:
@@ -161,7 +177,7 @@ def figure(run: RunHistory, rank_number: int = 0) -> Any:
 
 
 _MARK_NAMES = {"action": "action applied", "decision": "rule fired", "skip": "update skipped",
-               "nonfinite": "non-finite origin", "resume": "resumed"}
+               "nonfinite": "non-finite origin", "resume": "resumed", "spike": "spike"}
 
 
 def _log_if_wide(axis: Any) -> None:

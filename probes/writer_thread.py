@@ -29,6 +29,7 @@ from gradwatch.probes.devices import fullest_memory, gpu_uuids
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.probes.nonfinite import CHECK_EVERY_STEPS, GradientParts, gradient_origin
 from gradwatch.probes.resume import ResumePoint
+from gradwatch.probes.spike_sample import SpikeSampler
 from gradwatch.probes.spool_session import SpoolSession
 from gradwatch.probes.warn_once import WarnOnce
 from gradwatch.spool.format import SpoolLayout
@@ -86,6 +87,7 @@ class SpoolWriterThread(threading.Thread):
         self._param_names = param_names  # the meter's parameters' names, to name non-finite gradients
         self._on_nonfinite = on_nonfinite  # arms the forward check of a coming step (nonfinite.py)
         self._nonfinite_seen = (-2, -CHECK_EVERY_STEPS)  # (last non-finite step, last one whose gradients were named)
+        self._spikes = SpikeSampler(param_names)  # the agent's spike statistic, for the on-trigger layer sample
         self._next_cuda_sample = 0.0
         self._stop_event = threading.Event()
         self._end: tuple[EndStatus, str | None, int, int | None] = (EndStatus.FINISHED, None, 0, None)
@@ -217,6 +219,9 @@ class SpoolWriterThread(threading.Thread):
                 norm = record.grad_norm
                 if norm is not None and not math.isfinite(norm):
                     self._nonfinite(record, item, records)  # type: ignore[arg-type]
+                self._spike_sample(record, item, records)  # type: ignore[arg-type]
+            elif record.__class__ is LogRecord:
+                self._spikes.spiked(record)
         if records:
             self._busy = True
             self._add_cuda_memory(records)
@@ -241,6 +246,16 @@ class SpoolWriterThread(threading.Thread):
             self._warn("nonfinite-origin", "could not name the non-finite gradients (%r)", exc)
         if self._on_nonfinite is not None:
             self._on_nonfinite(record.step)
+
+    def _spike_sample(self, record: StepRecord, item: StepCapture, records: list[Record]) -> None:
+        try:
+            quantity = self._spikes.spiked(record)
+            if quantity:
+                sample = self._spikes.sample(record, quantity, item.parts)
+                if sample is not None:
+                    records.append(sample)
+        except Exception as exc:  # a diagnosis of ours must never cost the records
+            self._warn("spike-sample", "could not sample the layers of a spiking step (%r)", exc)
 
     def _values_unreadable(self, unreadable: list[tuple[str, str]]) -> None:
         self.values_dropped += len(unreadable)

@@ -192,7 +192,7 @@ class ResumeRecord:
 
 @dataclass(slots=True)
 class LayersRecord:
-    """Per-layer statistics of a sampled step (1.2)."""
+    """Per-layer statistics of a sampled step (1.2), or (1.8) of a step the probe saw spike (``trigger``)."""
 
     KIND: ClassVar[RecordKind] = RecordKind.LAYERS
     step: int
@@ -200,6 +200,7 @@ class LayersRecord:
     layers: list[str] = field(default_factory=list)
     grad_norm: list[float | None] = field(default_factory=list)  # one per layer, before clipping
     update_ratio: dict[str, float] = field(default_factory=dict)  # layer -> ||dw|| / ||w||, layers measured
+    trigger: str = ""  # (1.8) "": every layer_stats_every steps; "spike:loss" / "spike:grad_norm": that step spiked
     seq: int = 0
     dropped: int = 0
 
@@ -329,6 +330,8 @@ def to_json(record: Record) -> dict[str, Any]:
             out["checkpoint"] = record.checkpoint
         elif isinstance(record, LayersRecord):
             out.update(layers=record.layers, grad_norm=record.grad_norm, update_ratio=record.update_ratio)
+            if record.trigger:
+                out["trigger"] = record.trigger
         elif isinstance(record, NonFiniteRecord):
             out.update(source=record.source, module=record.module, value=record.value, params=record.params,
                        count=record.count)
@@ -509,7 +512,7 @@ def _decode_layers(obj: dict[str, Any], step: int, t: float, seq: int, dropped: 
         grad_norm=[_number(v) for v in norms[:len(layers)]] if isinstance(norms, list) else [],
         update_ratio={str(k)[:MAX_NAME]: ratio for k, raw in list(ratios.items())[:MAX_LAYERS]
                       if (ratio := _number(raw)) is not None} if isinstance(ratios, dict) else {},
-        seq=seq, dropped=dropped)
+        trigger=_text(obj.get("trigger"), MAX_NAME) or "", seq=seq, dropped=dropped)
 
 
 def _decode_nonfinite(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> NonFiniteRecord:

@@ -5,6 +5,7 @@ layer whose gradient grows 100x alone, a shape hard to make on purpose in a few 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import torch
 import gradwatch
 from gradwatch.cli import main
 from gradwatch.diagnosis import Finding, diagnose
-from gradwatch.spool.records import LayersRecord
+from gradwatch.forensics import spike_forensics
+from gradwatch.history import RankHistory
+from gradwatch.spool.records import LayersRecord, RunMeta, StepRecord
 from tests.agent.helpers import SpoolBuilder
 from tests.probe.test_nonfinite_origin import ForwardNaN
 
@@ -24,7 +27,7 @@ STEPS = 160
 
 def _record(home: Path, run: str, *, lr: float = 0.01, lr_jump_at: int = 0, nan_at: int = 0, frozen_after: int = 0,
             data_wait: float = 0.0, clip: float | None = None, depth: int = 3, activation: Any = torch.nn.ReLU,
-            dead: bool = False) -> list[Finding]:
+            dead: bool = False, batch_size: bool = False) -> list[Finding]:
     """Regression onto an exact linear teacher (the loss keeps falling: no noise floor), layer statistics every 5
     steps; the knobs plant one problem each."""
     torch.manual_seed(0)
@@ -59,7 +62,7 @@ def _record(home: Path, run: str, *, lr: float = 0.01, lr_jump_at: int = 0, nan_
             opt.zero_grad()
             loss.backward()
             opt.step()
-            probe.log(loss=loss)
+            probe.log(loss=loss, **({"batch_size": len(x)} if batch_size else {}))
     return diagnose(gradwatch.read_run(run, home))
 
 
@@ -71,6 +74,9 @@ def test_a_healthy_run_has_nothing_to_say(tmp_path: Path, capsys: pytest.Capture
     assert _record(tmp_path, "healthy") == []
     main(["inspect", "healthy", "--home", str(tmp_path)])
     assert "nothing stands out" in capsys.readouterr().out
+    # and the probe saw no spike: no on-trigger layer sample, only the periodic ones
+    layers = gradwatch.read_run("healthy", tmp_path).rank(0).layers
+    assert [r.step for r in layers] == list(range(5, STEPS + 1, 5)) and not any(r.trigger for r in layers)
 
 
 def test_a_spike_is_found_at_its_step_with_the_lr_there(tmp_path: Path) -> None:
@@ -78,6 +84,42 @@ def test_a_spike_is_found_at_its_step_with_the_lr_there(tmp_path: Path) -> None:
     spikes = [f for f in findings if f.kind == "spike"]
     assert spikes and all(f.steps.startswith(("step 10", "steps 10")) for f in spikes)
     assert any("after a learning rate of 2 at step 100; 0.01 at the spike" in f.what for f in spikes)
+
+
+def test_a_spike_says_what_moved_first_and_by_how_much_with_the_lr_and_batch_there(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The LR jumps 200x for the update of step 100 (a periodic sample: update/weight ratios measured); the loss
+    and gradients spike at step 101, a step no periodic sample falls on: the probe's on-trigger sample has it."""
+    findings = _record(tmp_path, "spike", lr_jump_at=100, batch_size=True)
+    layers = gradwatch.read_run("spike", tmp_path).rank(0).layers
+    [triggered] = [r for r in layers if r.trigger]
+    assert triggered.step == 101 and triggered.trigger.startswith("spike:") and triggered.layers == ["0", "2", "4"]
+    assert all(norm is not None and norm > 0 for norm in triggered.grad_norm) and triggered.update_ratio == {}
+    [loss_spike] = [f for f in findings if f.kind == "spike" and f.what.startswith("loss")]
+    at, first, then = loss_spike.details
+    assert at == "at step 101: learning rate 0.01, batch size 64"
+    assert first.startswith("moved first, at step 100: `0` update/weight ratio up to ")  # the first layer most
+    assert then.startswith("then at step 101: ") and "gradient norm up to" in then and "update" not in then
+    moved = {m.group(1): float(m.group(2)) for m in re.finditer(r"`(\w+)` update/weight ratio up to ([\d.]+)x", first)}
+    assert set(moved) >= {"0", "2"} and all(factor > 3 for factor in moved.values())
+    main(["inspect", "spike", "--home", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "\n         moved first, at step 100: `0` update/weight ratio" in out
+
+
+def test_a_layer_moves_when_it_is_over_three_times_its_usual_not_at_three() -> None:
+    meta = RunMeta(run="r", rank=0, world_size=1)
+    periodic = [LayersRecord(step=s, t=float(s), layers=["a", "b"], grad_norm=[1.0, 1.0]) for s in range(10, 101, 10)]
+    records: list[Any] = [StepRecord(step=s, t=float(s), lr=[0.1], values={"loss": 1.0}) for s in range(1, 181)]
+    records += periodic + [LayersRecord(step=160, t=160.0, layers=["a", "b"], grad_norm=[3.0, 3.0000001]),
+                           LayersRecord(step=170, t=170.0, layers=["a", "b"], grad_norm=[3.0, 8.0], trigger="spike:loss")]
+    rank = RankHistory(0, meta, records)
+    evidence = spike_forensics(rank, 170, "loss")
+    assert [(m.layer, m.step, m.factor) for m in evidence.moves] == [("b", 160, 8.0)]  # `a` at exactly 3x: no
+    assert evidence.sampled and evidence.lr == [0.1] and evidence.batch_size is None
+    assert evidence.lines()[0] == "at step 170: learning rate 0.1"
+    early = spike_forensics(rank, 5, "loss")  # nothing sampled before it
+    assert early.moves == [] and "no layer sample" in early.lines()[-1]
 
 
 def test_a_nan_says_where_it_came_from(tmp_path: Path) -> None:
