@@ -30,6 +30,7 @@ from gradwatch.agent.faults import Stage
 from gradwatch.agent.links import AlertLinks
 from gradwatch.agent.state import AgentState, RankState, RunStatus
 from gradwatch.rules.engine import RuleState
+from gradwatch.spool.records import SPIKE_SAMPLE_GAP
 
 SOURCE = "agent"  # label that tells the agent's alerts from those of the Prometheus rules (source="prometheus")
 
@@ -94,6 +95,16 @@ def _outcome(outcome: dict[str, Any] | None) -> dict[str, str]:
     verb = "did not take" if outcome["status"] == "not_taken" else "was refused"
     return {"action_outcome": f"its {outcome.get('action')} after step {outcome.get('step')} {verb}: "
                               f"{str(outcome.get('detail', ''))[:300]}"}
+
+
+def _spike_layers(trigger: dict[str, Any], rank0: RankState) -> dict[str, str]:
+    """The probe's on-trigger layer sample of a spike trigger's stretch (at its step, or the stretch's first step a
+    few before: one sample per SPIKE_SAMPLE_GAP steps): ``layers``, as the alert's annotation."""
+    if trigger.get("reason") != "spike" or not rank0.spike_samples:
+        return {}
+    step = int(trigger.get("step", 0))
+    near = [s["text"] for s in rank0.spike_samples if step - SPIKE_SAMPLE_GAP < s["step"] <= step]
+    return {"layers": near[-1]} if near else {}
 
 
 def _origin(trigger: dict[str, Any], rank0: RankState) -> dict[str, str]:
@@ -214,7 +225,8 @@ class AlertTracker:
                              f"{rank0.meta.host or '?'}, last at step {trigger['step']}."
                              + (f" Note: {outcome['action_outcome']}." if outcome else "")),
              "hint": _HINTS.get(rule.detect.type, "See docs/alerts.md."),
-             "step": str(trigger["step"]), **_outcome(rule_state.last_outcome), **_origin(trigger, rank0)},
+             "step": str(trigger["step"]), **_outcome(rule_state.last_outcome), **_origin(trigger, rank0),
+             **_spike_layers(trigger, rank0)},
             since=float(trigger["t"])))
 
     def _state_alerts(self, out: dict[str, _Condition], s: RankState, now: float) -> None:

@@ -62,6 +62,23 @@ class RunStatus(str, enum.Enum):
 _ENDED = frozenset({RunStatus.CRASHED, RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.FINISHED})
 
 
+SPIKE_SAMPLE_LAYERS = 3  # layers an on-trigger sample names: the ones that moved most
+
+
+def spike_sample(record: LayersRecord, usual: dict[str, float]) -> dict[str, Any]:
+    """An on-trigger layer sample (a step the probe saw spike) as people read it: the layers whose gradient norm
+    grew most against the last periodic sample (largest norms when there is none)."""
+    norms = {name: v for name, v in zip(record.layers, record.grad_norm, strict=False) if v is not None}
+    factors = {name: v / usual[name] for name, v in norms.items() if usual.get(name)}
+    ranked = sorted(factors, key=factors.__getitem__, reverse=True) if factors else \
+        sorted(norms, key=norms.__getitem__, reverse=True)
+    parts = [f"`{name}` {norms[name]:.3g}" + (f" ({factors[name]:.3g}x its last sample)" if name in factors else "")
+             for name in ranked[:SPIKE_SAMPLE_LAYERS]]
+    quantity = record.trigger.partition(":")[2] or "loss"
+    return {"step": record.step, "quantity": quantity,
+            "text": f"step {record.step}: layer gradient norms at the {quantity} spike: " + ", ".join(parts)}
+
+
 @dataclass
 class RankState:
     """One process (one rank) of a run."""
@@ -102,6 +119,8 @@ class RankState:
     recent_actions: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10
     nonfinite_origins: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10 (nonfinite records)
     layer_grad_norms: dict[str, float] = field(default_factory=dict)  # from the newest layers record
+    usual_layer_grad_norms: dict[str, float] = field(default_factory=dict)  # from the newest periodic one
+    spike_samples: list[dict[str, Any]] = field(default_factory=list)  # newest last, at most 10 (layers + trigger)
     layer_update_ratios: dict[str, float] = field(default_factory=dict)  # newest value of each layer
     layers_step: int | None = None
     # the layers exported as series: the largest, kept while they stay among the 2 x TOP_LAYER_SERIES largest
@@ -184,6 +203,10 @@ class RankState:
     def _apply_layers(self, record: LayersRecord) -> None:
         self.layer_grad_norms = {name: v for name, v in zip(record.layers[:MAX_LAYERS], record.grad_norm, strict=False)
                                  if v is not None}
+        if record.trigger:
+            self.spike_samples = (self.spike_samples + [spike_sample(record, self.usual_layer_grad_norms)])[-10:]
+        else:
+            self.usual_layer_grad_norms = self.layer_grad_norms
         for name, ratio in record.update_ratio.items():
             if name in self.layer_update_ratios or len(self.layer_update_ratios) < MAX_LAYERS:
                 self.layer_update_ratios[name] = ratio
@@ -556,6 +579,7 @@ class AgentState:
                 "clipped_fraction": s.clipped_fraction, "commands_late": s.commands_late,
                 "steps_from": s.meta.steps_from, "exit_code": s.exit_code, "resumes": s.resumes,
                 "history": s.history, "nonfinite_origins": s.nonfinite_origins,
+                "spike_samples": s.spike_samples,
             } for s in states],
             "faults": self.faults.of_run(run),
         }

@@ -17,11 +17,11 @@ import torch
 from gradwatch.probes import graph_capture
 from gradwatch.probes.nonfinite import layer_of
 from gradwatch.rules.ema import EmaZScore
-from gradwatch.spool.records import LayersRecord, LogRecord, StepRecord
+from gradwatch.spool.records import SPIKE_SAMPLE_GAP, LayersRecord, LogRecord, StepRecord
 
 #: a spike sample at most this often: a run whose level moved spikes many steps in a row until the statistic
 #: re-adapts (readapt_after), and the first of them says what moved
-MIN_GAP_STEPS = 10
+MIN_GAP_STEPS = SPIKE_SAMPLE_GAP
 
 
 class SpikeSampler:

@@ -38,6 +38,7 @@ MAX_LAYERS = 10_000  # layers of a layers record
 MAX_UUID = 80  # characters of a GPU UUID or a pid namespace
 MAX_GPUS = 64  # GPUs one process uses
 MAX_ORIGIN_PARAMS = 64  # parameter names a nonfinite record lists
+SPIKE_SAMPLE_GAP = 10  # (1.8) steps at least between two on-trigger layer samples: a spike stretch has its first's
 MAX_INT = 2**63 - 1  # steps, counters: what a signed 64-bit field holds
 
 

@@ -4,13 +4,18 @@ spikes."""
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import torch
 
 import gradwatch
+from gradwatch.agent.alerts import AlertTracker
 from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.rules import AgentRules
 from gradwatch.agent.state import AgentState
+from gradwatch.rules.config import parse_rules
 from gradwatch.rules.ema import EmaZScore
 from gradwatch.spool.format import SpoolLayout
 from tests.agent.helpers import FakeClock
@@ -67,3 +72,31 @@ def test_no_sample_when_the_scripts_own_clip_gives_the_norm(tmp_path: Path) -> N
     _train(tmp_path, "script-clip", script_clips=True)
     layers = gradwatch.read_run("script-clip", tmp_path).rank(0).layers
     assert [r.step for r in layers] == [50, 100, 150] and not any(r.trigger for r in layers)
+
+
+SPIKE_RULE = """
+rules:
+  - name: grad-norm-explosion
+    metric: grad_norm
+    detect: {type: spike}
+    action: {type: reduce_lr, factor: 0.5}
+    mode: observe
+"""
+
+
+def test_the_spike_alert_and_run_summary_name_the_layers_that_moved(tmp_path: Path) -> None:
+    _train(tmp_path, "bad-batches")
+    clock = FakeClock(time.time())
+    state = AgentState(spike_window=60.0, rules=AgentRules(parse_rules(SPIKE_RULE, "rules.yaml"), None))
+    SpoolIngestor(SpoolLayout(tmp_path), state, clock).scan_all()
+    [run] = state.summary(clock())
+    samples = run["ranks"][0]["spike_samples"]
+    assert [s["step"] for s in samples] == list(BAD_BATCHES)
+    # three layers, each against the periodic sample before it (steps 50 and 100), the most moved first
+    factors = [float(f) for f in re.findall(r"\(([\d.e+]+)x its last sample\)", samples[0]["text"])]
+    assert samples[0]["text"].startswith("step 60: layer gradient norms at the ") and len(factors) == 3
+    assert factors == sorted(factors, reverse=True) and factors[0] > 3
+    [alert] = [a for a in AlertTracker(resolve_after=1e9).evaluate(state, clock())
+               if a.name == "GradwatchGradNormExplosion"]
+    # its last trigger is a follower of the second bad batch (within the gap): the stretch's sample is named
+    assert 130 <= int(alert.annotations["step"]) < 140 and alert.annotations["layers"] == samples[-1]["text"]
