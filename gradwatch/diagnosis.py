@@ -124,8 +124,9 @@ def _spikes(rank: RankHistory) -> list[Finding]:
         lr = _lr_before(rank, peak_step)
         first = stretches[0][0]  # where it started: what moved there is the lead
         evidence = spike_forensics(rank, first, name).lines()
-        if peak_step != first:
-            evidence += [f"highest at step {peak_step}:"] + spike_forensics(rank, peak_step, name).lines()[1:]
+        peak = spike_forensics(rank, peak_step, name)
+        if peak_step != first and peak.sampled:  # the highest has its own layer sample: what it says too
+            evidence += [f"highest, at step {peak_step}:"] + peak.lines()[1:]
         findings.append(Finding("spike", "warning", _steps_text(stretches),
                                 f"{name} spiked {len(stretches)} time(s), highest at step {peak_step} "
                                 f"({peak_z:.0f} robust deviations above its recent median{lr})",

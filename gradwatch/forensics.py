@@ -48,6 +48,7 @@ class SpikeForensics:
     lr: list[float] = field(default_factory=list)
     batch_size: float | None = None
     sampled: bool = False  # the layers were sampled at the spike itself (the probe's on-trigger sample)
+    samples: int = 0  # layer samples looked at: the run-up's and the spike's
     moves: list[LayerMove] = field(default_factory=list)  # first-moving first, then by how much
 
     def lines(self) -> list[str]:
@@ -60,8 +61,9 @@ class SpikeForensics:
         for i, at in enumerate(steps):
             lead = f"moved first, at step {at}: " if i == 0 else f"then at step {at}: "
             out.append(lead + "; ".join(m.text() for m in self.moves if m.step == at))
-        if not steps and self.sampled:
-            out.append(f"no layer moved over {MOVE_FACTOR:g}x its usual: the whole model did (a bad batch, or the LR)")
+        if not steps and self.samples:
+            out.append(f"no layer moved over {MOVE_FACTOR:g}x its usual in the {self.samples} sample(s) up to it: the "
+                       "whole model did (a bad batch, or the LR)")
         elif not steps:
             out.append("no layer sample at or just before the spike (layer_stats_every; the on-trigger sample needs "
                        "gradwatch to compute the gradient norm, not the script's clip_grad_norm_)")
@@ -85,7 +87,7 @@ def spike_forensics(rank: RankHistory, step: int, quantity: str) -> SpikeForensi
                                                           "update_ratio")) if base else []
     moves.sort(key=lambda m: (m.step, -m.factor))
     return SpikeForensics(step=step, quantity=quantity, lr=lr, batch_size=batch, sampled=at_spike is not None,
-                          moves=moves[:SHOWN])
+                          samples=len(watched) if base else 0, moves=moves[:SHOWN])
 
 
 def _batch_size(record: StepRecord | None) -> float | None:

@@ -1,7 +1,8 @@
 """``gradwatch report``: a run's history as pictures, from the spool alone (no Prometheus, no Grafana).
 
 One figure, its panels sharing the step axis: the loss and logged scalars; the gradient norm against the clip
-threshold; the learning rate of each param group; step time and data wait; CUDA memory, when recorded; and a
+threshold; the learning rate of each param group; step time and data wait, with throughput (samples/s when the
+batch size is logged, else steps/s); CUDA memory, when recorded; and a
 heat map of the per-layer gradient norms. Actions, the agent's decisions, skipped steps, rewinds, where a
 non-finite value came from and spikes (with what moved first: gradwatch.forensics) are marked on every panel at
 their step, and listed. ``-o FILE.png`` writes the
@@ -78,6 +79,19 @@ def _skip_stretches(rank: RankHistory) -> list[Mark]:
             for m in out]
 
 
+def _throughput(steps: Sequence[Any]) -> tuple[list[float], str]:
+    """Samples (or steps) per second at each step, a running mean over 1/50 of the run: readable, not jumpy."""
+    batch = any((s.values or {}).get("batch_size") for s in steps)
+    per_step = [math.nan if not s.dur or s.dur <= 0 else
+                ((s.values or {}).get("batch_size", math.nan) if batch else 1.0) / s.dur for s in steps]
+    window = max(1, len(per_step) // 50)
+    out = []
+    for i in range(len(per_step)):
+        chunk = [v for v in per_step[max(0, i - window + 1):i + 1] if math.isfinite(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out, "samples/s" if batch else "steps/s"
+
+
 def _finite(values: Sequence[float | None]) -> list[float]:
     return [math.nan if v is None or not math.isfinite(v) else v for v in values]
 
@@ -145,7 +159,13 @@ def figure(run: RunHistory, rank_number: int = 0) -> Any:
     time_ax.plot(x, [math.nan if s.dur is None else s.dur * 1000 for s in steps], lw=0.8, label="step time")
     time_ax.plot(x, [math.nan if s.wait is None else s.wait * 1000 for s in steps], lw=0.8, label="data wait")
     time_ax.set_ylabel("ms")
-    time_ax.legend(loc="upper right", fontsize=8)
+    rate_ax = time_ax.twinx()  # throughput on the right: samples/s when the batch size is logged, else steps/s
+    rate, rate_name = _throughput(steps)
+    rate_ax.plot(x, rate, lw=1.0, color="#2ca02c", label=rate_name)
+    rate_ax.set_ylabel(rate_name)
+    rate_ax.set_ylim(bottom=0)
+    handles = [*time_ax.get_legend_handles_labels()[0], *rate_ax.get_legend_handles_labels()[0]]
+    time_ax.legend(handles=handles, loc="upper left", fontsize=8)
 
     if memory:
         mem_ax = ax["memory"]

@@ -120,6 +120,11 @@ def test_a_layer_moves_when_it_is_over_three_times_its_usual_not_at_three() -> N
     assert evidence.lines()[0] == "at step 170: learning rate 0.1"
     early = spike_forensics(rank, 5, "loss")  # nothing sampled before it
     assert early.moves == [] and "no layer sample" in early.lines()[-1]
+    flat = RankHistory(0, meta, [*records[:180], *periodic,
+                                 LayersRecord(step=170, t=170.0, layers=["a", "b"], grad_norm=[2.9, 1.0],
+                                              trigger="spike:loss")])
+    whole = spike_forensics(flat, 170, "loss")  # sampled, nothing over 3x: the whole model moved, not one layer
+    assert whole.moves == [] and whole.lines()[-1].startswith("no layer moved over 3x its usual in the 1 sample(s)")
 
 
 def test_a_nan_says_where_it_came_from(tmp_path: Path) -> None:
