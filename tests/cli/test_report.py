@@ -35,7 +35,7 @@ def test_the_figure_draws_the_recorded_numbers_and_marks_what_happened(home: Pat
     fig = figure(run)
     labels = [axis.get_ylabel() for axis in fig.axes if axis.get_ylabel() != "log10 grad norm"]
     assert labels == ["logged", "grad norm", "learning rate", "ms", "layer", "steps/s"]
-    [rate] = [axis for axis in fig.axes if axis.get_ylabel() == "steps/s"][0].get_lines()
+    [rate] = next(axis for axis in fig.axes if axis.get_ylabel() == "steps/s").get_lines()
     durations = [s.dur for s in run.rank(0).steps]
     assert all(math.isclose(r, 1 / d) for r, d in zip(rate.get_ydata(), durations, strict=True) if d)
     grad_axis = fig.axes[1]
