@@ -43,6 +43,12 @@ _HINTS = {
     "plateau": "Reduce the learning rate, or stop the run if it has converged.",
     "early_stopping": "The run has stopped improving; stop it or let a rule with mode: act stop it.",
     "threshold": "Check why the metric left the range the rule expects.",
+    # the catalogue's (SageMaker Debugger's names): the summary says what to try; the runbook explains the rule
+    "vanishing_gradient": "See the summary for the layer and what to try; docs/rules.md explains the rule.",
+    "exploding_tensor": "Look at the batch and the learning rate at that step; the origin annotation names the layer.",
+    "weight_update_ratio": "See the summary for the layer and what to try; docs/rules.md explains the rule.",
+    "all_zero": "See the summary for the layer and what to try; docs/rules.md explains the rule.",
+    "input_bound": "Feed the GPU faster: DataLoader workers, pin_memory, prefetching.",
 }
 
 
@@ -118,6 +124,9 @@ def _origin(trigger: dict[str, Any], rank0: RankState) -> dict[str, str]:
 
 
 def _rule_text(run: str, metric: str, reason: str, step: int, details: dict[str, Any]) -> str:
+    evidence = details.get("evidence")
+    if isinstance(evidence, str) and evidence:  # a catalogue rule says it in words (rules/catalogue.py)
+        return f"Run {run}: {evidence[:500]}"
     value = _num(details.get("value"))
     if reason == "nonfinite":
         what = f"{metric} is {value} at step {step}"

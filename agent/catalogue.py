@@ -102,6 +102,10 @@ RULE_DECISIONS = _run(
     "Times a rule fired, by rule, action and mode (act: sent to the probes; observe or dry_run: recorded only). "
     "Agent rules read rank 0; rule guards.skip counts the skips an observing guard would have made.",
     "rule", "action", "mode")
+RULE_FIRED = _run(
+    "gradwatch_rule_fired_total", "counter",
+    "Times a rule's detector fired, by rule, also while cooldown or max_actions kept the rule from deciding "
+    "(the catalogue's rules: docs/rules.md). Agent rules read rank 0.", "rule")
 PROBE_DROPPED = _run("gradwatch_probe_dropped_records_total", "counter",
                      "Records the probe dropped (queue full, spool unwritable): training went on without them.")
 VALUES_DROPPED = _run("gradwatch_logged_values_dropped_total", "counter",

@@ -167,6 +167,9 @@ class AgentCollector(Collector):
         if rules is not None:
             for (rule, action, mode), n in sorted(rules.decisions.items()):
                 put(c.RULE_DECISIONS, [esc(run), "0", esc(rule), esc(action), esc(mode)], n)  # agent rules read rank 0
+            for rule, rule_state in sorted(rules.states.items()):
+                if rule_state.triggered:
+                    put(c.RULE_FIRED, [esc(run), "0", esc(rule)], rule_state.triggered)
 
     def _gpu_owners(self) -> GpuOwners:
         """Who uses which GPU, from the live ranks' metadata: by UUID (any host, any pid namespace: a UUID names

@@ -41,6 +41,7 @@ from gradwatch.spool.records import (
     AckRecord,
     CheckpointRecord,
     EndRecord,
+    LayersRecord,
     Record,
     ResumeRecord,
     RunMeta,
@@ -470,6 +471,10 @@ class SpoolIngestor:
             state.apply(record)
             return
         observed = state.apply(record)
+        if rules is not None and isinstance(record, LayersRecord):  # the catalogue's layer rules
+            self.outbox.extend(rules.observe_layers(record, history=history))
+            if rules.failures:
+                self._rules_failed(state, rules)
         if rules is not None and observed:
             optimizer = record.opt if isinstance(record, StepRecord) and record.opt else "0"
             self.outbox.extend(rules.observe(record.step, record.t, observed, optimizer, history=history))

@@ -275,6 +275,8 @@ class RankState:
         self.learning_rates = list(record.lr)
         if record.lr:
             observed["lr"] = record.lr[0]
+        if record.skip is not None:  # the update was not made (a guard, GradScaler): its weights did not move
+            observed["update_skipped"] = 1.0
         self.step_duration = duration = record.dur
         if duration is not None:
             observed["step_duration_seconds"] = duration

@@ -58,13 +58,18 @@ class LayersCapture(NamedTuple):
     step: int
     t: float
     names: tuple[str, ...]
-    vector: readback.Deferred  # n_layers gradient norms, then one update ratio per covered layer
+    vector: readback.Deferred  # per layer: gradient norm, mean |gradient|, share of zeros; then covered layers' ratios
     n_layers: int
     covered: tuple[int, ...]
 
 
 # a checkpoint has no device values; ForwardFlags (nonfinite.py) are a forward check's
 Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord | readback.Deferred
+
+
+def _measured(values: list[float]) -> list[float | None]:
+    """None for a layer the sample has no figure of (NaN: no gradient at that step, a frozen layer)."""
+    return [None if v != v else v for v in values]
 
 
 def _resolve_values(values: dict[str, Any], unreadable: list[tuple[str, str]] | None) -> dict[str, float] | None:
@@ -154,7 +159,9 @@ def to_record(item: Capture, logged: LogCapture | None = None,
             return None
         names, n = item.names, item.n_layers
         return LayersRecord(step=item.step, t=item.t, layers=list(names), grad_norm=vector[:n],
-                            update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[n:], strict=False)})
+                            grad_abs_mean=_measured(vector[n:2 * n]), grad_zero_fraction=_measured(vector[2 * n:3 * n]),
+                            update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[3 * n:],
+                                                                                         strict=False)})
     if isinstance(item, CheckpointRecord):
         return item
     if isinstance(item, readback.Deferred):  # a forward check's flags: its NonFiniteRecord once read

@@ -1,7 +1,8 @@
 """Per-layer gradient norms and update/weight ratios, sampled every ``every`` optimizer steps.
 
 A layer is the module that owns a parameter (``encoder.0.attn`` for ``encoder.0.attn.weight``).
-At a sampled step the pre-step hook computes every layer's gradient norm on the device and
+At a sampled step the pre-step hook computes every layer's gradient norm, mean absolute gradient and share of
+exactly-zero gradients on the device and
 copies the parameters of a few layers (``update_budget_bytes`` at most, rotating through the
 model), so that the post-step hook can measure ``||w_after - w_before|| / ||w_before||``: memory
 stays bounded for any model size, and every layer is measured in turn. Between sampled steps
@@ -30,15 +31,19 @@ def layer_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]
     return [by_id.get(id(p), "(not in model)") for p in params]
 
 
-def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-tensor L2 norms as one float32 vector on ``device``."""
+def _norms(tensors: Sequence[torch.Tensor], device: torch.device, order: float = 2.0) -> torch.Tensor:
+    """Per-tensor norms of ``order`` (2: L2; 1: the sum of absolute values; 0: the count of non-zeros) as one
+    float32 vector on ``device``."""
     norms: Sequence[torch.Tensor]
     dtype = norm_dtype(tensors)  # float32 for fp16/bf16: an fp16 norm is inf past 65,504
-    if all(t.device == device and not t.is_sparse for t in tensors) and (dtype is not None or not any(
-            t.dtype in HALF_DTYPES for t in tensors)):
+    if order == 2.0 and all(t.device == device and not t.is_sparse for t in tensors) and (
+            dtype is not None or not any(t.dtype in HALF_DTYPES for t in tensors)):
         norms = foreach_norms(list(tensors), dtype)
+    elif all(t.device == device and not t.is_sparse for t in tensors) and not any(
+            t.dtype in HALF_DTYPES for t in tensors):
+        norms = torch._foreach_norm(list(tensors), order)
     else:
-        norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t, 2.0,
+        norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t, order,
                                           dtype=torch.float32 if t.dtype in HALF_DTYPES else None).to(device)
                  for t in tensors]
     return torch.stack(norms).float()
@@ -106,14 +111,28 @@ class LayerStats:
             tensor = self._indices[key] = torch.tensor(values, dtype=torch.long).to(device)
         return tensor
 
-    def _layer_sums(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
-        """Squared L2 norms of ``tensors`` summed per layer: ``[unsharded | sharded]``, 2 x layers long."""
+    def _layer_index(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
         n = len(self._names)
         sharded = [bool(_shard_groups(t)) for t in tensors] if self._groups else [False] * len(tensors)
-        index = self._on_device(tuple(self._layer_of[i] + (n if s else 0) for i, s in zip(indices, sharded,
-                                                                                          strict=True)), device)
-        return torch.zeros(2 * n, device=device).index_add_(0, index, _norms([_local(t) for t in tensors],
-                                                                              device).square())
+        return self._on_device(tuple(self._layer_of[i] + (n if s else 0) for i, s in zip(indices, sharded,
+                                                                                         strict=True)), device)
+
+    def _layer_sums(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device,
+                    order: float = 2.0) -> torch.Tensor:
+        """Per-layer sums over ``tensors``, ``[unsharded | sharded]``, 2 x layers long: of the squared L2 norms
+        (order 2), of the absolute values (1), of the non-zero counts (0)."""
+        norms = _norms([_local(t) for t in tensors], device, order)
+        return torch.zeros(2 * len(self._names), device=device).index_add_(
+            0, self._layer_index(tensors, indices, device), norms.square() if order == 2.0 else norms)
+
+    def _layer_sizes(self, tensors: Sequence[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
+        """Elements per layer (local shards: summed over the shards' ranks with the rest), as ``_layer_sums``."""
+        key = ("numel", device, tuple(indices))
+        sizes = self._indices.get(key)
+        if sizes is None:
+            sizes = self._indices[key] = torch.tensor([float(_local(t).numel()) for t in tensors]).to(device)
+        return torch.zeros(2 * len(self._names), device=device).index_add_(
+            0, self._layer_index(tensors, indices, device), sizes)
 
     def before_step(self) -> None:
         """Pre-step hook of a sampled step: gradient norms per layer, and a copy of a few layers."""
@@ -125,11 +144,14 @@ class LayerStats:
                 self._pending = None
                 return
             device = _local(grads[0]).device
-            grad_sq = self._layer_sums(grads, [i for i, _ in pairs], device)
+            indices = [i for i, _ in pairs]
+            # squared L2 norms, absolute sums, non-zero counts and sizes of the gradients, per layer
+            grad_sums = [self._layer_sums(grads, indices, device), self._layer_sums(grads, indices, device, 1.0),
+                         self._layer_sums(grads, indices, device, 0.0), self._layer_sizes(grads, indices, device)]
             covered = self._next_layers(pairs)
             chosen = [(i, p) for i, p in pairs if self._layer_of[i] in covered]
             before = [p.detach().clone() for _, p in chosen]
-            self._pending = (device, grad_sq, chosen, before, sorted(covered))
+            self._pending = (device, grad_sums, chosen, before, sorted(covered))
 
     def _next_layers(self, pairs: list[tuple[int, torch.Tensor]]) -> set[int]:
         """Layers, from the cursor on, whose parameters fit in the copy budget (at least one)."""
@@ -154,16 +176,16 @@ class LayerStats:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        device, grad_sq, chosen, before, covered = pending
+        device, grad_sums, chosen, before, covered = pending
         n = len(self._names)
         with torch.no_grad():
-            parts = [grad_sq]
+            parts = list(grad_sums)
             if chosen:
                 indices = [i for i, _ in chosen]
                 after = [p.detach() for _, p in chosen]
                 parts.append(self._layer_sums(torch._foreach_sub(after, before), indices, device))
                 parts.append(self._layer_sums(before, indices, device))
-            sums = torch.stack(parts)  # (1 or 3) x [unsharded | sharded]
+            sums = torch.stack(parts)  # (4 or 6) x [unsharded | sharded]
             if self._groups:
                 import torch.distributed as dist
 
@@ -173,9 +195,11 @@ class LayerStats:
                 sums = sums[:, :n] + shards
             else:
                 sums = sums[:, :n]
-            values = [sums[0].sqrt()]
+            size = sums[3]
+            # L2 norm, mean |g|, share of zeros; NaN (left out) for a layer without gradients (frozen)
+            values = [sums[0].sqrt(), sums[1] / size, 1.0 - sums[2] / size]
             if chosen:
                 cover = self._on_device(tuple(covered), device)
-                values.append((sums[1][cover] / sums[2][cover]).sqrt())
+                values.append((sums[4][cover] / sums[5][cover]).sqrt())
             vector = torch.cat(values)
         return LayersCapture(step, t, tuple(self._names), readback.capture_vector(vector), n, tuple(covered))

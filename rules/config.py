@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gradwatch.errors import ConfigError
 from gradwatch.rules.bounded_yaml import MAX_YAML_BYTES, compose_bounded, named_stream
+from gradwatch.rules.catalogue_specs import CATALOGUE_SPECS, CatalogueSpecs, implied_metric
+from gradwatch.rules.spec_base import SpecModel
 
 Mode = Literal["observe", "act"]
 Severity = Literal["critical", "warning", "info", "none"]
@@ -29,10 +31,7 @@ GuardMode = Literal["off", "observe", "act"]
 Direction = Literal["min", "max"]
 
 
-class _Model(BaseModel):
-    # no NaN or infinity in a rules file: every bound and factor is a finite number (a NaN threshold never
-    # compares true, an infinite max_max_norm lets the clip threshold overflow)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+_Model = SpecModel
 
 
 # -- detectors ------------------------------------------------------------------------------------
@@ -107,12 +106,19 @@ class Threshold(_Model):
         return self
 
 
-DetectorSpecs = NonFinite | Spike | Divergence | Plateau | EarlyStopping | Threshold
-DETECTOR_SPECS: tuple[type[_Model], ...] = (NonFinite, Spike, Divergence, Plateau, EarlyStopping, Threshold)
+DetectorSpecs = NonFinite | Spike | Divergence | Plateau | EarlyStopping | Threshold | CatalogueSpecs
+DETECTOR_SPECS: tuple[type[_Model], ...] = (NonFinite, Spike, Divergence, Plateau, EarlyStopping, Threshold,
+                                            *CATALOGUE_SPECS)
 DetectorSpec = Annotated[DetectorSpecs, Field(discriminator="type")]
 
 
 # -- actions --------------------------------------------------------------------------------------
+class NoAction(_Model):
+    """No action: the rule observes (records the decision, exports it, alerts). A catalogue rule's default."""
+
+    type: Literal["none"] = "none"
+
+
 class Stop(_Model):
     """End training: ``probe.should_stop`` becomes True (or StopTraining is raised, see attach(on_stop=))."""
 
@@ -154,8 +160,8 @@ class Rewind(_Model):
     min_back_steps: int = Field(50, ge=1)
 
 
-ACTION_SPECS: tuple[type[_Model], ...] = (Stop, ReduceLR, ScaleClip, Rewind)
-Action = Annotated[Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
+ACTION_SPECS: tuple[type[_Model], ...] = (NoAction, Stop, ReduceLR, ScaleClip, Rewind)
+Action = Annotated[NoAction | Stop | ReduceLR | ScaleClip | Rewind, Field(discriminator="type")]
 
 
 #: What the agent observes on every run without anything logged (agent/state.py); other metrics are the
@@ -168,9 +174,9 @@ CONVENTIONAL_METRICS = ("val_loss",)
 
 class Rule(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    metric: str = Field(min_length=1, max_length=100)
+    metric: str = Field(min_length=1, max_length=100)  # a catalogue rule's is implied by its type
     detect: DetectorSpec
-    action: Action
+    action: Action = NoAction()
     mode: Mode = "observe"
     max_actions: int | None = Field(None, ge=1, description="the rule acts at most this often per run")
     cooldown_steps: int = Field(0, ge=0, description="steps after a firing during which the rule stays quiet")
@@ -181,6 +187,29 @@ class Rule(_Model):
     optimizer: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,40}$",
                            description="the optimizer whose series the rule watches and whose LR a reduce_lr "
                                        "cuts: \"0\" is the run's first (docs/attaching.md, Several optimizers)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_metric(cls, data: Any) -> Any:
+        """A catalogue rule (``detect: {type: dead_relu}``) reads what its type names: no ``metric:`` to give."""
+        if isinstance(data, dict) and isinstance(data.get("detect"), dict):
+            implied = implied_metric(data["detect"].get("type"))
+            if implied is not None:
+                if "metric" in data and data["metric"] != implied:
+                    raise ValueError(f"detect type {data['detect']['type']!r} reads {implied!r}; leave 'metric' out")
+                data = {**data, "metric": implied}
+        return data
+
+    @model_validator(mode="after")
+    def _acting_needs_an_action(self) -> Rule:
+        if self.mode == "act" and self.action.type == "none":
+            raise ValueError("mode 'act' needs an action (stop, reduce_lr, scale_clip, rewind); without one the rule "
+                             "observes")
+        return self
+
+    @property
+    def catalogue(self) -> bool:
+        return implied_metric(self.detect.type) is not None
 
 
 # -- guards (in the probe) ----------------------------------------------------------------------------

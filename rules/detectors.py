@@ -10,37 +10,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from gradwatch.rules import config as cfg
+from gradwatch.rules.catalogue import CATALOGUE_DETECTORS
+from gradwatch.rules.detector_base import Detector, Trigger
 from gradwatch.rules.ema import EmaZScore
 
-
-@dataclass(frozen=True)
-class Trigger:
-    """Why a detector fired: a short reason (a bounded label value) and the numbers behind it."""
-
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class Detector:
-    def update(self, value: float) -> Trigger | None:
-        raise NotImplementedError
-
-    def holding(self) -> bool:
-        """Whether the condition that triggered still holds after the last update (a NaN streak, a metric
-        still over its threshold): alerts stay firing while it does. Events (a spike, a plateau) do not hold."""
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "spec"}  # JSON writes inf/NaN as Infinity/NaN
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in self.__dict__:
-            if key in state and key != "spec":
-                setattr(self, key, state[key])
+__all__ = ["DETECTORS", "Detector", "Trigger", "make_detector"]
 
 
 # -- the rule detectors -------------------------------------------------------------------------------
@@ -248,6 +225,7 @@ class ThresholdDetector(Detector):
 DETECTORS: dict[type[cfg.DetectorSpecs], Callable[[Any], Detector]] = {
     cfg.NonFinite: NonFiniteDetector, cfg.Spike: SpikeDetector, cfg.Divergence: DivergenceDetector,
     cfg.Plateau: PlateauDetector, cfg.EarlyStopping: EarlyStoppingDetector, cfg.Threshold: ThresholdDetector,
+    **CATALOGUE_DETECTORS,
 }
 
 

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gradwatch.rules.config import Rule, RulesConfig
+from gradwatch.rules.detector_base import Observation, StepObservation, Trigger
 from gradwatch.rules.detectors import Detector, make_detector
+from gradwatch.spool.records import LayersRecord
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -63,7 +65,8 @@ class RuleState:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         self.detector: Detector = make_detector(rule.detect)
-        self.fired = 0
+        self.fired = 0  # decisions made
+        self.triggered = 0  # times the detector fired (also while quiet: cooldown, max_actions)
         self.last_fired_step: int | None = None
         # the detector's latest trigger, even when cooldown or max_actions kept the rule quiet, and when its
         # condition was last seen holding (seen_t): alerts follow it
@@ -87,7 +90,8 @@ class RuleState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": self._spec(), "detector": self.detector.state_dict(),
-                "fired": self.fired, "last_fired_step": self.last_fired_step, "last_trigger": self.last_trigger,
+                "fired": self.fired, "triggered": self.triggered, "last_fired_step": self.last_fired_step,
+                "last_trigger": self.last_trigger,
                 "last_outcome": self.last_outcome, "failed": self.failed}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
@@ -96,6 +100,7 @@ class RuleState:
             return False
         self.detector.load_state_dict(state.get("detector", {}))
         self.fired = int(state.get("fired", 0))
+        self.triggered = int(state.get("triggered", self.fired))
         self.last_fired_step = state.get("last_fired_step")
         self.last_trigger = state.get("last_trigger")
         outcome = state.get("last_outcome")
@@ -147,32 +152,54 @@ class RunRules:
         record) of one optimizer's series ("0": the run's first) to the rules that watch it; returns the
         decisions they make. ``history``: the record is of a run that ended before the agent started; its
         decisions and triggers are marked so (never sent, never alerted)."""
-        out = []
+        out: list[Decision] = []
         if self.check_metrics:
             self._note_metrics(step, values if optimizer == "0" else {f"{optimizer}/{k}": v for k, v in values.items()})
+        observation: StepObservation | None = None
         for name, state in self.states.items():
             rule = state.rule
-            if rule.optimizer != optimizer or rule.metric not in values or step < rule.start_step or state.failed:
+            if rule.optimizer != optimizer or step < rule.start_step or state.failed:
                 continue
-            try:
-                decision = self._observe_rule(name, state, step, t, values[rule.metric], history)
-            except Exception as exc:  # a rule that fails on a value must cost only itself, on this run
-                state.failed = f"{type(exc).__name__}: {exc}"[:300]
-                self.failures.append(RuleFailure(self.run, name, step, state.failed))  # the agent reports it
-                continue
-            if decision is not None:
-                out.append(decision)
+            inputs = state.detector.inputs
+            if inputs:  # a catalogue rule reads the whole step
+                if "step" not in inputs:
+                    continue
+                observation = observation or StepObservation(step, t, values)
+                self._run_rule(out, name, state, step, t, history, observation=observation)
+            elif rule.metric in values:
+                self._run_rule(out, name, state, step, t, history, value=values[rule.metric])
         return out
 
-    def _observe_rule(self, name: str, state: RuleState, step: int, t: float, value: float,
+    def observe_layers(self, record: LayersRecord, history: bool = False) -> list[Decision]:
+        """Feed a layer sample of rank 0 to the catalogue rules that read layers."""
+        out: list[Decision] = []
+        for name, state in self.states.items():
+            if "layers" in state.detector.inputs and record.step >= state.rule.start_step and not state.failed:
+                self._run_rule(out, name, state, record.step, record.t, history, observation=record)
+        return out
+
+    def _run_rule(self, out: list[Decision], name: str, state: RuleState, step: int, t: float, history: bool, *,
+                  value: float = 0.0, observation: Observation | None = None) -> None:
+        """One rule on a metric's ``value``, or (a catalogue rule) on an ``observation``."""
+        try:
+            trigger = state.detector.update(value) if observation is None else state.detector.observe(observation)
+            decision = self._observe_rule(name, state, step, t, trigger, history)
+        except Exception as exc:  # a rule that fails on a value must cost only itself, on this run
+            state.failed = f"{type(exc).__name__}: {exc}"[:300]
+            self.failures.append(RuleFailure(self.run, name, step, state.failed))  # the agent reports it
+            return
+        if decision is not None:
+            out.append(decision)
+
+    def _observe_rule(self, name: str, state: RuleState, step: int, t: float, trigger: Trigger | None,
                       history: bool) -> Decision | None:
-        """One rule's part of observe(): its detector on the value, and its decision, if it makes one."""
+        """What a rule makes of its detector's answer: its decision, if it makes one."""
         rule = state.rule
-        trigger = state.detector.update(value)
         if trigger is None:
             if state.last_trigger is not None and state.detector.holding():
                 state.last_trigger["seen_t"] = t  # the condition goes on: its alert stays firing
             return None
+        state.triggered += 1
         state.last_trigger = {"step": step, "t": t, "seen_t": t, "reason": trigger.reason,
                               "details": dict(trigger.details), **({"history": True} if history else {})}
         if state.quiet(step) or name in self.awaiting:
@@ -210,6 +237,8 @@ class RunRules:
         if step - self.first_step < UNSEEN_METRIC_STEPS:
             return
         for name, state in self.states.items():
+            if state.rule.catalogue:  # reads what its type implies, not a logged name
+                continue
             metric = state.rule.metric if state.rule.optimizer == "0" else f"{state.rule.optimizer}/{state.rule.metric}"
             if metric not in self.metrics_seen and name not in self.unseen_metrics:
                 self.unseen_metrics[name] = metric

@@ -201,6 +201,8 @@ class LayersRecord:
     layers: list[str] = field(default_factory=list)
     grad_norm: list[float | None] = field(default_factory=list)  # one per layer, before clipping
     update_ratio: dict[str, float] = field(default_factory=dict)  # layer -> ||dw|| / ||w||, layers measured
+    grad_abs_mean: list[float | None] = field(default_factory=list)  # (1.8) one per layer: mean |gradient|
+    grad_zero_fraction: list[float | None] = field(default_factory=list)  # (1.8) share of exactly-zero gradients
     trigger: str = ""  # (1.8) "": every layer_stats_every steps; "spike:loss" / "spike:grad_norm": that step spiked
     seq: int = 0
     dropped: int = 0
@@ -331,6 +333,8 @@ def to_json(record: Record) -> dict[str, Any]:
             out["checkpoint"] = record.checkpoint
         elif isinstance(record, LayersRecord):
             out.update(layers=record.layers, grad_norm=record.grad_norm, update_ratio=record.update_ratio)
+            if record.grad_abs_mean:
+                out.update(grad_abs_mean=record.grad_abs_mean, grad_zero_fraction=record.grad_zero_fraction)
             if record.trigger:
                 out["trigger"] = record.trigger
         elif isinstance(record, NonFiniteRecord):
@@ -505,12 +509,18 @@ def _decode_resume(obj: dict[str, Any], step: int, t: float, seq: int, dropped: 
                         dropped=dropped)
 
 
+def _per_layer(value: Any, layers: int) -> list[float | None]:
+    return [_number(v) for v in value[:layers]] if isinstance(value, list) else []
+
+
 def _decode_layers(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> LayersRecord:
     names, norms, ratios = obj.get("layers"), obj.get("grad_norm"), obj.get("update_ratio")
     layers = [str(n)[:MAX_NAME] for n in names[:MAX_LAYERS]] if isinstance(names, list) else []
     return LayersRecord(
         step=step, t=t, layers=layers,
         grad_norm=[_number(v) for v in norms[:len(layers)]] if isinstance(norms, list) else [],
+        grad_abs_mean=_per_layer(obj.get("grad_abs_mean"), len(layers)),
+        grad_zero_fraction=_per_layer(obj.get("grad_zero_fraction"), len(layers)),
         update_ratio={str(k)[:MAX_NAME]: ratio for k, raw in list(ratios.items())[:MAX_LAYERS]
                       if (ratio := _number(raw)) is not None} if isinstance(ratios, dict) else {},
         trigger=_text(obj.get("trigger"), MAX_NAME) or "", seq=seq, dropped=dropped)

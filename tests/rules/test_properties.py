@@ -24,11 +24,14 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from gradwatch.rules import config as cfg
+from gradwatch.rules.catalogue_specs import CATALOGUE_SPECS
 from gradwatch.rules.clip import scaled_threshold
 from gradwatch.rules.config import parse_rules
+from gradwatch.rules.detector_base import StepObservation
 from gradwatch.rules.detectors import make_detector
 from gradwatch.rules.engine import RunRules
 from gradwatch.rules.lr import min_lr_for, reduced_lr
+from gradwatch.spool.records import LayersRecord
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -100,7 +103,70 @@ def configurations(model: type[BaseModel]) -> st.SearchStrategy[BaseModel]:
     return st.fixed_dictionaries(fields).map(accepted).filter(lambda m: m is not None)  # type: ignore[return-value]
 
 
-DETECTOR_CONFIGS = st.one_of(*(configurations(spec) for spec in cfg.DETECTOR_SPECS))
+SCALAR_SPECS = [spec for spec in cfg.DETECTOR_SPECS if spec not in CATALOGUE_SPECS]
+DETECTOR_CONFIGS = st.one_of(*(configurations(spec) for spec in SCALAR_SPECS))
+CATALOGUE_CONFIGS = st.one_of(*(configurations(spec) for spec in CATALOGUE_SPECS))
+MAYBE = st.one_of(st.none(), VALUES)
+LAYER_NAMES = st.lists(st.sampled_from(["0", "2", "blocks.0.attn", "(root)", "head"]), max_size=5, unique=True)
+
+
+@st.composite
+def layer_samples(draw: st.DrawFn, step: int) -> LayersRecord:
+    layers = draw(LAYER_NAMES)
+    return LayersRecord(step=step, t=float(step), layers=layers,
+                        grad_norm=draw(st.lists(MAYBE, min_size=len(layers), max_size=len(layers))),
+                        grad_abs_mean=draw(st.lists(MAYBE, max_size=len(layers))),
+                        grad_zero_fraction=draw(st.lists(MAYBE, max_size=len(layers))),
+                        update_ratio=draw(st.dictionaries(st.sampled_from(layers or ["x"]), VALUES, max_size=3)),
+                        trigger=draw(st.sampled_from(["", "", "spike:loss"])))
+
+
+@st.composite
+def observations(draw: st.DrawFn) -> list[Any]:
+    """A run's steps and layer samples, in order: every field may be missing, non-finite or extreme."""
+    out: list[Any] = []
+    for step in range(1, draw(st.integers(0, 40)) + 1):
+        names = draw(st.lists(st.sampled_from(["loss", "grad_norm", "lr", "step_duration_seconds",
+                                                "data_wait_seconds", "update_skipped", "val_loss"]), unique=True))
+        out.append(StepObservation(step, float(step), {name: draw(VALUES) for name in names}))
+        if draw(st.booleans()):
+            out.append(draw(layer_samples(step)))
+    return out
+
+
+@SETTINGS
+@given(spec=CATALOGUE_CONFIGS, seen=observations(), cut=st.integers(0, 80))
+def test_no_catalogue_detector_raises_and_each_goes_on_exactly_after_its_checkpoint(spec: Any, seen: list[Any],
+                                                                                    cut: int) -> None:
+    detector = make_detector(spec)
+    for observation in seen[:cut]:
+        trigger = detector.observe(observation)
+        assert trigger is None or isinstance(trigger.details.get("evidence"), str)
+        detector.holding()
+    saved = json.loads(json.dumps(detector.state_dict()))
+    restored = make_detector(spec)
+    restored.load_state_dict(saved)
+    for observation in seen[cut:]:
+        a, b = detector.observe(observation), restored.observe(observation)
+        assert (a is None) == (b is None) and (a is None or b is None or a.details == b.details)
+        assert detector.holding() == restored.holding()
+
+
+@SETTINGS
+@given(spec=CATALOGUE_CONFIGS, seen=observations(), mode=st.sampled_from(["observe", "act"]))
+def test_the_engine_never_raises_on_any_accepted_catalogue_rule(spec: Any, seen: list[Any], mode: str) -> None:
+    rule = {"name": "r", "detect": spec.model_dump(mode="json"), "mode": mode,
+            **({"action": {"type": "stop"}} if mode == "act" else {})}
+    rules = RunRules("run", parse_rules(json.dumps({"rules": [rule]}), "generated.yaml"), "agent")
+    for observation in seen:
+        if isinstance(observation, LayersRecord):
+            decisions = rules.observe_layers(observation)
+        else:
+            decisions = rules.observe(observation.step, observation.t, observation.values)
+        for decision in decisions:
+            json.dumps(decision.to_json())
+            rules.acknowledged(decision.id)
+    assert rules.failed_rules == {}, rules.failed_rules
 
 
 def test_every_detector_spec_and_action_has_a_strategy() -> None:

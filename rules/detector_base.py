@@ -1,0 +1,56 @@
+"""What every detector is: online statistics that say when a rule fires, saved and restored with the agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from gradwatch.spool.records import LayersRecord
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Why a detector fired: a short reason (a bounded label value) and the numbers behind it. A catalogue
+    detector's ``details["evidence"]`` says it in words: rule, step, layer, the figure against the threshold,
+    since when, and what to try."""
+
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StepObservation:
+    """One step of the run as the agent interprets its record: metric name -> value (loss, grad_norm, lr,
+    step_duration_seconds, data_wait_seconds, the scalars logged with it)."""
+
+    step: int
+    t: float
+    values: dict[str, float]
+
+
+Observation = StepObservation | LayersRecord
+
+
+class Detector:
+    #: what a catalogue detector reads ("step", "layers"); empty: one metric's values, through update()
+    inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def update(self, value: float) -> Trigger | None:
+        raise NotImplementedError
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        """A catalogue detector's update: a step, or a layer sample."""
+        raise NotImplementedError
+
+    def holding(self) -> bool:
+        """Whether the condition that triggered still holds after the last update (a NaN streak, a metric
+        still over its threshold): alerts stay firing while it does. Events (a spike, a plateau) do not hold."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "spec"}  # JSON writes inf/NaN as Infinity/NaN
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in self.__dict__:
+            if key in state and key != "spec":
+                setattr(self, key, state[key])

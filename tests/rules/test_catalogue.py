@@ -1,0 +1,269 @@
+"""The catalogue (SageMaker Debugger's rules, live): each rule fires on a real training run with its fault planted
+where users meet it, at the expected step and naming the right layer; healthy runs at PyTorch's defaults fire
+none of them. The runs are recorded by the probe and read by the agent's own ingest and rules engine."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch.agent.alerts import AlertTracker
+from gradwatch.agent.collector import AgentCollector
+from gradwatch.agent.ingest import SpoolIngestor
+from gradwatch.agent.rules import AgentRules
+from gradwatch.agent.state import AgentState
+from gradwatch.errors import ConfigError
+from gradwatch.rules.config import parse_rules
+from gradwatch.rules.engine import Decision
+from gradwatch.spool.format import SpoolLayout
+from tests.agent.helpers import FakeClock
+from tests.probe.test_nonfinite_origin import ForwardNaN
+
+CATALOGUE = """
+rules:
+  - {name: vanishing_gradient, detect: {type: vanishing_gradient}}
+  - {name: exploding_tensor, detect: {type: exploding_tensor}, alert: critical}
+  - {name: weight_update_ratio, detect: {type: weight_update_ratio}}
+  - {name: all_zero, detect: {type: all_zero}}
+  - {name: input_bound, detect: {type: input_bound}}
+"""
+EVERY = 10  # layer statistics every 10 steps: the tests' sampling cadence
+
+
+def _firings(home: Path, rules: str = CATALOGUE) -> tuple[list[Decision], AgentState]:
+    state = AgentState(spike_window=60.0, rules=AgentRules(parse_rules(rules, "catalogue.yaml"), None))
+    ingestor = SpoolIngestor(SpoolLayout(home), state, FakeClock(time.time()))
+    ingestor.scan_all()
+    return [d for d in ingestor.take_outbox() if isinstance(d, Decision)], state
+
+
+def _train(home: Path, model: torch.nn.Module, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *,
+           steps: int, loss_fn: Callable[..., torch.Tensor] = torch.nn.functional.mse_loss,
+           optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, before_step: Any = None,
+           evaluate_every: int = 0, run: str = "r", **attach: Any) -> None:
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.attach(model, opt, run=run, home=home, autostart_agent=False, layer_stats_every=EVERY,
+                          **attach) as probe:
+        for step in range(1, steps + 1):
+            if before_step is not None:
+                before_step(step)
+            x, y = batch(step)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            probe.log(loss=loss)
+            if evaluate_every and step % evaluate_every == 0:
+                with torch.no_grad():
+                    model.eval()
+                    x, y = batch(-step)
+                    probe.log(val_loss=loss_fn(model(x), y))
+                    model.train()
+
+
+def _regression(width: int = 16) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    teacher = torch.randn(width, 1)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, width)
+        return x, torch.tanh(x @ teacher)
+    return batch
+
+
+def _by_rule(decisions: list[Decision]) -> dict[str, list[Decision]]:
+    out: dict[str, list[Decision]] = {}
+    for d in decisions:
+        out.setdefault(d.rule, []).append(d)
+    return out
+
+
+# -- each rule on its planted fault ----------------------------------------------------------------------
+def test_vanishing_gradient_in_a_20_layer_sigmoid_mlp(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(20):
+        layers += [torch.nn.Linear(16, 16), torch.nn.Sigmoid()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 1))
+    _train(tmp_path, model, _regression(), steps=30)
+    fired = _by_rule(_firings(tmp_path)[0])
+    [first] = fired["vanishing_gradient"][:1]
+    assert first.step == EVERY and first.details["layer"] == "0"  # the input end, at the first sample
+    assert first.details["value"] < 1e-7
+    assert first.details["evidence"].startswith("vanishing_gradient at step 10: the mean |gradient| of `0` is ")
+    assert "try residual connections" in first.details["evidence"]
+    # the same layers barely move: weight_update_ratio's small bound says so too, and nothing else fires
+    assert set(fired) == {"vanishing_gradient", "weight_update_ratio"}
+    assert "below small_threshold" in fired["weight_update_ratio"][0].details["evidence"]
+
+
+def test_all_zero_gradients_of_a_layer_whose_relus_never_fire(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # layer 2's ReLUs never fire: no gradient reaches layers 0 and 2
+    _train(tmp_path, model, _regression(), steps=40)
+    fired = _by_rule(_firings(tmp_path)[0])
+    [zero] = fired["all_zero"]
+    assert zero.step == 2 * EVERY and zero.details["layer"] in {"0", "2"}  # the second sample in a row
+    assert set(zero.details["layers"]) == {"0", "2"}
+    assert "100 % of `" in zero.details["evidence"] and "exactly zero" in zero.details["evidence"]
+
+
+def test_a_layer_frozen_on_purpose_is_no_fault(tmp_path: Path) -> None:
+    """Fine-tuning: the first layer's parameters stay in the optimizer with requires_grad off. It has no
+    gradients to judge (the sample says so: no figure), so no rule names it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model[0].requires_grad_(False)
+    _train(tmp_path, model, _regression(), steps=60, optimizer=opt)
+    sample = gradwatch.read_run("r", tmp_path).rank(0).layers[-1]
+    assert sample.grad_abs_mean[0] is None and sample.grad_zero_fraction[0] is None and "0" not in sample.update_ratio
+    assert _firings(tmp_path)[0] == []
+
+
+def test_weight_update_ratio_too_large_and_too_small(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
+                           {"params": model[2].parameters(), "lr": 0.0},  # frozen by mistake: LR 0
+                           {"params": model[4].parameters(), "lr": 0.01}])
+
+    def blow_up(step: int) -> None:  # for one update, a learning rate 10 million times too high for the head
+        opt.param_groups[2]["lr"] = 1e5 if step == 30 else 0.01
+    _train(tmp_path, model, _regression(), steps=40, optimizer=opt, before_step=blow_up)
+    ratios = _by_rule(_firings(tmp_path)[0])["weight_update_ratio"]
+    small, large = ratios[0], ratios[1]
+    assert small.step == EVERY and small.details["layer"] == "2" and small.details["value"] == 0.0
+    assert "below small_threshold 1e-08" in small.details["evidence"]
+    assert large.step == 30 and large.details["layer"] == "4" and large.details["value"] > 10
+    assert "above large_threshold 10" in large.details["evidence"]
+
+
+def test_exploding_tensor_names_the_step_and_its_alert_the_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    faulty = ForwardNaN()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), faulty, torch.nn.Linear(16, 1))
+
+    def break_at(step: int) -> None:
+        faulty.broken = step >= 17  # broken for good from step 17: the forward check after it finds the layer
+        time.sleep(0.005)  # a training step's pace: the writer reads a step before the next few are done
+    _train(tmp_path, model, _regression(8), steps=40, before_step=break_at, flush_interval=0.005)
+    decisions, state = _firings(tmp_path)
+    [exploded] = _by_rule(decisions)["exploding_tensor"]
+    assert exploded.step == 17 and exploded.reason == "nonfinite"
+    assert exploded.details["evidence"].startswith("exploding_tensor at step 17: the loss is NaN")
+    [alert] = [a for a in AlertTracker(resolve_after=1e9).evaluate(state, time.time())
+               if a.name == "GradwatchExplodingTensor"]
+    assert alert.labels["severity"] == "critical" and alert.annotations["summary"].startswith(
+        "Run r: exploding_tensor at step 17")
+    assert "first non-finite forward output in `1`" in alert.annotations["origin"]  # the planted layer
+    scrape = AgentCollector(state, time.time).exposition().decode()
+    assert 'gradwatch_rule_fired_total{rank="0",rule="exploding_tensor",run="r"} 1.0' in scrape.splitlines()
+
+
+def test_input_bound_when_the_loader_sleeps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    regression = _regression()
+
+    def slow(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(0.03)  # the data loader's time, before the forward pass: far more than the step's compute
+        return regression(step)
+    _train(tmp_path, model, slow, steps=130)
+    [bound] = _by_rule(_firings(tmp_path)[0])["input_bound"]
+    assert bound.step == 101  # a full window of 100 steps with a duration (the first step has none)
+    assert bound.details["value"] > 50 and "waited for data" in bound.details["evidence"]
+
+
+# -- quiet on healthy runs ------------------------------------------------------------------------------------
+class _Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class _TinyTransformer(torch.nn.Module):
+    def __init__(self, vocab: int = 32, width: int = 32, length: int = 16) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(vocab, width)
+        self.positions = torch.nn.Parameter(torch.zeros(1, length, width))  # zero-initialised, as ViT's are
+        self.blocks = torch.nn.Sequential(_Block(width), _Block(width))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.tokens(x) + self.positions))).transpose(1, 2)
+
+
+def _healthy_runs() -> dict[str, tuple[torch.nn.Module, Callable[[int], Any], Callable[..., torch.Tensor], int]]:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 1))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    teacher = torch.nn.Conv2d(3, 4, 8)
+
+    def images(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(32, 3, 8, 8)
+        with torch.no_grad():
+            return x, teacher(x).flatten(1).argmax(1)
+    pattern = torch.randint(0, 32, (64,))
+
+    def tokens(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, 64 - 17, (16,))
+        seq = torch.stack([pattern[s:s + 17] for s in starts])
+        return seq[:, :16], seq[:, 1:]
+    return {"mlp": (mlp, _regression(), torch.nn.functional.mse_loss, 0),
+            "cnn": (cnn, images, torch.nn.functional.cross_entropy, 0),
+            "transformer": (_TinyTransformer(), tokens, torch.nn.functional.cross_entropy, 50)}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_healthy_runs_fire_no_catalogue_rule(tmp_path: Path, kind: str) -> None:
+    """2,000 steps at PyTorch's default initialisation, AdamW with a cosine schedule (the transformer with an
+    evaluation every 50 steps): none of the catalogue's rules fires at its defaults."""
+    model, batch, loss_fn, evaluate_every = _healthy_runs()[kind]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = 2000
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    _train(tmp_path, model, batch, steps=steps, loss_fn=loss_fn, optimizer=opt, scheduler=schedule,
+           evaluate_every=evaluate_every)
+    decisions, _ = _firings(tmp_path)
+    assert [(d.rule, d.step, d.details.get("evidence")) for d in decisions] == []
+    losses = [s.values["loss"] for s in gradwatch.read_run("r", tmp_path).rank(0).steps if s.values]
+    assert math.isfinite(losses[-1]) and sum(losses[-100:]) < sum(losses[:100])  # it learned: a real run
+
+
+# -- the spelling -----------------------------------------------------------------------------------------
+def test_a_catalogue_rule_needs_no_metric_and_no_action() -> None:
+    [rule] = parse_rules("rules:\n  - {name: dead, detect: {type: all_zero, threshold: 90}}\n", "r.yaml").rules
+    assert rule.metric == "layer_grad_zero_fraction" and rule.action.type == "none" and rule.mode == "observe"
+    assert rule.detect.threshold == 90  # type: ignore[union-attr]
+
+
+def test_a_catalogue_rule_with_a_wrong_metric_or_acting_without_an_action_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="reads 'layer_update_ratio'; leave 'metric' out"):
+        parse_rules("rules:\n  - {name: w, metric: loss, detect: {type: weight_update_ratio}}\n", "r.yaml")
+    with pytest.raises(ConfigError, match=r"r\.yaml.*mode 'act' needs an action"):
+        parse_rules("rules:\n  - {name: w, mode: act, detect: {type: input_bound}}\n", "r.yaml")
