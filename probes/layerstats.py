@@ -145,9 +145,13 @@ class LayerStats:
                 return
             device = _local(grads[0]).device
             indices = [i for i, _ in pairs]
-            # squared L2 norms, absolute sums, non-zero counts and sizes of the gradients, per layer
+            # squared L2 norms, absolute sums, non-zero counts and sizes of the gradients, per layer; a parameter
+            # that requires a gradient and got none this step (a detach(), a branch left out) counts as zeros,
+            # one frozen on purpose (requires_grad off) not at all
+            wanting = [(i, p) for i, p in enumerate(self._params) if p.requires_grad]
             grad_sums = [self._layer_sums(grads, indices, device), self._layer_sums(grads, indices, device, 1.0),
-                         self._layer_sums(grads, indices, device, 0.0), self._layer_sizes(grads, indices, device)]
+                         self._layer_sums(grads, indices, device, 0.0),
+                         self._layer_sizes([p for _, p in wanting], [i for i, _ in wanting], device)]
             covered = self._next_layers(pairs)
             chosen = [(i, p) for i, p in pairs if self._layer_of[i] in covered]
             before = [p.detach().clone() for _, p in chosen]

@@ -88,7 +88,8 @@ class VanishingGradientDetector(_LayerRule):
         if not means:
             return {}
         top = max(means.values())
-        low = {n: v for n, v in means.items() if v < self.spec.threshold and top >= VANISHING_SPREAD * max(v, 1e-300)}
+        # exactly zero is all_zero's (a detach(), ReLUs that never fire): a vanishing gradient is small, not absent
+        low = {n: v for n, v in means.items() if 0 < v < self.spec.threshold and top >= VANISHING_SPREAD * v}
         return dict(sorted(low.items(), key=lambda item: item[1]))
 
     def evidence(self, record: LayersRecord, layer: str, figure: float, since: int, others: int) -> str:
@@ -171,6 +172,43 @@ class WeightUpdateRatioDetector(_LayerRule):
                 f"{_since(record.step, since)}{_and_others(others)}, {what}")
 
 
+class UnchangedTensorDetector(WeightUpdateRatioDetector):
+    """smdebug compared a layer's weights between saved steps, 500 training steps apart in its rule
+    configurations; the probe measures one update at each sample. The change is taken as that update times
+    ``SMDEBUG_SAVE_INTERVAL`` (the same meaning whatever ``layer_stats_every``), and a layer is unchanged when that
+    is at most ``rtol`` of its weights, at ``num_steps`` of its samples in a row, while the run's learning rate
+    is not 0 (nor annealed to under 1 % of its highest). The probe's ratio has no weight norm beside it, so
+    ``atol`` (an absolute tolerance per element) is not applied. A layer frozen on purpose (requires_grad off)
+    has no ratio."""
+
+    reason = "unchanged_tensor"
+    SMDEBUG_SAVE_INTERVAL: ClassVar[int] = 500
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.still: dict[str, int] = {}  # layer -> its samples in a row with a change at most rtol
+
+    def offenders(self, record: LayersRecord) -> dict[str, float]:
+        apart = self.SMDEBUG_SAVE_INTERVAL
+        if record.step in self.skipped:
+            return dict.fromkeys(self.offending, 0.0)
+        annealed = self.lr is None or self.lr <= self.ANNEALED * self.peak_lr
+        for layer, ratio in record.update_ratio.items():
+            if math.isfinite(ratio):
+                unchanged = ratio * apart <= self.spec.rtol and not annealed
+                self.still[layer] = self.still.get(layer, 0) + 1 if unchanged else 0
+        if len(self.still) > 10_000:  # bounded: layers come and go only with the model
+            self.still = {k: v for k, v in self.still.items() if v}
+        return {layer: record.update_ratio.get(layer, 0.0) for layer, n in self.still.items()
+                if n >= self.spec.num_steps}
+
+    def evidence(self, record: LayersRecord, layer: str, figure: float, since: int, others: int) -> str:
+        return (f"unchanged_tensor at step {record.step}: `{layer}`'s weights have not changed at its last "
+                f"{self.still[layer]} samples (update/weight ratio {figure:.3g}, rtol {self.spec.rtol:g}) while the "
+                f"learning rate is {self.lr:.3g}{_and_others(others)}; frozen by mistake? Check its param group's "
+                "lr, that the optimizer has its parameters, and that its gradients reach it")
+
+
 class ExplodingTensorDetector(Detector):
     """The loss or the gradient norm non-finite: once per stretch of such steps. The trigger's reason is
     ``nonfinite``, so the alert also carries the probe's ``origin`` (which layer, forward or backward)."""
@@ -249,8 +287,223 @@ class InputBoundDetector(Detector):
         self.bound = bool(state.get("bound", False))
 
 
+def _validation(values: dict[str, float]) -> float | None:
+    """A validation loss, as the frameworks log it (Lightning: val_loss; Transformers: eval_loss)."""
+    value = values.get("val_loss", values.get("eval_loss"))
+    return value if value is not None and math.isfinite(value) else None
+
+
+class _TrainingLoss:
+    """The training loss as samples: the mean of its finite values over each ``interval`` of steps (single
+    minibatch losses are noise), or since the last validation."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.total, self.count, self.start = 0.0, 0, 0  # the open interval
+        self.since_total, self.since_count = 0.0, 0  # since the last validation
+
+    def add(self, step: int, values: dict[str, float]) -> tuple[int, int, float] | None:
+        """Feed a step; the interval it closes as (first step, last step, mean loss), or None."""
+        closed = None
+        if self.count and step >= self.start + self.interval:
+            closed = (self.start, self.start + self.interval - 1, self.total / self.count)
+            self.total, self.count = 0.0, 0
+        if not self.count:
+            self.start = step - (step - 1) % self.interval if step >= 1 else step
+        loss = values.get("loss")
+        if loss is not None and math.isfinite(loss) and abs(loss) < 1e300:
+            self.total, self.count = self.total + loss, self.count + 1
+            self.since_total, self.since_count = self.since_total + loss, self.since_count + 1
+        return closed
+
+    def since_validation(self) -> float | None:
+        """The mean training loss since the last validation (and start a new span)."""
+        mean = self.since_total / self.since_count if self.since_count else None
+        self.since_total, self.since_count = 0.0, 0
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "count": self.count, "start": self.start, "since_total": self.since_total,
+                "since_count": self.since_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key in ("total", "since_total"):
+                setattr(self, key, float(value))
+            elif key in ("count", "start", "since_count"):
+                setattr(self, key, int(value))
+
+
+class LossNotDecreasingDetector(Detector):
+    """Compares interval means, never single minibatch losses: the mean of steps 901-1000 against that of steps
+    1-100 (``num_steps`` 10 intervals of 100: smdebug's 10 saved steps, saved every 100 steps)."""
+
+    inputs = frozenset({"step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.train = _TrainingLoss(spec.interval)
+        self.means: deque[tuple[int, int, float]] = deque(maxlen=spec.num_steps + 1)
+        self.stuck = False
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, StepObservation):
+            return None
+        closed = self.train.add(observation.step, observation.values)
+        if closed is None:
+            return None
+        self.means.append(closed)
+        if len(self.means) <= self.spec.num_steps:
+            return None
+        s = self.spec
+        (a0, a1, old), (p0, p1, previous), (n0, n1, new) = self.means[0], self.means[-2], self.means[-1]
+        not_dropped = new > old - abs(old) * s.diff_percent / 100
+        rose = new > previous + abs(previous) * s.increase_threshold_percent / 100
+        was, self.stuck = self.stuck, not_dropped or rose
+        if not self.stuck or was:
+            return None
+        if rose:
+            what = (f"up {100 * (new - previous) / abs(previous):.3g} % on steps {p0}-{p1}'s {previous:.4g} "
+                    f"(increase_threshold_percent {s.increase_threshold_percent:g})")
+        else:
+            what = f"not {s.diff_percent:g} % below steps {a0}-{a1}'s {old:.4g}"
+        return Trigger("loss_not_decreasing", {"value": new, "earlier": old, "evidence": (
+            f"loss_not_decreasing at step {observation.step}: the mean loss of steps {n0}-{n1} is {new:.4g}, {what}; "
+            "try a higher learning rate (or check that a warm-up ends), check that labels match inputs and that "
+            "the optimizer has the model's parameters, or stop a run that has converged")})
+
+    def holding(self) -> bool:
+        return self.stuck
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train.state_dict(), "means": [list(m) for m in self.means], "stuck": self.stuck}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train.load_state_dict(state.get("train", {}))
+        self.means = deque(((int(a), int(b), float(v)) for a, b, v in state.get("means", [])),
+                           maxlen=self.spec.num_steps + 1)
+        self.stuck = bool(state.get("stuck", False))
+
+
+class OverfitDetector(Detector):
+    """A fixed gap between validation and training loss is no sign of overfitting by itself (many healthy runs
+    have one): it must be over ``ratio_threshold``, larger than at the validation before, and come with a falling
+    training loss, at ``patience`` validations in a row."""
+
+    inputs = frozenset({"step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.train = _TrainingLoss(1 << 30)
+        self.last: tuple[float, float] | None = None  # (gap, training mean) at the validation before
+        self.streak = 0
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, StepObservation):
+            return None
+        self.train.add(observation.step, observation.values)
+        val = _validation(observation.values)
+        if val is None:
+            return None
+        train = self.train.since_validation()
+        if train is None or train <= 0 or observation.step < self.spec.start_step:
+            return None
+        gap = (val - train) / train
+        last, self.last = self.last, (gap, train)
+        overfitting = last is not None and gap > self.spec.ratio_threshold and gap > last[0] and train < last[1]
+        self.streak = self.streak + 1 if overfitting else 0
+        if self.streak != self.spec.patience:
+            return None
+        return Trigger("overfit", {"value": gap, "val_loss": val, "train_loss": train, "evidence": (
+            f"overfit at step {observation.step}: the validation loss {val:.4g} is {100 * gap:.3g} % above the "
+            f"training loss {train:.4g} (ratio_threshold {100 * self.spec.ratio_threshold:g} %), the gap growing "
+            f"while the training loss falls, {self.spec.patience} validation(s) in a row; try more data or "
+            "augmentation, regularisation (weight decay, dropout), a smaller model, or early stopping")})
+
+    def holding(self) -> bool:
+        return self.streak >= self.spec.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train.state_dict(), "last": list(self.last) if self.last else None,
+                "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train.load_state_dict(state.get("train", {}))
+        last = state.get("last")
+        self.last = (float(last[0]), float(last[1])) if last else None
+        self.streak = int(state.get("streak", 0))
+
+
+class OvertrainingDetector(Detector):
+    """``delta`` is relative; ``patience_train`` counts training-loss intervals, ``patience_validation``
+    validations. Fires once both have gone stale. A run that logs no validation loss is never judged: a
+    training loss that stops improving alone is a plateau (loss_not_decreasing), not training past the point
+    where the model generalises best."""
+
+    inputs = frozenset({"step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.train = _TrainingLoss(spec.interval)
+        self.best_train: float | None = None
+        self.best_val: float | None = None
+        self.train_stale = self.val_stale = 0
+        self.validations = 0
+        self.fired = False
+
+    @staticmethod
+    def _better(value: float, best: float | None, delta: float) -> bool:
+        return best is None or value < best - abs(best) * delta
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, StepObservation):
+            return None
+        s = self.spec
+        closed = self.train.add(observation.step, observation.values)
+        if closed is not None:
+            if self._better(closed[2], self.best_train, s.delta):
+                self.best_train, self.train_stale = closed[2], 0
+            else:
+                self.train_stale += 1
+        val = _validation(observation.values)
+        if val is not None:
+            self.validations += 1
+            if self._better(val, self.best_val, s.delta):
+                self.best_val, self.val_stale = val, 0
+            else:
+                self.val_stale += 1
+        stale = self.train_stale >= s.patience_train and self.validations > 0 and self.val_stale >= s.patience_validation
+        was, self.fired = self.fired, stale
+        if not stale or was:
+            return None
+        val_text = f" and the validation loss not for {self.val_stale} validation(s) (best {self.best_val:.4g})"
+        return Trigger("overtraining", {"value": self.best_train, "evidence": (
+            f"overtraining at step {observation.step}: the training loss has not improved by {100 * s.delta:g} % "
+            f"for {self.train_stale} intervals of {s.interval} steps (best {self.best_train:.4g}){val_text}; "
+            "try stopping (keep the best checkpoint), or a lower learning rate if it should still improve")})
+
+    def holding(self) -> bool:
+        return self.fired
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train.state_dict(), "best_train": self.best_train, "best_val": self.best_val,
+                "train_stale": self.train_stale, "val_stale": self.val_stale, "validations": self.validations,
+                "fired": self.fired}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train.load_state_dict(state.get("train", {}))
+        self.best_train = state.get("best_train")
+        self.best_val = state.get("best_val")
+        self.train_stale = int(state.get("train_stale", 0))
+        self.val_stale = int(state.get("val_stale", 0))
+        self.validations = int(state.get("validations", 0))
+        self.fired = bool(state.get("fired", False))
+
+
 CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.VanishingGradient: VanishingGradientDetector, spec.ExplodingTensor: ExplodingTensorDetector,
     spec.WeightUpdateRatio: WeightUpdateRatioDetector, spec.AllZero: AllZeroDetector,
-    spec.InputBound: InputBoundDetector,
+    spec.InputBound: InputBoundDetector, spec.LossNotDecreasing: LossNotDecreasingDetector,
+    spec.Overfit: OverfitDetector, spec.Overtraining: OvertrainingDetector,
+    spec.UnchangedTensor: UnchangedTensorDetector,
 }

@@ -22,6 +22,16 @@ class VanishingGradient(SpecModel):
     threshold: float = Field(1e-7, gt=0)
 
 
+class UnchangedTensor(SpecModel):
+    """A layer's weights unchanged (update/weight ratio at most ``rtol``) at ``num_steps`` samples in a row while
+    the learning rate is not 0: frozen by accident."""
+
+    type: Literal["unchanged_tensor"]
+    num_steps: int = Field(3, ge=1, le=10_000)
+    rtol: float = Field(1e-5, ge=0)
+    atol: float = Field(1e-8, ge=0)
+
+
 class ExplodingTensor(SpecModel):
     """The loss or the gradients are NaN (or, unless ``only_nan``, infinite)."""
 
@@ -54,14 +64,48 @@ class InputBound(SpecModel):
     window: int = Field(100, ge=5, le=100_000)
 
 
-CatalogueSpecs = VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound
+class LossNotDecreasing(SpecModel):
+    """The mean training loss of an ``interval`` of steps is not ``diff_percent`` below the mean ``num_steps``
+    intervals before, or ``increase_threshold_percent`` above the interval before."""
+
+    type: Literal["loss_not_decreasing"]
+    num_steps: int = Field(10, ge=1, le=10_000)
+    diff_percent: float = Field(0.1, ge=0, le=100)
+    increase_threshold_percent: float = Field(5.0, ge=0)
+    interval: int = Field(100, ge=1, le=1_000_000)  # ours: steps per training-loss sample
+
+
+class Overfit(SpecModel):
+    """At ``patience`` validations in a row: (val - train) / train over ``ratio_threshold`` and growing, while
+    the training loss (its mean since the validation before) falls."""
+
+    type: Literal["overfit"]
+    start_step: int = Field(0, ge=0)
+    patience: int = Field(1, ge=1, le=10_000)
+    ratio_threshold: float = Field(0.1, ge=0)
+
+
+class Overtraining(SpecModel):
+    """Neither the training loss (interval means) improved by ``delta`` (relative) within ``patience_train``
+    intervals nor the validation loss within ``patience_validation`` validations (a run with validations)."""
+
+    type: Literal["overtraining"]
+    patience_train: int = Field(5, ge=1, le=10_000)
+    patience_validation: int = Field(10, ge=1, le=10_000)
+    delta: float = Field(0.01, ge=0, lt=1)
+    interval: int = Field(100, ge=1, le=1_000_000)  # ours: steps per training-loss sample
+
+
+CatalogueSpecs = (VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound | LossNotDecreasing
+                  | Overfit | Overtraining | UnchangedTensor)
 CATALOGUE_SPECS: tuple[type[SpecModel], ...] = (VanishingGradient, ExplodingTensor, WeightUpdateRatio, AllZero,
-                                                InputBound)
+                                                InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor)
 
 #: what each catalogue rule reads, shown where a rule's metric is (decisions, alerts, `rules check`)
 IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tensor": "loss,grad_norm",
                    "weight_update_ratio": "layer_update_ratio", "all_zero": "layer_grad_zero_fraction",
-                   "input_bound": "data_wait_fraction"}
+                   "input_bound": "data_wait_fraction", "loss_not_decreasing": "loss", "overfit": "loss,val_loss",
+                   "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio"}
 
 
 def implied_metric(detect_type: object) -> str | None:

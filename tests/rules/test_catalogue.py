@@ -33,6 +33,10 @@ rules:
   - {name: weight_update_ratio, detect: {type: weight_update_ratio}}
   - {name: all_zero, detect: {type: all_zero}}
   - {name: input_bound, detect: {type: input_bound}}
+  - {name: loss_not_decreasing, detect: {type: loss_not_decreasing}}
+  - {name: overfit, detect: {type: overfit}}
+  - {name: overtraining, detect: {type: overtraining}}
+  - {name: unchanged_tensor, detect: {type: unchanged_tensor}}
 """
 EVERY = 10  # layer statistics every 10 steps: the tests' sampling cadence
 
@@ -100,8 +104,9 @@ def test_vanishing_gradient_in_a_20_layer_sigmoid_mlp(tmp_path: Path) -> None:
     assert first.details["value"] < 1e-7
     assert first.details["evidence"].startswith("vanishing_gradient at step 10: the mean |gradient| of `0` is ")
     assert "try residual connections" in first.details["evidence"]
-    # the same layers barely move: weight_update_ratio's small bound says so too, and nothing else fires
-    assert set(fired) == {"vanishing_gradient", "weight_update_ratio"}
+    # the same layers barely move: weight_update_ratio's small bound and unchanged_tensor say so too, and
+    # nothing else fires
+    assert set(fired) == {"vanishing_gradient", "weight_update_ratio", "unchanged_tensor"}
     assert "below small_threshold" in fired["weight_update_ratio"][0].details["evidence"]
 
 
@@ -117,6 +122,26 @@ def test_all_zero_gradients_of_a_layer_whose_relus_never_fire(tmp_path: Path) ->
     assert zero.step == 2 * EVERY and zero.details["layer"] in {"0", "2"}  # the second sample in a row
     assert set(zero.details["layers"]) == {"0", "2"}
     assert "100 % of `" in zero.details["evidence"] and "exactly zero" in zero.details["evidence"]
+
+
+def test_a_layer_cut_off_by_a_detach_has_all_zero_gradients(tmp_path: Path) -> None:
+    """Frozen by mistake: the first layer's output is detached, so no gradient reaches it though it requires
+    one (a frozen layer, requires_grad off, is not judged: the next test)."""
+    torch.manual_seed(0)
+    first, rest = torch.nn.Linear(16, 32), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.head = first, rest
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x).detach())  # meant for a logging copy, left in by mistake
+    _train(tmp_path, Model(), _regression(), steps=40)
+    fired = _by_rule(_firings(tmp_path)[0])
+    [zero] = fired["all_zero"]
+    assert zero.step == 2 * EVERY and zero.details["layers"] == ["encoder"]
+    assert set(fired) == {"all_zero"}  # not a vanishing gradient: an absent one
 
 
 def test_a_layer_frozen_on_purpose_is_no_fault(tmp_path: Path) -> None:
@@ -143,11 +168,17 @@ def test_weight_update_ratio_too_large_and_too_small(tmp_path: Path) -> None:
     def blow_up(step: int) -> None:  # for one update, a learning rate 10 million times too high for the head
         opt.param_groups[2]["lr"] = 1e5 if step == 30 else 0.01
     _train(tmp_path, model, _regression(), steps=40, optimizer=opt, before_step=blow_up)
-    ratios = _by_rule(_firings(tmp_path)[0])["weight_update_ratio"]
+    fired = _by_rule(_firings(tmp_path)[0])
+    ratios = fired["weight_update_ratio"]
     small, large = ratios[0], ratios[1]
     assert small.step == EVERY and small.details["layer"] == "2" and small.details["value"] == 0.0
     assert "below small_threshold 1e-08" in small.details["evidence"]
     assert large.step == 30 and large.details["layer"] == "4" and large.details["value"] > 10
+    # the LR-0 group's weights never move: unchanged_tensor at its third sample, while the run's LR is 0.01
+    [unchanged] = fired["unchanged_tensor"][:1]
+    assert unchanged.step == 3 * EVERY and unchanged.details["layer"] == "2"
+    assert "have not changed at its last 3 samples" in unchanged.details["evidence"]
+    assert "frozen by mistake?" in unchanged.details["evidence"]
     assert "above large_threshold 10" in large.details["evidence"]
 
 
@@ -185,6 +216,56 @@ def test_input_bound_when_the_loader_sleeps(tmp_path: Path) -> None:
     [bound] = _by_rule(_firings(tmp_path)[0])["input_bound"]
     assert bound.step == 101  # a full window of 100 steps with a duration (the first step has none)
     assert bound.details["value"] > 50 and "waited for data" in bound.details["evidence"]
+
+
+def test_loss_not_decreasing_when_the_optimizer_has_the_wrong_parameters(tmp_path: Path) -> None:
+    """The classic: an optimizer built over another model's parameters. The loss stays where it started; the
+    rule compares the mean of steps 1001-1100 with that of steps 1-100 (10 intervals of 100 earlier)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    stale_copy = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    _train(tmp_path, model, _regression(), steps=1150, optimizer=torch.optim.SGD(stale_copy.parameters(), lr=0.1))
+    [stuck] = _by_rule(_firings(tmp_path)[0])["loss_not_decreasing"]
+    assert stuck.step == 1101 and "the mean loss of steps 1001-1100 is" in stuck.details["evidence"]
+    assert "not 0.1 % below steps 1-100's" in stuck.details["evidence"]
+
+
+def _memorise(tmp_path: Path, *, lr_zero_after: int = 0, steps: int = 400) -> list[Decision]:
+    """A big MLP on 16 training samples, a validation batch of fresh ones every 20 steps: it memorises."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    teacher = torch.randn(16, 1)
+    train_x = torch.randn(16, 16)
+    train_y = torch.tanh(train_x @ teacher) + 0.3 * torch.randn(16, 1)  # noisy labels: memorising them hurts
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step > 0:
+            return train_x, train_y
+        x = torch.randn(256, 16)
+        return x, torch.tanh(x @ teacher)
+
+    def freeze(step: int) -> None:
+        if lr_zero_after and step > lr_zero_after:
+            opt.param_groups[0]["lr"] = 0.0
+    _train(tmp_path, model, batch, steps=steps, optimizer=opt, evaluate_every=20, before_step=freeze)
+    return _firings(tmp_path)[0]
+
+
+def test_overfit_on_a_tiny_training_set(tmp_path: Path) -> None:
+    overfit = _by_rule(_memorise(tmp_path))["overfit"][0]  # and again at each new stretch of a growing gap
+    assert overfit.step % 20 == 0 and overfit.details["value"] > 0.1
+    assert overfit.details["val_loss"] > overfit.details["train_loss"]
+    assert "the gap growing while the training loss falls" in overfit.details["evidence"]
+
+
+def test_overtraining_once_neither_loss_improves(tmp_path: Path) -> None:
+    """Learning stops at step 300 (LR 0): 5 training intervals and 10 validations later, the rule fires."""
+    fired = _by_rule(_memorise(tmp_path, lr_zero_after=300, steps=1000))
+    [over] = fired["overtraining"]
+    # the last better interval is 301-400 (the loss stays at its final value there); 5 stale ones end at 900
+    assert over.step == 901 and "has not improved by 1 % for 5 intervals" in over.details["evidence"]
 
 
 # -- quiet on healthy runs ------------------------------------------------------------------------------------
@@ -267,3 +348,51 @@ def test_a_catalogue_rule_with_a_wrong_metric_or_acting_without_an_action_is_a_c
         parse_rules("rules:\n  - {name: w, metric: loss, detect: {type: weight_update_ratio}}\n", "r.yaml")
     with pytest.raises(ConfigError, match=r"r\.yaml.*mode 'act' needs an action"):
         parse_rules("rules:\n  - {name: w, mode: act, detect: {type: input_bound}}\n", "r.yaml")
+
+
+# -- the boundaries -----------------------------------------------------------------------------------------
+def _detector(detect: str) -> Any:
+    from gradwatch.rules.detectors import make_detector
+    return make_detector(parse_rules(f"rules:\n  - {{name: x, detect: {detect}}}\n", "x.yaml").rules[0].detect)
+
+
+def _feed(detector: Any, losses: list[float], interval: int = 1, vals: dict[int, float] | None = None) -> list[int]:
+    from gradwatch.rules.detector_base import StepObservation
+    fired = []
+    for step, loss in enumerate(losses, start=1):
+        values = {"loss": loss, **({"val_loss": vals[step]} if vals and step in vals else {})}
+        if detector.observe(StepObservation(step, float(step), values)) is not None:
+            fired.append(step)
+    return fired
+
+
+def test_loss_not_decreasing_at_exactly_diff_percent_and_exactly_the_increase() -> None:
+    """interval 1, num_steps 2: the interval of step n closes at step n+1 and is compared with the one two
+    before (dropped by diff_percent?) and the one before (up by more than increase_threshold_percent?), with the
+    detector's own arithmetic: exactly at a bound is within it, the next float past it is not."""
+    detect = "{type: loss_not_decreasing, interval: 1, num_steps: 2}"
+    old, previous = 1000.0, 990.0
+    dropped_enough = old - abs(old) * 0.1 / 100
+    assert _feed(_detector(detect), [old, previous, dropped_enough, 0.0]) == []
+    assert _feed(_detector(detect), [old, previous, math.nextafter(dropped_enough, math.inf), 0.0]) == [4]
+    old, previous = 1000.0, 900.0
+    up_at_most = previous + abs(previous) * 5 / 100  # 945: also 5.5 % below `old`
+    assert _feed(_detector(detect), [old, previous, up_at_most, 0.0]) == []
+    assert _feed(_detector(detect), [old, previous, math.nextafter(up_at_most, math.inf), 0.0]) == [4]
+
+
+def test_overfit_at_exactly_the_ratio_and_with_a_gap_that_does_not_grow() -> None:
+    detect = "{type: overfit, ratio_threshold: 0.25}"
+    train = [1.0, 1.0, 0.5, 0.5]  # the training loss halves between the validations at steps 2 and 4
+    assert _feed(_detector(detect), train, vals={2: 1.125, 4: 0.625}) == []  # 12.5 % then exactly 25 %: not over
+    assert _feed(_detector(detect), train, vals={2: 1.25, 4: 0.625}) == []  # 25 % then 25 %: not growing
+    assert _feed(_detector(detect), train, vals={2: 1.25, 4: 0.6875}) == [4]  # 25 % then 37.5 %, falling: yes
+
+
+def test_overtraining_counts_an_improvement_of_exactly_delta_as_none() -> None:
+    detect = "{type: overtraining, interval: 1, patience_train: 2, patience_validation: 2, delta: 0.5}"
+    # 8 -> 4 is exactly delta (50 %) better: no improvement, so both are stale one step sooner than with 3.999
+    exactly = [8.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert _feed(_detector(detect), exactly, vals={k + 1: v for k, v in enumerate(exactly)}) == [4]
+    better = [8.0, 3.999, 3.999, 3.999, 3.999, 3.999]
+    assert _feed(_detector(detect), better, vals={k + 1: v for k, v in enumerate(better)}) == [5]
