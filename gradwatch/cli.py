@@ -301,24 +301,36 @@ def inspect(run: str, home: Path | None, rank: int, as_json: bool) -> None:
     with its steps and what to try."""
     from gradwatch.diagnosis import diagnose
     from gradwatch.history import read_run
+    from gradwatch.offline_rules import replay
 
     history = read_run(run, home)
     findings = diagnose(history, rank)
+    firings = replay(history.rank(rank))
     if as_json:
         import json
 
-        click.echo(json.dumps({"run": run, "rank": rank, "findings": [f.to_json() for f in findings]}, indent=1))
+        click.echo(json.dumps({"run": run, "rank": rank, "findings": [f.to_json() for f in findings],
+                               "catalogue": [{"rule": d.rule, "step": d.step, "reason": d.reason,
+                                              "layer": d.details.get("layer"), "evidence": d.details.get("evidence")}
+                                             for d in firings]}, indent=1, default=str))
         return
     steps = history.rank(rank).steps
     click.echo(f"run {run} ({history.status}, {steps[-1].step if steps else 0} steps, rank {rank})")
-    if not findings:
+    if not findings and not firings:
         click.echo("nothing stands out: no non-finite step, spike, layer problem, input stall, plateau or "
-                   "constant clipping")
+                   "constant clipping, and no rule of the catalogue fired")
     for finding in findings:
         click.echo(f"{finding.severity:<8} {finding.steps}: {finding.what}")
         for line in finding.details:
             click.echo(f"{'':<8} {line}")
         click.echo(f"{'':<8} try: {finding.advice}")
+    if firings:
+        click.echo(f"the catalogue (SageMaker Debugger's rules, as the agent runs them: docs/rules.md), {len(firings)} "
+                   "firing(s):")
+        for d in firings[:50]:
+            click.echo(f"  {d.details.get('evidence') or f'{d.rule} at step {d.step} ({d.reason})'}")
+        if len(firings) > 50:
+            click.echo(f"  ... and {len(firings) - 50} more (--json lists them all)")
 
 
 @cli.group(context_settings=_CONTEXT)

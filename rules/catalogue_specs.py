@@ -111,3 +111,13 @@ IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tenso
 def implied_metric(detect_type: object) -> str | None:
     """The input a catalogue detector type reads; None for the other detectors (their rule names a metric)."""
     return IMPLIED_METRICS.get(detect_type) if isinstance(detect_type, str) else None
+
+
+def catalogue_rules_text() -> str:
+    """A rules file of the whole catalogue at smdebug's defaults, each rule named after its type, observing:
+    what ``gradwatch inspect`` runs over a recorded run."""
+    lines = ["rules:"]
+    for model in CATALOGUE_SPECS:
+        kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]  # Literal["name"]
+        lines.append(f"  - {{name: {kind}, detect: {{type: {kind}}}, alert: none}}")
+    return "\n".join(lines) + "\n"

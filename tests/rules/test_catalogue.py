@@ -336,6 +336,27 @@ def test_healthy_runs_fire_no_catalogue_rule(tmp_path: Path, kind: str) -> None:
     assert math.isfinite(losses[-1]) and sum(losses[-100:]) < sum(losses[:100])  # it learned: a real run
 
 
+# -- live and offline agree -------------------------------------------------------------------------------
+def test_inspect_reports_the_firings_the_agent_made_at_the_same_steps(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The planted runs again, each read by the agent's ingest and by `gradwatch inspect` (the same state
+    interpretation and engine, over the history): the same rules at the same steps, naming the same layers."""
+    from gradwatch.cli import main
+    from gradwatch.offline_rules import replay
+
+    test_weight_update_ratio_too_large_and_too_small(tmp_path / "a")
+    test_overfit_on_a_tiny_training_set(tmp_path / "b")
+    test_a_layer_cut_off_by_a_detach_has_all_zero_gradients(tmp_path / "c")
+    for home in (tmp_path / "a", tmp_path / "b", tmp_path / "c"):
+        live = [(d.rule, d.step, d.details.get("layer")) for d in _firings(home)[0]]
+        offline = [(d.rule, d.step, d.details.get("layer")) for d in replay(gradwatch.read_run("r", home).rank(0))]
+        assert live and sorted(offline) == sorted(live)
+    main(["inspect", "r", "--home", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert "the catalogue (SageMaker Debugger's rules" in out
+    assert "  all_zero at step 20: 100 % of `encoder`'s gradients are exactly zero" in out
+
+
 # -- the spelling -----------------------------------------------------------------------------------------
 def test_a_catalogue_rule_needs_no_metric_and_no_action() -> None:
     [rule] = parse_rules("rules:\n  - {name: dead, detect: {type: all_zero, threshold: 90}}\n", "r.yaml").rules
