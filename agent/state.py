@@ -304,6 +304,10 @@ class RankState:
         if record.cuda_mem is not None:
             memory = record.cuda_mem
             self.cuda_memory = {k: v for k in CUDA_MEMORY_FIELDS if (v := getattr(memory, k)) is not None}
+            if memory.reserved is not None:  # at most once a second (the probe's cadence): gpu_memory_increase
+                observed["cuda_memory_reserved_bytes"] = memory.reserved
+                if memory.total:
+                    observed["cuda_memory_total_bytes"] = memory.total
         return observed
 
     def _apply_values(self, values: dict[str, float], t: float, same_step: bool) -> dict[str, float]:

@@ -15,6 +15,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, ClassVar
 
 from gradwatch.rules import catalogue_specs as spec
@@ -287,6 +288,57 @@ class InputBoundDetector(Detector):
         self.bound = bool(state.get("bound", False))
 
 
+class GpuMemoryIncreaseDetector(Detector):
+    """A leak grows the allocator's reserve at every reading; a healthy run reserves what it needs in its first
+    steps and then stays flat, which is no growth at *each* reading. The trigger says at which step the device
+    would be full at the rate of the window."""
+
+    inputs = frozenset({"step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.readings: deque[tuple[int, float]] = deque(maxlen=spec.window + 1)
+        self.growing = False
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, StepObservation):
+            return None
+        reserved = observation.values.get("cuda_memory_reserved_bytes")
+        if reserved is None or not math.isfinite(reserved) or reserved < 0:
+            return None
+        self.readings.append((observation.step, reserved))
+        window = list(self.readings)
+        if len(window) <= self.spec.window:
+            return None
+        (first_step, first), (last_step, last) = window[0], window[-1]
+        each = all(b > a for (_, a), (_, b) in pairwise(window))
+        grown = first > 0 and 100.0 * (last - first) / first > self.spec.increase
+        was, self.growing = self.growing, each and grown
+        if not self.growing or was:
+            return None
+        total = observation.values.get("cuda_memory_total_bytes")
+        rate = (last - first) / max(last_step - first_step, 1)  # bytes per step
+        full = (f"; at this rate the device's {total / 2**30:.3g} GiB are full at about step "
+                f"{last_step + int((total - last) / rate)}" if total and total > last and rate > 0 else "")
+        return Trigger("gpu_memory_increase", {"value": last, "grown_percent": 100.0 * (last - first) / first,
+                                               "evidence": (
+            f"gpu_memory_increase at step {observation.step}: the CUDA allocator's reserved memory grew at each of "
+            f"the last {self.spec.window} readings, {first / 2**20:.4g} -> {last / 2**20:.4g} MiB since step "
+            f"{first_step} (+{100.0 * (last - first) / first:.3g} %, increase {self.spec.increase:g} %){full}; try: "
+            "tensors kept across steps (a loss appended to a list without .item() or .detach(), a growing cache), "
+            "or sequence lengths that keep growing")})
+
+    def holding(self) -> bool:
+        return self.growing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"readings": [list(r) for r in self.readings], "growing": self.growing}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.readings = deque(((int(a), float(b)) for a, b in state.get("readings", [])), maxlen=self.spec.window + 1)
+        self.growing = bool(state.get("growing", False))
+
+
 def _validation(values: dict[str, float]) -> float | None:
     """A validation loss, as the frameworks log it (Lightning: val_loss; Transformers: eval_loss)."""
     value = values.get("val_loss", values.get("eval_loss"))
@@ -505,5 +557,5 @@ CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.WeightUpdateRatio: WeightUpdateRatioDetector, spec.AllZero: AllZeroDetector,
     spec.InputBound: InputBoundDetector, spec.LossNotDecreasing: LossNotDecreasingDetector,
     spec.Overfit: OverfitDetector, spec.Overtraining: OvertrainingDetector,
-    spec.UnchangedTensor: UnchangedTensorDetector,
+    spec.UnchangedTensor: UnchangedTensorDetector, spec.GpuMemoryIncrease: GpuMemoryIncreaseDetector,
 }

@@ -96,16 +96,27 @@ class Overtraining(SpecModel):
     interval: int = Field(100, ge=1, le=1_000_000)  # ours: steps per training-loss sample
 
 
+class GpuMemoryIncrease(SpecModel):
+    """The CUDA allocator's reserved memory grew at each of ``window`` readings in a row (about one a second),
+    by more than ``increase`` percent in all."""
+
+    type: Literal["gpu_memory_increase"]
+    increase: float = Field(5.0, gt=0)
+    window: int = Field(10, ge=2, le=10_000)
+
+
 CatalogueSpecs = (VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound | LossNotDecreasing
-                  | Overfit | Overtraining | UnchangedTensor)
+                  | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease)
 CATALOGUE_SPECS: tuple[type[SpecModel], ...] = (VanishingGradient, ExplodingTensor, WeightUpdateRatio, AllZero,
-                                                InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor)
+                                                InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor,
+                                                GpuMemoryIncrease)
 
 #: what each catalogue rule reads, shown where a rule's metric is (decisions, alerts, `rules check`)
 IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tensor": "loss,grad_norm",
                    "weight_update_ratio": "layer_update_ratio", "all_zero": "layer_grad_zero_fraction",
                    "input_bound": "data_wait_fraction", "loss_not_decreasing": "loss", "overfit": "loss,val_loss",
-                   "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio"}
+                   "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio",
+                   "gpu_memory_increase": "cuda_memory_reserved_bytes"}
 
 
 def implied_metric(detect_type: object) -> str | None:

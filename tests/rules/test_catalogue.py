@@ -37,6 +37,7 @@ rules:
   - {name: overfit, detect: {type: overfit}}
   - {name: overtraining, detect: {type: overtraining}}
   - {name: unchanged_tensor, detect: {type: unchanged_tensor}}
+  - {name: gpu_memory_increase, detect: {type: gpu_memory_increase}}
 """
 EVERY = 10  # layer statistics every 10 steps: the tests' sampling cadence
 
@@ -266,6 +267,55 @@ def test_overtraining_once_neither_loss_improves(tmp_path: Path) -> None:
     [over] = fired["overtraining"]
     # the last better interval is 301-400 (the loss stays at its final value there); 5 stale ones end at 900
     assert over.step == 901 and "has not improved by 1 % for 5 intervals" in over.details["evidence"]
+
+
+def _allocator_run(home: Path, reserved_mib: Callable[[int], float], readings: int = 40) -> list[Decision]:
+    """A run's records with the CUDA allocator's counters as the probe writes them (a reading every 10 steps,
+    about once a second): no GPU here, so the counters are made up, the records and the agent are real."""
+    from gradwatch.spool.records import CudaMemory, StepRecord
+    from tests.agent.helpers import SpoolBuilder
+
+    spool = SpoolBuilder(home)
+    spool.start("r")
+    records = []
+    for step in range(1, 10 * readings + 1):
+        memory = CudaMemory(allocated=1.0, reserved=reserved_mib(step // 10) * 2**20, peak=1.0, total=2**30) \
+            if step % 10 == 0 else None
+        records.append(StepRecord(step=step, t=1e6 + step / 10, grad_norm=1.0, lr=[0.1], dur=0.1, wait=0.01,
+                                  values={"loss": 1.0}, cuda_mem=memory))
+    spool.append("r", 0, *records)
+    return _firings(home)[0]
+
+
+def test_gpu_memory_increase_names_the_step_the_device_fills_up(tmp_path: Path) -> None:
+    """A leak: 2 MiB more reserved at every reading from 100 MiB (a loss kept in a list each step)."""
+    [leak] = _by_rule(_allocator_run(tmp_path, lambda k: 100 + 2 * k))["gpu_memory_increase"]
+    # 11 readings (10 rises): 102 -> 122 MiB, +19.6 %; at 0.2 MiB a step the 902 MiB left are gone 4,510 steps on
+    assert leak.step == 110 and "grew at each of the last 10 readings" in leak.details["evidence"]
+    assert "are full at about step 4620" in leak.details["evidence"]
+
+
+def test_gpu_memory_that_grows_then_stays_is_no_leak(tmp_path: Path) -> None:
+    """A healthy run: the allocator reserves in its first steps (and once more when a longer batch comes), then
+    stays flat."""
+    assert _allocator_run(tmp_path / "warm-up", lambda k: min(100 + 50 * k, 400)) == []
+    assert _allocator_run(tmp_path / "step", lambda k: 400 if k < 20 else 600) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU was lent to this task)")
+def test_gpu_memory_increase_on_a_real_leak(tmp_path: Path) -> None:
+    """On a GPU: a loop that keeps every step's output tensor (the classic `losses.append(loss)` with the graph)
+    grows the allocator's reserve; the rule fires within the run."""
+    model = torch.nn.Linear(1024, 1024).cuda()
+    kept = []
+
+    def leak(step: int) -> None:
+        kept.append(torch.randn(4 * 2**20, device="cuda"))  # 16 MiB a step, never freed
+        time.sleep(0.05)
+    _train(tmp_path, model, lambda step: (torch.randn(64, 1024, device="cuda"),) * 2, steps=400, before_step=leak,
+           optimizer=torch.optim.SGD(model.parameters(), lr=1e-3))
+    assert "gpu_memory_increase" in _by_rule(_firings(tmp_path)[0])
 
 
 # -- quiet on healthy runs ------------------------------------------------------------------------------------
