@@ -316,6 +316,7 @@ class Agent:
             self._watcher_errors_seen = self.watcher.errors
             retired = self.state.refresh(self.clock(), self.config.stall_after_seconds, self.config.ended_ttl_seconds,
                                          self.local_host)
+            self.ingestor.outbox.extend(self.state.tick_rules(self.clock()))  # dispatched with the next pass's
         for run in retired:
             log.info("run %s ended more than %.0f s ago; its series are no longer exported", run,
                      self.config.ended_ttl_seconds)

@@ -19,7 +19,9 @@ from gradwatch.agent.faults import RunFaults, Stage
 from gradwatch.agent.recent_max import RecentMax
 from gradwatch.agent.rules import AgentRules
 from gradwatch.rules.config import default_rules
+from gradwatch.rules.detector_base import TickObservation
 from gradwatch.rules.ema import EmaZScore
+from gradwatch.rules.engine import Decision
 from gradwatch.spool.proc import judges_pid, process_alive
 from gradwatch.spool.records import (
     AckRecord,
@@ -490,6 +492,22 @@ class AgentState:
             else:
                 faults.recovered(run, Stage.REFRESH)
         return retired
+
+    def tick_rules(self, now: float) -> list[Decision]:
+        """The agent's clock to the rules of the runs that have rules firing on what does not arrive (a stall, a
+        first step that never comes): their decisions, for the dispatcher. Rules read rank 0."""
+        out: list[Decision] = []
+        for run, ranks in self.runs.items():
+            rank0, rules = ranks.get(0), self.rules.runs.get(run)
+            if rank0 is None or rules is None or not rules.watches_time:
+                continue
+            try:
+                out += rules.tick(TickObservation(now=now, step=rank0.steps_total, last_step_t=rank0.last_step_time,
+                                                  start_time=rank0.meta.start_time,
+                                                  ended=rank0.status.ended or rank0.history))
+            except Exception as exc:  # one run's failure must not cost the others
+                self.faults.failed(run, Stage.RULES, f"{type(exc).__name__}: {exc}")
+        return out
 
     def drop_run(self, run: str) -> None:
         """Forget everything about ``run`` (its series end; its tombstone, if any, too)."""

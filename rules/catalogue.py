@@ -19,7 +19,7 @@ from itertools import pairwise
 from typing import Any, ClassVar
 
 from gradwatch.rules import catalogue_specs as spec
-from gradwatch.rules.detector_base import Detector, Observation, StepObservation, Trigger
+from gradwatch.rules.detector_base import Detector, Observation, StepObservation, TickObservation, Trigger
 from gradwatch.spool.records import LayersRecord
 
 #: vanishing_gradient: a layer's mean |gradient| under the threshold is a vanishing gradient when another layer's
@@ -50,9 +50,9 @@ class _LayerRule(Detector):
         raise NotImplementedError
 
     def observe(self, observation: Observation) -> Trigger | None:
-        if not isinstance(observation, LayersRecord):
+        if isinstance(observation, StepObservation):
             return self.observe_step(observation)
-        if observation.trigger:
+        if not isinstance(observation, LayersRecord) or observation.trigger:
             return None
         found = self.offenders(observation)
         step = observation.step
@@ -339,6 +339,67 @@ class GpuMemoryIncreaseDetector(Detector):
         self.growing = bool(state.get("growing", False))
 
 
+class StalledTrainingDetector(Detector):
+    """Judged on the agent's clock against the newest step's time: once per stall, re-armed by the next step.
+    A run whose process ended (finished, crashed, interrupted) is not stalled."""
+
+    inputs = frozenset({"tick"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.stalled_at: int | None = None  # the step the run stalled after
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, TickObservation):
+            return None
+        if observation.ended or observation.last_step_t is None:
+            self.stalled_at = None
+            return None
+        waited = observation.now - observation.last_step_t
+        if waited <= self.spec.threshold:
+            self.stalled_at = None
+            return None
+        if self.stalled_at == observation.step:
+            return None
+        self.stalled_at = observation.step
+        return Trigger("stalled_training", {"value": waited, "evidence": (
+            f"stalled_training at step {observation.step}: no optimizer step for {waited:.0f} s (threshold "
+            f"{self.spec.threshold:g} s) and the process has not ended; try py-spy dump --pid to see where it waits "
+            "(a hung data loader, a collective waiting on a rank that died, a stuck filesystem)")})
+
+    def holding(self) -> bool:
+        return self.stalled_at is not None
+
+
+class MaxInitializationTimeDetector(Detector):
+    """From the process's start (the run's metadata) to its first step, on the agent's clock; once."""
+
+    inputs = frozenset({"tick"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.fired = False
+        self.waiting = False
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, TickObservation):
+            return None
+        self.waiting = False
+        if observation.step or observation.ended or observation.start_time is None or self.fired:
+            return None
+        waited = observation.now - observation.start_time
+        if waited <= 60.0 * self.spec.threshold:
+            return None
+        self.fired = self.waiting = True
+        return Trigger("max_initialization_time", {"value": waited, "evidence": (
+            f"max_initialization_time: no first step {waited / 60:.1f} min after the process started (threshold "
+            f"{self.spec.threshold:g} min); try py-spy dump --pid: a dataset being built or downloaded, a "
+            "torch.compile, a process group waiting for its ranks")})
+
+    def holding(self) -> bool:
+        return self.waiting
+
+
 def _validation(values: dict[str, float]) -> float | None:
     """A validation loss, as the frameworks log it (Lightning: val_loss; Transformers: eval_loss)."""
     value = values.get("val_loss", values.get("eval_loss"))
@@ -558,4 +619,5 @@ CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.InputBound: InputBoundDetector, spec.LossNotDecreasing: LossNotDecreasingDetector,
     spec.Overfit: OverfitDetector, spec.Overtraining: OvertrainingDetector,
     spec.UnchangedTensor: UnchangedTensorDetector, spec.GpuMemoryIncrease: GpuMemoryIncreaseDetector,
+    spec.StalledTraining: StalledTrainingDetector, spec.MaxInitializationTime: MaxInitializationTimeDetector,
 }

@@ -105,18 +105,33 @@ class GpuMemoryIncrease(SpecModel):
     window: int = Field(10, ge=2, le=10_000)
 
 
+class StalledTraining(SpecModel):
+    """No optimizer step for ``threshold`` seconds while the run goes on (its process not ended)."""
+
+    type: Literal["stalled_training"]
+    threshold: float = Field(1800.0, gt=0)
+
+
+class MaxInitializationTime(SpecModel):
+    """No first step ``threshold`` minutes after the process started."""
+
+    type: Literal["max_initialization_time"]
+    threshold: float = Field(20.0, gt=0)
+
+
 CatalogueSpecs = (VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound | LossNotDecreasing
-                  | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease)
+                  | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease | StalledTraining | MaxInitializationTime)
 CATALOGUE_SPECS: tuple[type[SpecModel], ...] = (VanishingGradient, ExplodingTensor, WeightUpdateRatio, AllZero,
                                                 InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor,
-                                                GpuMemoryIncrease)
+                                                GpuMemoryIncrease, StalledTraining, MaxInitializationTime)
 
 #: what each catalogue rule reads, shown where a rule's metric is (decisions, alerts, `rules check`)
 IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tensor": "loss,grad_norm",
                    "weight_update_ratio": "layer_update_ratio", "all_zero": "layer_grad_zero_fraction",
                    "input_bound": "data_wait_fraction", "loss_not_decreasing": "loss", "overfit": "loss,val_loss",
                    "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio",
-                   "gpu_memory_increase": "cuda_memory_reserved_bytes"}
+                   "gpu_memory_increase": "cuda_memory_reserved_bytes", "stalled_training": "last_step_time",
+                   "max_initialization_time": "first_step_time"}
 
 
 def implied_metric(detect_type: object) -> str | None:

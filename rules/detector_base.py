@@ -28,11 +28,23 @@ class StepObservation:
     values: dict[str, float]
 
 
-Observation = StepObservation | LayersRecord
+@dataclass(frozen=True, slots=True)
+class TickObservation:
+    """What time alone changes (the agent's clock, twice a second to every 2 s): for the rules that fire on
+    what does *not* arrive. ``last_step_t`` and ``start_time`` are the probe's wall clock."""
+
+    now: float
+    step: int  # the newest step (0: none yet)
+    last_step_t: float | None
+    start_time: float | None  # the process's start (the run's metadata)
+    ended: bool
+
+
+Observation = StepObservation | LayersRecord | TickObservation
 
 
 class Detector:
-    #: what a catalogue detector reads ("step", "layers"); empty: one metric's values, through update()
+    #: what a catalogue detector reads ("step", "layers", "tick"); empty: one metric's values, through update()
     inputs: ClassVar[frozenset[str]] = frozenset()
 
     def update(self, value: float) -> Trigger | None:

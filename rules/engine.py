@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gradwatch.rules.config import Rule, RulesConfig
-from gradwatch.rules.detector_base import Observation, StepObservation, Trigger
+from gradwatch.rules.detector_base import Observation, StepObservation, TickObservation, Trigger
 from gradwatch.rules.detectors import Detector, make_detector
 from gradwatch.spool.records import LayersRecord
 
@@ -176,6 +176,19 @@ class RunRules:
         for name, state in self.states.items():
             if "layers" in state.detector.inputs and record.step >= state.rule.start_step and not state.failed:
                 self._run_rule(out, name, state, record.step, record.t, history, observation=record)
+        return out
+
+    @property
+    def watches_time(self) -> bool:
+        """Whether a rule fires on what does not arrive (``tick``): the agent then ticks this run."""
+        return any("tick" in state.detector.inputs for state in self.states.values())
+
+    def tick(self, observation: TickObservation) -> list[Decision]:
+        """Feed the agent's clock to the rules that read it; their decisions are at the newest step."""
+        out: list[Decision] = []
+        for name, state in self.states.items():
+            if "tick" in state.detector.inputs and not state.failed:
+                self._run_rule(out, name, state, observation.step, observation.now, False, observation=observation)
         return out
 
     def _run_rule(self, out: list[Decision], name: str, state: RuleState, step: int, t: float, history: bool, *,

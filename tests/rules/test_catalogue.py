@@ -467,3 +467,97 @@ def test_overtraining_counts_an_improvement_of_exactly_delta_as_none() -> None:
     assert _feed(_detector(detect), exactly, vals={k + 1: v for k, v in enumerate(exactly)}) == [4]
     better = [8.0, 3.999, 3.999, 3.999, 3.999, 3.999]
     assert _feed(_detector(detect), better, vals={k + 1: v for k, v in enumerate(better)}) == [5]
+
+
+# -- what does not arrive ---------------------------------------------------------------------------------------
+TIME_RULES = """
+rules:
+  - {name: stalled_training, detect: {type: stalled_training}}
+  - {name: max_initialization_time, detect: {type: max_initialization_time}}
+"""
+
+
+def _tick(home: Path, now: float) -> tuple[list[Decision], AgentState]:
+    """The run read by the agent, its states decided at ``now`` (as the agent's loop does), then its clock."""
+    decisions, state = _firings(home, TIME_RULES)
+    state.refresh(now, stall_after=120.0, ended_ttl=1e9, local_host="elsewhere")
+    return decisions + state.tick_rules(now), state
+
+
+def test_stalled_training_when_the_loop_stops_stepping(tmp_path: Path) -> None:
+    """A real loop that has made 30 steps and then waits (its process alive, its probe open): 1800 s after its
+    last step the rule fires, once; a finished run is never stalled."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradwatch.attach(model, opt, run="r", home=tmp_path, autostart_agent=False, flush_interval=0.01)
+    try:
+        for _ in range(30):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe.log(loss=loss)
+
+        def written() -> bool:
+            steps = gradwatch.read_run("r", tmp_path).rank(0).steps
+            return bool(steps) and steps[-1].step == 30
+        from tests.conftest import wait_until
+        wait_until(written, what="the 30 steps in the spool")
+        last = gradwatch.read_run("r", tmp_path).rank(0).steps[-1].t
+        assert _tick(tmp_path, last + 1799)[0] == []
+        decisions, state = _tick(tmp_path, last + 1801)
+        [stalled] = decisions
+        assert stalled.rule == "stalled_training" and stalled.step == 30
+        assert stalled.details["evidence"].startswith("stalled_training at step 30: no optimizer step for 1801 s")
+        assert state.tick_rules(last + 1900) == []  # once per stall
+    finally:
+        probe.close()
+    assert _tick(tmp_path, last + 5000)[0] == []  # ended: finished, not stalled
+
+
+def test_max_initialization_time_when_the_first_step_never_comes(tmp_path: Path) -> None:
+    """The process started (its metadata is written when the probe opens the run) and has not stepped."""
+    model = torch.nn.Linear(8, 1)
+    probe = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.01), run="r", home=tmp_path,
+                             autostart_agent=False, flush_interval=0.01)
+    try:
+        probe.log(status=1.0)  # a script logging before its first step (a config value, a dataset size)
+        from tests.conftest import wait_until
+        wait_until(lambda: "r" in gradwatch.history.run_names(tmp_path) and gradwatch.read_run("r", tmp_path).ranks,
+                   what="the run's metadata")
+        started = gradwatch.read_run("r", tmp_path).rank(0).meta.start_time
+        assert started is not None
+        assert _tick(tmp_path, started + 20 * 60 - 1)[0] == []
+        [late] = _tick(tmp_path, started + 20 * 60 + 1)[0]
+        assert late.rule == "max_initialization_time" and late.step == 0
+        assert "no first step 20.0 min after the process started" in late.details["evidence"]
+    finally:
+        probe.close()
+
+
+@pytest.mark.integration
+def test_a_real_agent_records_the_stall_it_sees(isolated_home: Path, agent_process: Any, tmp_path: Path) -> None:
+    """The agent's own loop ticks the rules: a live run that stops stepping gets its stalled_training decision
+    in events.jsonl (threshold 2 s here, 1800 s by default)."""
+    from tests.conftest import wait_until
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: stall, detect: {type: stalled_training, threshold: 2}}\n")
+    agent_process("--rules", str(rules))
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.attach(model, opt, run="paused", home=isolated_home, autostart_agent=False,
+                          flush_interval=0.01) as probe:
+        for _ in range(5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe.log(loss=loss)
+
+        def stalled() -> bool:
+            return any(e.get("rule") == "stall" for e in gradwatch.read_run("paused", isolated_home).events)
+        wait_until(stalled, timeout=30, what="the stall decision in events.jsonl")
+    [event] = [e for e in gradwatch.read_run("paused", isolated_home).events if e.get("rule") == "stall"]
+    assert event["step"] == 5 and event["details"]["evidence"].startswith("stalled_training at step 5")
