@@ -477,6 +477,15 @@ rules:
 """
 
 
+def _steps(probe: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    for _ in range(n):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        probe.log(loss=loss)
+
+
 def _tick(home: Path, now: float) -> tuple[list[Decision], AgentState]:
     """The run read by the agent, its states decided at ``now`` (as the agent's loop does), then its clock."""
     decisions, state = _firings(home, TIME_RULES)
@@ -492,12 +501,7 @@ def test_stalled_training_when_the_loop_stops_stepping(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     probe = gradwatch.attach(model, opt, run="r", home=tmp_path, autostart_agent=False, flush_interval=0.01)
     try:
-        for _ in range(30):
-            loss = model(torch.randn(4, 8)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            probe.log(loss=loss)
+        _steps(probe, model, opt, 30)
 
         def written() -> bool:
             steps = gradwatch.read_run("r", tmp_path).rank(0).steps
@@ -549,12 +553,7 @@ def test_a_real_agent_records_the_stall_it_sees(isolated_home: Path, agent_proce
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.attach(model, opt, run="paused", home=isolated_home, autostart_agent=False,
                           flush_interval=0.01) as probe:
-        for _ in range(5):
-            loss = model(torch.randn(4, 8)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            probe.log(loss=loss)
+        _steps(probe, model, opt, 5)
 
         def stalled() -> bool:
             return any(e.get("rule") == "stall" for e in gradwatch.read_run("paused", isolated_home).events)
