@@ -141,6 +141,9 @@ def _install() -> None:
         original_backward = torch.autograd.backward
         original_clip = torch.nn.utils.clip_grad.clip_grad_norm_
         original_clip_value = torch.nn.utils.clip_grad.clip_grad_value_
+        # torch >= 2.6: a norm computed apart (get_total_norm) and then applied. Accelerate >= 1.16 clips this way,
+        # and so the Transformers Trainer; torch's own clip_grad_norm_ calls the private function, not this name
+        original_clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
         original_scale = torch.amp.GradScaler.scale
         original_scaler_step = torch.amp.GradScaler.step
 
@@ -162,6 +165,17 @@ def _install() -> None:
             total = original_clip(parameters, max_norm, norm_type, *args, **kwargs)
             _seen_clip(total, parameters, max_norm)
             return total
+
+        def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: torch.Tensor, *args: Any,
+                                  **kwargs: Any) -> Any:
+            assert original_clip_with_norm is not None
+            if not _taps:
+                return original_clip_with_norm(parameters, max_norm, total_norm, *args, **kwargs)
+            parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            max_norm = _before_clip(max_norm)
+            result = original_clip_with_norm(parameters, max_norm, total_norm, *args, **kwargs)
+            _seen_clip(total_norm, parameters, max_norm)
+            return result
 
         def clip_grad_value_(parameters: Any, clip_value: float, *args: Any, **kwargs: Any) -> Any:
             if not _taps:
@@ -196,6 +210,10 @@ def _install() -> None:
         torch.nn.utils.clip_grad.clip_grad_norm_ = clip_grad_norm_
         torch.nn.utils.clip_grad_value_ = clip_grad_value_
         torch.nn.utils.clip_grad.clip_grad_value_ = clip_grad_value_
+        if original_clip_with_norm is not None:
+            clip_grads_with_norm_.__wrapped__ = original_clip_with_norm  # type: ignore[attr-defined]
+            clip_grads_with_norm_.__doc__ = original_clip_with_norm.__doc__
+            torch.nn.utils.clip_grads_with_norm_ = clip_grads_with_norm_
         torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
         torch.amp.GradScaler.step = scaler_step  # type: ignore[method-assign]
 

@@ -59,6 +59,30 @@ def test_a_clip_grad_norm_result_is_reused_not_computed_again(script_clips: bool
     assert all("loss" in r["values"] for r in steps)  # from the backward pass; the script never logged it
 
 
+def test_a_norm_computed_apart_and_applied_with_clip_grads_with_norm_is_the_scripts_clip(isolated_home: Path) -> None:
+    """torch >= 2.6's two-part clip (get_total_norm, then clip_grads_with_norm_), as Accelerate >= 1.16 and so
+    the Transformers Trainer clip: the probe records that norm and that threshold, and which steps it clipped."""
+    model, opt = tiny_model()
+    probe = gradwatch.attach(model, opt, run="two-part", layer_stats_every=0, autostart_agent=False)
+    expected = []
+    try:
+        for _ in range(5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            params = list(model.parameters())
+            total = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, 0.01, total)
+            expected.append(float(total))
+            opt.step()
+    finally:
+        probe.close()
+    _, records = read_run(isolated_home, "two-part")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["grad_norm"] for r in steps] == pytest.approx(expected, rel=1e-6)
+    assert all(r["clip"] == 0.01 and r["clipped"] for r in steps)
+
+
 def test_a_clip_over_fewer_parameters_is_not_taken_for_the_global_norm() -> None:
     model, opt = tiny_model()
     model(torch.randn(4, 8)).sum().backward()
