@@ -383,11 +383,17 @@ def debug_dashboard() -> dashboard.Dashboard:
                                                 "{{action}} ({{reason}}) r{{rank}}"), bars=True, width=8))
             .with_panel(series("Rule decisions", "Times each rule fired, by action and mode (act, observe, dry_run).",
                                query(f"sum by (rule, action, mode) (increase(gradwatch_rule_decisions_total{{{RUN}}}"
-                                     f"[$__rate_interval]))", "{{rule}}: {{action}} ({{mode}})"), bars=True))
+                                     f"[$__rate_interval]))", "{{rule}}: {{action}} ({{mode}})"), bars=True, width=8))
+            .with_panel(series("Rule firings", "Times each rule's detector fired, also while cooldown or max_actions "
+                               "kept it from deciding: the catalogue's rules (vanishing_gradient, dead layers, "
+                               "overfit...: docs/rules.md) and every other. The evidence is in gradwatch status and the "
+                               "alert's summary.",
+                               query(f"sum by (rule) (increase(gradwatch_rule_fired_total{{{RUN}}}[$__rate_interval]))",
+                                     "{{rule}}"), bars=True, width=8))
             .with_panel(series("All actions carried out", "Every corrective action (stop, reduce_lr, scale_clip, "
                                "rewind, skip_step), cumulative.",
                                query(f"sum by (action, reason) (gradwatch_actions_total{{{RANK}}})",
-                                     "{{action}} ({{reason}})")))
+                                     "{{action}} ({{reason}})"), width=8))
             .with_row(dashboard.Row("Probe health"))
             .with_panel(series("Records dropped and late commands", "Records the probe could not keep, and commands "
                                "that arrived after their step (applied at once).",
