@@ -170,8 +170,9 @@ def follow(tail: RunTail, echo: Callable[[str], object], *, keep_following: bool
     """Print the tail, then (``keep_following``) what comes, until every rank has ended."""
     first = tail.poll()
     steps = [i for i, (_, r) in enumerate(first) if isinstance(r, StepRecord)]
-    keep_from = steps[-tail.last * max(len(tail.files), 1)] if len(steps) > tail.last * max(len(tail.files), 1) else 0
-    for line in lines(first[keep_from:], per_rank=tail.last):
+    wanted = tail.last * max(len(tail.files), 1)  # the last steps of every rank, and the events among them
+    keep_from = len(first) if wanted == 0 else steps[-wanted] if len(steps) > wanted else 0
+    for line in lines(first[keep_from:], per_rank=max(tail.last, 1)):
         echo(line)
     while keep_following and not tail.ended:
         time.sleep(poll_seconds)

@@ -32,6 +32,8 @@ def test_the_last_steps_and_the_end_of_a_finished_run(tmp_path: Path, capsys: py
     [spike] = [line for line in out if "SPIKE" in line]
     assert spike.startswith("step     101  r0  SPIKE (") and "largest layer gradient norms `" in spike
     assert out.index(spike) == next(i for i, line in enumerate(out) if line.startswith("step     101")) + 1
+    main(["tail", "spiky", "--home", str(tmp_path), "--no-follow", "-n", "0"])
+    assert capsys.readouterr().out == ""  # as tail -n 0: nothing from before now
 
 
 def test_an_unknown_run_is_one_line_naming_the_runs_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
