@@ -49,6 +49,8 @@ _HINTS = {
     "weight_update_ratio": "See the summary for the layer and what to try; docs/rules.md explains the rule.",
     "all_zero": "See the summary for the layer and what to try; docs/rules.md explains the rule.",
     "input_bound": "Feed the GPU faster: DataLoader workers, pin_memory, prefetching.",
+    "step_outlier": "See the summary for the slow steps' figures; the Run dashboard's step-time panel shows them.",
+    "low_gpu_utilization": "See the summary for the GPU and what to try; docs/rules.md explains the rule.",
 }
 
 
@@ -148,6 +150,17 @@ def _rule_text(run: str, metric: str, reason: str, step: int, details: dict[str,
     return f"Run {run}: {what}"
 
 
+_SEVERITY_ORDER = ("info", "warning", "critical")
+
+
+def _severity(rule_alert: str, trigger_severity: object) -> str:
+    """The rule's alert severity, or a lower one its trigger asks for (a periodic slow step is news, not a fault)."""
+    if isinstance(trigger_severity, str) and trigger_severity in _SEVERITY_ORDER and rule_alert in _SEVERITY_ORDER \
+            and _SEVERITY_ORDER.index(trigger_severity) < _SEVERITY_ORDER.index(rule_alert):
+        return trigger_severity
+    return rule_alert
+
+
 @dataclass
 class _Condition:
     labels: dict[str, str]
@@ -227,7 +240,7 @@ class AlertTracker:
         text = _rule_text(rank0.run, rule.metric, trigger["reason"], trigger["step"], trigger.get("details", {}))
         outcome = _outcome(rule_state.last_outcome)
         self._put(out, _Condition(
-            self._labels(name, rank0, rule.alert),
+            self._labels(name, rank0, _severity(rule.alert, trigger.get("details", {}).get("severity"))),
             {"summary": text,
              "description": (f"Rule {rule.name} ({rule.detect.type} on {rule.metric}, action {rule.action.type}, "
                              f"mode {rule.mode}) fired on run {rank0.run} rank 0 on host "

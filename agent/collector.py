@@ -17,7 +17,7 @@ from gradwatch.agent.alerts import Alert
 from gradwatch.agent.exposition import SeriesWriter, render
 from gradwatch.agent.exposition import escape_label_value as esc
 from gradwatch.agent.faults import Stage
-from gradwatch.agent.gpus import GpuCollector, normal_uuid
+from gradwatch.agent.gpus import GpuCollector, GpuSample, normal_uuid
 from gradwatch.agent.notify import DeliveryStats
 from gradwatch.agent.state import NONFINITE_QUANTITIES, SPIKE_METRICS, AgentState, RankState, RunStatus
 from gradwatch.spool.proc import judges_pid
@@ -35,6 +35,43 @@ class GpuOwners:
 
     by_uuid: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
     by_pid: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
+
+
+def gpu_owners(state: AgentState, local_host: str) -> GpuOwners:
+    """Who uses which GPU, from the live ranks' metadata: by UUID (any host, any pid namespace: a UUID names
+    one device), else by pid where this agent can judge the pid (this host, this pid namespace)."""
+    owners = GpuOwners()
+    for run, ranks in state.runs.items():
+        for rank, s in ranks.items():
+            if s.status.ended:
+                continue
+            meta = s.meta
+            for uuid in meta.gpu_uuids:
+                owners.by_uuid.setdefault(normal_uuid(uuid), set()).add((run, str(rank)))
+            if not meta.gpu_uuids and judges_pid(meta.host, meta.pid, meta.pid_namespace, local_host):
+                owners.by_pid.setdefault(meta.pid, set()).add((run, str(rank)))
+    return owners
+
+
+def gpu_users(gpu: GpuSample, owners: GpuOwners) -> set[tuple[str, str]]:
+    """The (run, rank)s on one GPU."""
+    users = set(owners.by_uuid.get(normal_uuid(gpu.uuid), ()))
+    for pid in gpu.pids:
+        users |= owners.by_pid.get(pid, set())
+    return users
+
+
+def utilization_by_run(state: AgentState, gpus: list[GpuSample], local_host: str) -> dict[str, tuple[float, ...]]:
+    """Each run's GPUs' utilisation (0..1) at this reading, in the order of the GPUs: what low_gpu_utilization
+    reads. A MIG instance has none (NVML reports none); a GPU two runs share counts for both."""
+    owners = gpu_owners(state, local_host)
+    out: dict[str, list[float]] = {}
+    for gpu in gpus:
+        if gpu.utilization is None:
+            continue
+        for run in sorted({run for run, _ in gpu_users(gpu, owners)}):
+            out.setdefault(run, []).append(gpu.utilization)
+    return {run: tuple(values) for run, values in out.items()}
 
 
 class AgentCollector(Collector):
@@ -67,7 +104,7 @@ class AgentCollector(Collector):
         started = time.perf_counter()
         with self.state.lock:
             families = self._agent_families()
-            owners = self._gpu_owners() if self.gpus is not None and self.gpus.count else GpuOwners()
+            owners = gpu_owners(self.state, self.local_host) if self.gpus is not None and self.gpus.count else GpuOwners()
         yield from families
         yield from self._gpu_families(owners)
         duration = c.AGENT_SCRAPE_DURATION.family()
@@ -171,21 +208,6 @@ class AgentCollector(Collector):
                 if rule_state.triggered:
                     put(c.RULE_FIRED, [esc(run), "0", esc(rule)], rule_state.triggered)
 
-    def _gpu_owners(self) -> GpuOwners:
-        """Who uses which GPU, from the live ranks' metadata: by UUID (any host, any pid namespace: a UUID names
-        one device), else by pid where this agent can judge the pid (this host, this pid namespace)."""
-        owners = GpuOwners()
-        for run, ranks in self.state.runs.items():
-            for rank, s in ranks.items():
-                if s.status.ended:
-                    continue
-                meta = s.meta
-                for uuid in meta.gpu_uuids:
-                    owners.by_uuid.setdefault(normal_uuid(uuid), set()).add((run, str(rank)))
-                if not meta.gpu_uuids and judges_pid(meta.host, meta.pid, meta.pid_namespace, self.local_host):
-                    owners.by_pid.setdefault(meta.pid, set()).add((run, str(rank)))
-        return owners
-
     def _gpu_families(self, owners: GpuOwners) -> list[c.Family]:
         """One series per GPU (and MIG instance) and gradwatch process on it (run="" rank="" for one none of ours
         uses)."""
@@ -193,9 +215,7 @@ class AgentCollector(Collector):
                  c.GPU_SM_CLOCK)
         families = {spec.name: spec.family() for spec in specs + (c.GPU_THROTTLED,)}
         for gpu in self.gpus.sample() if self.gpus is not None else []:
-            users = set(owners.by_uuid.get(normal_uuid(gpu.uuid), ()))
-            for pid in gpu.pids:
-                users |= owners.by_pid.get(pid, set())
+            users = gpu_users(gpu, owners)
             values = (gpu.utilization, gpu.memory_used, gpu.memory_total, gpu.power_watts, gpu.temperature_celsius,
                       gpu.sm_clock_hertz)
             for run, rank in sorted(users) or [("", "")]:

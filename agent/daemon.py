@@ -17,7 +17,7 @@ from gradwatch import __version__
 from gradwatch.agent.actions import ActionDispatcher, ActionNote
 from gradwatch.agent.alerts import Alert, AlertTracker
 from gradwatch.agent.checkpoint import CheckpointWriter, load_checkpoint
-from gradwatch.agent.collector import AgentCollector
+from gradwatch.agent.collector import AgentCollector, utilization_by_run
 from gradwatch.agent.gpus import GpuCollector
 from gradwatch.agent.ingest import SpoolIngestor
 from gradwatch.agent.notify import DeliveryStats, Notifier
@@ -316,7 +316,10 @@ class Agent:
             self._watcher_errors_seen = self.watcher.errors
             retired = self.state.refresh(self.clock(), self.config.stall_after_seconds, self.config.ended_ttl_seconds,
                                          self.local_host)
-            self.ingestor.outbox.extend(self.state.tick_rules(self.clock()))  # dispatched with the next pass's
+            gpus = self.gpus.sample()
+            utilization = utilization_by_run(self.state, gpus, self.local_host) if gpus else None
+            # dispatched with the next pass's
+            self.ingestor.outbox.extend(self.state.tick_rules(self.clock(), utilization, self.gpus.sampled_at))
         for run in retired:
             log.info("run %s ended more than %.0f s ago; its series are no longer exported", run,
                      self.config.ended_ttl_seconds)

@@ -165,6 +165,11 @@ class GpuCollector:
     def count(self) -> int:
         return self._count if self._nvml is not None else 0
 
+    @property
+    def sampled_at(self) -> float | None:
+        """When the last complete reading was taken (this collector's clock); None before the first."""
+        return self._sampled_at
+
     def reading_age(self) -> float | None:
         """Seconds since the last complete reading; None before the first (or without GPUs)."""
         return self._clock() - self._sampled_at if self._sampled_at is not None and self._count else None

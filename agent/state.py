@@ -493,9 +493,11 @@ class AgentState:
                 faults.recovered(run, Stage.REFRESH)
         return retired
 
-    def tick_rules(self, now: float) -> list[Decision]:
+    def tick_rules(self, now: float, gpu_utilization: dict[str, tuple[float, ...]] | None = None,
+                   gpu_reading_t: float | None = None) -> list[Decision]:
         """The agent's clock to the rules of the runs that have rules firing on what does not arrive (a stall, a
-        first step that never comes): their decisions, for the dispatcher. Rules read rank 0."""
+        first step that never comes) or on the GPU readings (each run's GPUs' utilisation, taken at
+        ``gpu_reading_t``): their decisions, for the dispatcher. Rules read rank 0."""
         out: list[Decision] = []
         for run, ranks in self.runs.items():
             rank0, rules = ranks.get(0), self.rules.runs.get(run)
@@ -504,7 +506,9 @@ class AgentState:
             try:
                 out += rules.tick(TickObservation(now=now, step=rank0.steps_total, last_step_t=rank0.last_step_time,
                                                   start_time=rank0.meta.start_time,
-                                                  ended=rank0.status.ended or rank0.history))
+                                                  ended=rank0.status.ended or rank0.history,
+                                                  gpu_utilization=(gpu_utilization or {}).get(run, ()),
+                                                  gpu_reading_t=gpu_reading_t))
             except Exception as exc:  # one run's failure must not cost the others
                 self.faults.failed(run, Stage.RULES, f"{type(exc).__name__}: {exc}")
         return out

@@ -476,7 +476,8 @@ class LossNotDecreasingDetector(Detector):
         if not self.stuck or was:
             return None
         if rose:
-            what = (f"up {100 * (new - previous) / abs(previous):.3g} % on steps {p0}-{p1}'s {previous:.4g} "
+            up = f"up {100 * (new - previous) / abs(previous):.3g} %" if previous else f"up from {previous:g}"
+            what = (f"{up} on steps {p0}-{p1}'s {previous:.4g} "
                     f"(increase_threshold_percent {s.increase_threshold_percent:g})")
         else:
             what = f"not {s.diff_percent:g} % below steps {a0}-{a1}'s {old:.4g}"
@@ -613,6 +614,207 @@ class OvertrainingDetector(Detector):
         self.fired = bool(state.get("fired", False))
 
 
+#: step_outlier: the robust sigma of a normal distribution from its median absolute deviation
+MAD_SIGMA = 1.4826
+#: step_outlier: an outlier is also this many times the median and this many seconds over it (a loop steady to
+#: the microsecond has a MAD of microseconds, and a 3-sigma step of it, or a millisecond lost to the scheduler
+#: on a busy laptop, is no slow step worth a person's attention)
+OUTLIER_FLOOR = 2.0
+OUTLIER_MIN_EXTRA_SECONDS = 0.005
+#: step_outlier: the steps the median needs before any is judged, and how often it is recomputed
+OUTLIER_BASELINE = 50
+OUTLIER_REFRESH = 25
+#: step_outlier: this many equally spaced outliers are periodic (in-loop evaluation, checkpoints)
+PERIODIC_RUN = 4
+#: step_outlier: the outliers a period is looked for among
+PERIODIC_MEMORY = 16
+
+
+class StepOutlierDetector(Detector):
+    """Robust statistics: the median and MAD of the last ``window`` step times that were not outliers (the
+    first steps, slow while kernels are tuned and caches fill, only seed them), recomputed every
+    ``OUTLIER_REFRESH`` steps. An outlier is above median + stddev x 1.4826 MAD, ``OUTLIER_FLOOR`` x the
+    median and the median + ``OUTLIER_MIN_EXTRA_SECONDS``. ``PERIODIC_RUN`` equally spaced outliers among the last
+    ``PERIODIC_MEMORY`` make a period: outliers on it are not counted, and the period is reported once (severity
+    info). Fires when ``n_outliers`` outliers off the period fall in the last ``window`` steps; once per episode."""
+
+    inputs = frozenset({"step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.durations: deque[float] = deque(maxlen=spec.window)
+        self.median: float | None = None
+        self.sigma = 0.0
+        self.since_refresh = 0
+        self.outliers: deque[int] = deque()  # steps of the counted outliers, within the window
+        self.recent: deque[int] = deque(maxlen=PERIODIC_MEMORY)  # steps of the last outliers, periodic or not
+        self.period: list[int] | None = None  # [period, phase]
+        self.firing = False
+
+    def _refresh(self) -> None:
+        values = list(self.durations)
+        median = statistics.median(values)
+        self.median, self.sigma = median, MAD_SIGMA * statistics.median(abs(v - median) for v in values)
+        self.since_refresh = 0
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, StepObservation):
+            return None
+        duration = observation.values.get("step_duration_seconds")
+        if duration is None or not math.isfinite(duration) or duration <= 0:
+            return None
+        step = observation.step
+        while self.outliers and self.outliers[0] <= step - self.spec.window:
+            self.outliers.popleft()
+        stale = self.median is None or self.since_refresh >= OUTLIER_REFRESH
+        if stale and len(self.durations) >= OUTLIER_BASELINE:
+            self._refresh()
+        median = self.median
+        if median is None or duration <= self._limit(median):
+            self.durations.append(duration)
+            self.since_refresh += 1
+            self._cleared()
+            return None
+        return self._outlier(step, duration, median)
+
+    def _limit(self, median: float) -> float:
+        return max(median + self.spec.stddev * self.sigma, OUTLIER_FLOOR * median, median + OUTLIER_MIN_EXTRA_SECONDS)
+
+    def _cleared(self) -> None:
+        if self.firing and len(self.outliers) < self.spec.n_outliers:
+            self.firing = False
+        return None
+
+    def _outlier(self, step: int, duration: float, median: float) -> Trigger | None:
+        self.recent.append(step)
+        if self.period is not None and (step - self.period[1]) % self.period[0] == 0:
+            self._cleared()
+            return None
+        recent = set(self.recent) if self.period is None else set()  # one period, reported once
+        # a period: this step and PERIODIC_RUN - 1 before it, equally spaced, all outliers (random slow steps
+        # between them do not hide it)
+        period = next((step - r for r in sorted(recent, reverse=True) if step - r >= 2 and all(
+            step - k * (step - r) in recent for k in range(2, PERIODIC_RUN))), None) if recent else None
+        if period is not None:
+            self.period = [period, step % period]
+            self.outliers = deque(s for s in self.outliers if (s - step) % period)
+            self._cleared()
+            return Trigger("step_outlier_periodic", {"value": duration, "period": period, "severity": "info",
+                                                     "evidence": (
+                f"step_outlier at step {step}: every {period} steps a step is slow ({duration * 1e3:.4g} ms, the "
+                f"median is {median * 1e3:.4g} ms): periodic work in the loop (an evaluation, a checkpoint, "
+                "logging), not counted as outliers")})
+        self.outliers.append(step)
+        if self.firing or len(self.outliers) < self.spec.n_outliers:
+            return None
+        self.firing = True
+        first = self.outliers[0]
+        return Trigger("step_outlier", {"value": duration, "outliers": len(self.outliers), "median": median,
+                                        "evidence": (
+            f"step_outlier at step {step}: {len(self.outliers)} steps since step {first} took over "
+            f"{self._limit(median) * 1e3:.4g} ms (median "
+            f"{median * 1e3:.4g} ms + {self.spec.stddev:g} robust sigma; n_outliers {self.spec.n_outliers} within "
+            f"{self.spec.window} steps), this one {duration * 1e3:.4g} ms; try: what else runs on the machine (a "
+            "noisy neighbour, CPU throttling), garbage collection, data that is slow to load now and then, "
+            "or a rank waiting on a straggler")})
+
+    def holding(self) -> bool:
+        return self.firing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"durations": list(self.durations), "median": self.median, "sigma": self.sigma,
+                "since_refresh": self.since_refresh, "outliers": list(self.outliers), "recent": list(self.recent),
+                "period": self.period, "firing": self.firing}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.durations = deque((float(v) for v in state.get("durations", [])), maxlen=self.spec.window)
+        median = state.get("median")
+        self.median = float(median) if median is not None else None
+        self.sigma = float(state.get("sigma", 0.0))
+        self.since_refresh = int(state.get("since_refresh", 0))
+        self.outliers = deque(int(s) for s in state.get("outliers", []))
+        self.recent = deque((int(s) for s in state.get("recent", [])), maxlen=PERIODIC_MEMORY)
+        period = state.get("period")
+        self.period = [int(period[0]), int(period[1])] if isinstance(period, list) and len(period) == 2 else None
+        self.firing = bool(state.get("firing", False))
+
+
+#: low_gpu_utilization: a reading counts while the run steps: its newest step at most this old (a stall, a long
+#: evaluation or the time before the first step leave the GPU idle for reasons other rules name)
+GPU_STEPPING_SECONDS = 60.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    low = math.floor(k)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+class LowGpuUtilizationDetector(Detector):
+    """Per GPU of the run, over its last ``window`` readings taken while the run steps; once per episode, held
+    while a GPU stays so."""
+
+    inputs = frozenset({"tick"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.readings: deque[list[float]] = deque(maxlen=spec.window)  # percent, one per GPU
+        self.last_reading: float | None = None
+        self.low = False
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, TickObservation):
+            return None
+        t, utilization = observation.gpu_reading_t, observation.gpu_utilization
+        if (t is None or t == self.last_reading or not utilization or not all(map(math.isfinite, utilization))
+                or observation.ended
+                or observation.last_step_t is None or observation.now - observation.last_step_t > GPU_STEPPING_SECONDS):
+            return None
+        self.last_reading = t
+        if self.readings and len(self.readings[-1]) != len(utilization):
+            self.readings.clear()  # the run's GPUs changed (a rank came or went): a new window
+        self.readings.append([100.0 * min(max(u, 0.0), 1.0) for u in utilization])
+        if len(self.readings) < self.spec.window:
+            return None
+        found = None
+        for gpu in range(len(utilization)):
+            series = [r[gpu] for r in self.readings]
+            p95, p5 = _percentile(series, 95.0), _percentile(series, 5.0)
+            if p95 < self.spec.threshold_p95:
+                found = (gpu, p95, p5, "under-used", f"p95 {p95:.0f} % < threshold_p95 {self.spec.threshold_p95:g} %",
+                         "a larger batch, more DataLoader workers, fewer host-device syncs (.item(), .cpu()) in "
+                         "the loop, or a smaller GPU")
+                break
+            if p5 < self.spec.threshold_p5:
+                found = (gpu, p95, p5, "fluctuating",
+                         f"p95 {p95:.0f} % but p5 {p5:.0f} % < threshold_p5 {self.spec.threshold_p5:g} %",
+                         "the GPU waits in turns: on the input pipeline (prefetch, pin_memory, more workers), on "
+                         "a collective or on a straggler rank")
+                break
+        was, self.low = self.low, found is not None
+        if found is None or was:
+            return None
+        gpu, p95, p5, how, figure, advice = found
+        return Trigger(f"low_gpu_utilization:{how}", {"value": p95, "p5": p5, "gpu": gpu, "evidence": (
+            f"low_gpu_utilization at step {observation.step}: the run's GPU {gpu} is {how} over the last "
+            f"{self.spec.window} readings ({figure}); try {advice}")})
+
+    def holding(self) -> bool:
+        return self.low
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"readings": [list(r) for r in self.readings], "last_reading": self.last_reading, "low": self.low}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.readings = deque(([float(v) for v in r] for r in state.get("readings", [])), maxlen=self.spec.window)
+        last = state.get("last_reading")
+        self.last_reading = float(last) if last is not None else None
+        self.low = bool(state.get("low", False))
+
+
 CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.VanishingGradient: VanishingGradientDetector, spec.ExplodingTensor: ExplodingTensorDetector,
     spec.WeightUpdateRatio: WeightUpdateRatioDetector, spec.AllZero: AllZeroDetector,
@@ -620,4 +822,5 @@ CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.Overfit: OverfitDetector, spec.Overtraining: OvertrainingDetector,
     spec.UnchangedTensor: UnchangedTensorDetector, spec.GpuMemoryIncrease: GpuMemoryIncreaseDetector,
     spec.StalledTraining: StalledTrainingDetector, spec.MaxInitializationTime: MaxInitializationTimeDetector,
+    spec.StepOutlier: StepOutlierDetector, spec.LowGpuUtilization: LowGpuUtilizationDetector,
 }

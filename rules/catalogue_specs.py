@@ -119,11 +119,35 @@ class MaxInitializationTime(SpecModel):
     threshold: float = Field(20.0, gt=0)
 
 
+class StepOutlier(SpecModel):
+    """At least ``n_outliers`` step times within the last ``window`` steps above median + ``stddev`` robust
+    sigmas (1.4826 x the median absolute deviation) of the steps before, outliers excluded; steps slow on a
+    fixed period (in-loop evaluation, checkpoints) are reported once, at info level, and not counted."""
+
+    type: Literal["step_outlier"]
+    stddev: float = Field(3.0, gt=0)
+    n_outliers: int = Field(10, ge=1, le=100_000)
+    window: int = Field(500, ge=50, le=100_000)  # ours: steps over which outliers are counted and the median taken
+
+
+class LowGpuUtilization(SpecModel):
+    """Over the last ``window`` GPU readings (about one a second) taken while the run steps: a GPU of the run
+    with p95 utilisation under ``threshold_p95`` (under-used), or over it with p5 under ``threshold_p5``
+    (fluctuating: the GPU waits on something in turns)."""
+
+    type: Literal["low_gpu_utilization"]
+    threshold_p95: float = Field(70.0, gt=0, le=100)
+    threshold_p5: float = Field(10.0, ge=0, le=100)
+    window: int = Field(500, ge=10, le=100_000)
+
+
 CatalogueSpecs = (VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound | LossNotDecreasing
-                  | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease | StalledTraining | MaxInitializationTime)
+                  | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease | StalledTraining | MaxInitializationTime
+                  | StepOutlier | LowGpuUtilization)
 CATALOGUE_SPECS: tuple[type[SpecModel], ...] = (VanishingGradient, ExplodingTensor, WeightUpdateRatio, AllZero,
                                                 InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor,
-                                                GpuMemoryIncrease, StalledTraining, MaxInitializationTime)
+                                                GpuMemoryIncrease, StalledTraining, MaxInitializationTime,
+                                                StepOutlier, LowGpuUtilization)
 
 #: what each catalogue rule reads, shown where a rule's metric is (decisions, alerts, `rules check`)
 IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tensor": "loss,grad_norm",
@@ -131,7 +155,8 @@ IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tenso
                    "input_bound": "data_wait_fraction", "loss_not_decreasing": "loss", "overfit": "loss,val_loss",
                    "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio",
                    "gpu_memory_increase": "cuda_memory_reserved_bytes", "stalled_training": "last_step_time",
-                   "max_initialization_time": "first_step_time"}
+                   "max_initialization_time": "first_step_time", "step_outlier": "step_duration_seconds",
+                   "low_gpu_utilization": "gpu_utilization_ratio"}
 
 
 def implied_metric(detect_type: object) -> str | None:

@@ -38,6 +38,10 @@ class TickObservation:
     last_step_t: float | None
     start_time: float | None  # the process's start (the run's metadata)
     ended: bool
+    #: the utilisation (0..1) of each GPU the run's ranks use, at the GPU collector's newest reading (taken at
+    #: ``gpu_reading_t``, the agent's clock; None: no reading)
+    gpu_utilization: tuple[float, ...] = ()
+    gpu_reading_t: float | None = None
 
 
 Observation = StepObservation | LayersRecord | TickObservation

@@ -20,5 +20,15 @@ bash scripts/setup.sh test
 bash scripts/check.sh  # ruff and mypy: the lint and type gate
 echo "==> running the tests"
 # two workers, one test file each at a time (a file's module fixtures are built once); GRADWATCH_TEST_WORKERS=0
-# runs in this process
-exec .venv/bin/python -m pytest -n "${GRADWATCH_TEST_WORKERS:-2}" --dist loadfile "$@"
+# runs in this process. Then, alone on the machine, the tests that judge step times: two workers with two torch
+# threads each on two cores make every step time erratic, which step_outlier rightly reports.
+# (exit status 5: that pass selected no test, which a path given in "$@" can do)
+status=0
+.venv/bin/python -m pytest -n "${GRADWATCH_TEST_WORKERS:-2}" --dist loadfile -m "not timing" "$@" || status=$?
+[ "$status" -eq 5 ] && status=0
+echo "==> the tests that judge step times, one at a time"
+timing=0
+.venv/bin/python -m pytest -n 0 -m timing "$@" || timing=$?
+[ "$timing" -eq 5 ] && timing=0
+[ "$status" -ne 0 ] && exit "$status"
+exit "$timing"

@@ -38,6 +38,7 @@ rules:
   - {name: overtraining, detect: {type: overtraining}}
   - {name: unchanged_tensor, detect: {type: unchanged_tensor}}
   - {name: gpu_memory_increase, detect: {type: gpu_memory_increase}}
+  - {name: step_outlier, detect: {type: step_outlier}}
 """
 EVERY = 10  # layer statistics every 10 steps: the tests' sampling cadence
 
@@ -219,6 +220,97 @@ def test_input_bound_when_the_loader_sleeps(tmp_path: Path) -> None:
     assert bound.details["value"] > 50 and "waited for data" in bound.details["evidence"]
 
 
+STEP_RULES = """
+rules:
+  - {name: step_outlier, detect: {type: step_outlier}}
+"""
+
+
+def _slowed_steps(steps: int, share: float, seed: int, first: int = 60) -> list[int]:
+    import random
+    draw = random.Random(seed)
+    return [step for step in range(first, steps + 1) if draw.random() < share]
+
+
+def _expected_outlier_firing(slowed: list[int], n: int = 10, window: int = 500) -> int:
+    """The step at which ``n`` of the slowed steps first fall within the last ``window`` steps."""
+    return next(s for k, s in enumerate(slowed) if k + 1 >= n and slowed[k + 1 - n] > s - window)
+
+
+def _sleeping_train(home: Path, steps: int, slowed: set[int], *, checkpoint_every: int = 0, width: int = 64,
+                    slow: float = 0.020) -> None:
+    """A loop whose step is mostly a 4 ms wait (what a GPU step costs the host), ``slow`` on the ``slowed`` steps;
+    every ``checkpoint_every`` steps it saves a real checkpoint of the model and its AdamW state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(slow if step in slowed else 0.004)
+        return torch.randn(8, width), torch.randn(8, 1)
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_every and step > 1 and (step - 1) % checkpoint_every == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, home / "last.ckpt")
+    home.mkdir(parents=True, exist_ok=True)
+    _train(home, model, batch, steps=steps, optimizer=opt, before_step=checkpoint)
+
+
+@pytest.mark.timing
+def test_step_outlier_when_steps_are_slowed_5x_at_random(tmp_path: Path) -> None:
+    """About 2 % of the steps take 5x as long (a noisy neighbour): the rule fires when 10 of them fall within
+    500 steps, at that step (or a slowed step or two sooner: the machine's own hiccups can count too)."""
+    slowed = _slowed_steps(800, 0.02, seed=0)
+    _sleeping_train(tmp_path, 800, set(slowed))
+    [fired] = _by_rule(_firings(tmp_path, STEP_RULES)[0])["step_outlier"]
+    expected = _expected_outlier_firing(slowed)
+    assert fired.step in slowed[slowed.index(expected) - 2:slowed.index(expected) + 1], (fired.step, expected)
+    assert fired.reason == "step_outlier" and fired.details["outliers"] >= 10
+    assert fired.details["evidence"].startswith(f"step_outlier at step {fired.step}: ")
+    assert "median" in fired.details["evidence"]
+
+
+@pytest.mark.timing
+def test_a_checkpoint_every_50_steps_is_periodic_news_not_outliers(tmp_path: Path) -> None:
+    """A real checkpoint every 50 steps makes the next step slow on a period: reported once, at info level, and
+    no step_outlier; random slow steps on top of it are still outliers."""
+    _sleeping_train(tmp_path / "a", 400, set(), checkpoint_every=50, width=2048)  # 4M parameters, 50 MB
+    decisions, state = _firings(tmp_path / "a", STEP_RULES)
+    [periodic] = _by_rule(decisions)["step_outlier"]
+    assert periodic.reason == "step_outlier_periodic" and periodic.details["period"] == 50
+    assert periodic.details["evidence"].startswith(f"step_outlier at step {periodic.step}: every 50 steps a step")
+    [alert] = AlertTracker(resolve_after=1e9).evaluate(state, periodic.t + 1)
+    assert alert.labels["severity"] == "info"
+
+    slowed = _slowed_steps(600, 0.04, seed=5)
+    _sleeping_train(tmp_path / "b", 600, set(slowed), checkpoint_every=50, width=2048, slow=0.15)  # ~5x a step
+    reasons = [d.reason for d in _by_rule(_firings(tmp_path / "b", STEP_RULES)[0])["step_outlier"]]
+    assert reasons == ["step_outlier_periodic", "step_outlier"]
+
+
+def test_step_outlier_at_exactly_the_limit_and_its_state_across_a_restart() -> None:
+    """Steps of 10 ms (+-1 ms): the limit is the largest of median + 3 robust sigma, 2x the median and the
+    median + 5 ms, i.e. exactly 20 ms here; 20 ms is no outlier, the next float past it is one. The detector's
+    state round-trips through JSON (the agent's checkpoint) and decides the same afterwards."""
+    import json
+
+    from gradwatch.rules.detector_base import StepObservation
+    detector = _detector("{type: step_outlier, n_outliers: 2, window: 100}")
+    durations = [0.009, 0.010, 0.011] * 20
+    for step, d in enumerate(durations, start=1):
+        assert detector.observe(StepObservation(step, float(step), {"step_duration_seconds": d})) is None
+    assert detector._limit(0.010) == 0.020
+    step = len(durations)
+    assert detector.observe(StepObservation(step + 1, 0.0, {"step_duration_seconds": 0.020})) is None
+    assert detector.observe(StepObservation(step + 2, 0.0, {"step_duration_seconds": math.nextafter(0.020, 1)})) \
+        is None  # the first outlier: n_outliers is 2
+    restored = _detector("{type: step_outlier, n_outliers: 2, window: 100}")
+    restored.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    for d in (detector, restored):
+        trigger = d.observe(StepObservation(step + 3, 0.0, {"step_duration_seconds": 0.05}))
+        assert trigger is not None and trigger.details["outliers"] == 2
+
+
 def test_loss_not_decreasing_when_the_optimizer_has_the_wrong_parameters(tmp_path: Path) -> None:
     """The classic: an optimizer built over another model's parameters. The loss stays where it started; the
     rule compares the mean of steps 1001-1100 with that of steps 1-100 (10 intervals of 100 earlier)."""
@@ -370,6 +462,7 @@ def _healthy_runs() -> dict[str, tuple[torch.nn.Module, Callable[[int], Any], Ca
             "transformer": (_TinyTransformer(), tokens, torch.nn.functional.cross_entropy, 50)}
 
 
+@pytest.mark.timing  # step_outlier is among them: alone on the machine (scripts/test.sh)
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
 def test_healthy_runs_fire_no_catalogue_rule(tmp_path: Path, kind: str) -> None:
     """2,000 steps at PyTorch's default initialisation, AdamW with a cosine schedule (the transformer with an
@@ -560,3 +653,92 @@ def test_a_real_agent_records_the_stall_it_sees(isolated_home: Path, agent_proce
         wait_until(stalled, timeout=30, what="the stall decision in events.jsonl")
     [event] = [e for e in gradwatch.read_run("paused", isolated_home).events if e.get("rule") == "stall"]
     assert event["step"] == 5 and event["details"]["evidence"].startswith("stalled_training at step 5")
+
+
+# -- the GPUs' utilisation (NVML faked: no GPU here; tests/support/fake_nvml.py) ----------------------------------
+def _gpu_ticks(detector: Any, readings: list[list[float]], *, stepping: bool = True) -> list[str]:
+    from gradwatch.rules.detector_base import TickObservation
+    reasons = []
+    for k, utilization in enumerate(readings):
+        now = 1000.0 + k
+        trigger = detector.observe(TickObservation(now=now, step=k + 1, last_step_t=now - (1 if stepping else 600),
+                                                   start_time=0.0, ended=False, gpu_utilization=tuple(utilization),
+                                                   gpu_reading_t=now))
+        if trigger is not None:
+            reasons.append(f"{k + 1}:{trigger.reason}")
+    return reasons
+
+
+def test_low_gpu_utilization_at_its_percentile_boundaries() -> None:
+    """window 20: p95 exactly threshold_p95 is not under-used, just under it is; p5 exactly threshold_p5 is not
+    fluctuating, just under it is (numpy's linear percentile); a second GPU of the run is judged on its own."""
+    detect = "{type: low_gpu_utilization, window: 20}"
+    steady = [[0.70]] * 20
+    assert _gpu_ticks(_detector(detect), steady) == []
+    assert _gpu_ticks(_detector(detect), [[math.nextafter(0.70, 0)]] * 20) == ["20:low_gpu_utilization:under-used"]
+    # threshold_p5 25 %: two readings at 25 % and 18 at 95 %: p5 (rank 0.95 of 19) is exactly 25 %, not under it
+    fluctuating = "{type: low_gpu_utilization, window: 20, threshold_p5: 25}"
+    assert _gpu_ticks(_detector(fluctuating), [[0.25]] * 2 + [[0.95]] * 18) == []
+    low = math.nextafter(0.25, 0)
+    assert _gpu_ticks(_detector(fluctuating), [[low]] * 2 + [[0.95]] * 18) == ["20:low_gpu_utilization:fluctuating"]
+    two = _gpu_ticks(_detector(detect), [[0.9, 0.3]] * 20)
+    assert two == ["20:low_gpu_utilization:under-used"]
+    detector = _detector(detect)
+    assert _gpu_ticks(detector, [[0.3]] * 19, stepping=False) == []  # a stall or an evaluation: not counted
+    assert len(detector.readings) == 0
+
+
+def _gpu_rule_firing(tmp_path: Path, device: str, gpus: Any = None) -> dict[str, Any]:
+    """A real in-process agent (its GPU collector replaced by ``gpus`` when given) with low_gpu_utilization at
+    window 10, and a real loop on ``device`` that sleeps 20 ms a step until the rule's event is in events.jsonl."""
+    from gradwatch.agent.daemon import Agent
+    from gradwatch.agent.settings import AgentConfig
+    from tests.conftest import wait_until
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: gpu, detect: {type: low_gpu_utilization, window: 10}}\n")
+    home = tmp_path / "home"
+    agent = Agent(AgentConfig(home=home, port=0, rules_file=rules))
+    if gpus is not None:
+        agent.gpus = agent.collector.gpus = gpus
+    agent.start()
+    try:
+        model = torch.nn.Linear(8, 1).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gradwatch.attach(model, opt, run="r", home=home, autostart_agent=False, flush_interval=0.01) as probe:
+            def fired() -> bool:
+                loss = model(torch.randn(4, 8, device=device)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                probe.log(loss=loss)
+                time.sleep(0.02)
+                return any(e.get("rule") == "gpu" for e in gradwatch.read_run("r", home).events)
+            wait_until(fired, timeout=120, what="the low_gpu_utilization decision in events.jsonl")
+    finally:
+        agent.stop()
+    [event] = [e for e in gradwatch.read_run("r", home).events if e.get("rule") == "gpu"]
+    return event
+
+
+def test_low_gpu_utilization_in_a_real_agent_with_a_faked_gpu(tmp_path: Path) -> None:
+    """The agent's own loop: its GPU collector (NVML faked, one GPU listing this process) reads 30 % while a real
+    loop steps; the rule (window 10) fires once, naming the GPU; the evidence is in events.jsonl."""
+    import os
+
+    from gradwatch.agent.gpus import GpuCollector
+    from tests.support.fake_nvml import FakeGpu, FakeNvml
+
+    event = _gpu_rule_firing(tmp_path, "cpu", GpuCollector(FakeNvml([FakeGpu(utilization=30, pids=[os.getpid()])]),
+                                                           every=0.1))
+    assert event["reason"] == "low_gpu_utilization:under-used"
+    assert "the run's GPU 0 is under-used over the last 10 readings (p95 30 % < threshold_p95 70 %)" in \
+        event["details"]["evidence"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU was lent to this task)")
+def test_low_gpu_utilization_on_a_real_gpu_that_mostly_waits(tmp_path: Path) -> None:
+    """On a GPU, with real NVML: a loop that sleeps 20 ms between tiny steps leaves its GPU under-used."""
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (the agent's GPU collector reads NVML through it)")
+    assert _gpu_rule_firing(tmp_path, "cuda")["reason"] == "low_gpu_utilization:under-used"

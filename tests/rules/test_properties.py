@@ -27,7 +27,7 @@ from gradwatch.rules import config as cfg
 from gradwatch.rules.catalogue_specs import CATALOGUE_SPECS
 from gradwatch.rules.clip import scaled_threshold
 from gradwatch.rules.config import parse_rules
-from gradwatch.rules.detector_base import StepObservation
+from gradwatch.rules.detector_base import StepObservation, TickObservation
 from gradwatch.rules.detectors import make_detector
 from gradwatch.rules.engine import RunRules
 from gradwatch.rules.lr import min_lr_for, reduced_lr
@@ -131,6 +131,12 @@ def observations(draw: st.DrawFn) -> list[Any]:
         out.append(StepObservation(step, float(step), {name: draw(VALUES) for name in names}))
         if draw(st.booleans()):
             out.append(draw(layer_samples(step)))
+        if draw(st.booleans()):  # the agent's clock, with the run's GPUs' readings
+            out.append(TickObservation(now=step + draw(st.floats(0, 1e4)), step=step, last_step_t=float(step),
+                                       start_time=draw(st.one_of(st.none(), st.floats(0, 10))),
+                                       ended=draw(st.booleans()),
+                                       gpu_utilization=tuple(draw(st.lists(VALUES, max_size=3))),
+                                       gpu_reading_t=draw(st.one_of(st.none(), st.floats(0, 1e4)))))
     return out
 
 
@@ -161,6 +167,8 @@ def test_the_engine_never_raises_on_any_accepted_catalogue_rule(spec: Any, seen:
     for observation in seen:
         if isinstance(observation, LayersRecord):
             decisions = rules.observe_layers(observation)
+        elif isinstance(observation, TickObservation):
+            decisions = rules.tick(observation)
         else:
             decisions = rules.observe(observation.step, observation.t, observation.values)
         for decision in decisions:
