@@ -22,12 +22,11 @@ what the previous one fired.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gradwatch.agent.faults import Stage
-from gradwatch.agent.links import AlertLinks
+from gradwatch.agent.links import AlertLinks, alert_name
 from gradwatch.agent.state import AgentState, RankState, RunStatus
 from gradwatch.rules.engine import RuleState
 from gradwatch.spool.records import SPIKE_SAMPLE_GAP
@@ -79,12 +78,6 @@ class Alert:
 def alert_key(labels: dict[str, str]) -> str:
     """What identifies an alert of the agent (the other labels follow from these)."""
     return "|".join(labels[k] for k in ("alertname", "run", "rank"))
-
-
-def alert_name(rule_name: str) -> str:
-    """``loss-spike`` -> ``GradwatchLossSpike``: Prometheus' naming, and the name of the Prometheus alert
-    (alerts/gradwatch.rules.yml) that watches the same thing at scrape resolution."""
-    return "Gradwatch" + "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]+", rule_name) if part)
 
 
 CHECK_AFTER_STEPS = 20  # the forward check runs a few steps after the non-finite one (the writer reads it first)

@@ -39,6 +39,7 @@ from gradwatch.spool.reader import (
 )
 from gradwatch.spool.records import (
     AckRecord,
+    ActivationsRecord,
     CheckpointRecord,
     EndRecord,
     LayersRecord,
@@ -471,8 +472,8 @@ class SpoolIngestor:
             state.apply(record)
             return
         observed = state.apply(record)
-        if rules is not None and isinstance(record, LayersRecord):  # the catalogue's layer rules
-            self.outbox.extend(rules.observe_layers(record, history=history))
+        if rules is not None and isinstance(record, (LayersRecord, ActivationsRecord)):  # the catalogue's samples
+            self.outbox.extend(rules.observe_sample(record, history=history))
             if rules.failures:
                 self._rules_failed(state, rules)
         if rules is not None and observed:

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from gradwatch.agent.alerts import alert_name
-from gradwatch.agent.links import AlertLinks
+from gradwatch.agent.links import AlertLinks, alert_name
+from gradwatch.rules.catalogue_specs import CATALOGUE_SPECS, catalogue_types
 from gradwatch.rules.config import default_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,6 +422,26 @@ def _agent_rules() -> dict[str, str]:
 _AGENT_STATE_ALERTS = {"GradwatchRunStalled", "GradwatchRunCrashed", "GradwatchRunFailed"}
 
 
+def _catalogue_runbooks(rules: dict[str, str]) -> list[tuple[str, str, str, str, str]]:
+    """A section per catalogue rule (named after it, as the defaults name them): what it computes, from its
+    parameter model's description; what to try is in each alert's summary."""
+    defaults = {rule.detect.type: rule for rule in default_rules().rules if rule.catalogue}
+    out = []
+    for model in CATALOGUE_SPECS:
+        kind = catalogue_types()[CATALOGUE_SPECS.index(model)]
+        name = alert_name(kind)
+        rule = defaults.get(kind)
+        severity = rule.alert if rule is not None and rule.alert != "none" else "warning"
+        sender = (f"the agent (rule `{rules[name]}` of the defaults, observing)" if name in rules else
+                  f"the agent, from a rule named `{kind}` with an alert severity (the defaults record it without one)")
+        meaning = " ".join((model.__doc__ or "").replace("``", "`").split())
+        out.append((name, severity, sender, f"{meaning} (SageMaker Debugger's `{kind}`: docs/rules.md, \"The "
+                    "catalogue\", says what ours counts and where it differs.)",
+                    "The alert's summary says what it measured against which threshold, since which step, and "
+                    "what to try; `gradwatch inspect RUN` shows the firing among the run's findings."))
+    return out
+
+
 def runbooks() -> str:
     """One section per alert, the target of its runbook_url: who sends it, when, what to do."""
     rules = _agent_rules()
@@ -438,6 +458,7 @@ def runbooks() -> str:
         if a.name == "GradwatchLossDivergence":  # the agent's own val_loss alerts follow the loss alerts
             for name, (severity, meaning, hint) in AGENT_ONLY.items():
                 entries.append((name, severity, f"the agent (rule `{rules[name]}`)", meaning, hint))
+    entries += _catalogue_runbooks(rules)
     out = []
     for name, severity, senders, meaning, hint in entries:
         out += [f"### `{name}`", "", f"**{severity}**, sent by {senders}.", "", f"**Fires when** {meaning}", "",

@@ -402,7 +402,7 @@ def rules_check(file: Path, home: Path | None, url: str | None) -> None:
     (a typo such as val_los would never fire)."""
     from rich.table import Table
 
-    from gradwatch.agent.alerts import alert_name
+    from gradwatch.agent.links import alert_name
     from gradwatch.rules import load_rules
     from gradwatch.status import make_console
 

@@ -203,6 +203,8 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
                 loss = loss * float("nan")  # one bad batch: the skip-step guard keeps it out of the weights
             optimizer.zero_grad()
             loss.backward()
+            if steps_per_second > 0:  # the pace is the step's compute (what a GPU step costs), not a wait for data
+                time.sleep(max(0.0, started + (step + 1) / steps_per_second - time.monotonic()))
             optimizer.step()
             values = {"loss": loss, "batch_size": len(xb)}
             if (step + 1) % VAL_EVERY == 0:
@@ -225,8 +227,6 @@ def run_demo(home: Path | None, steps: int, steps_per_second: float, live: bool 
             elif not live and snap.step % max(1, steps // 20) == 0:
                 console.print(f"step {snap.step:5d}/{steps}  loss {float(loss.detach()):10.4g}  lr {snap.lr:.3g}  "
                               f"{_strip_markup(snap.phase)}")
-            if steps_per_second > 0:
-                time.sleep(max(0.0, started + snap.step / steps_per_second - time.monotonic()))
     probe.close()
     _finish(console, url, probe.run, probe.step, layout)
 

@@ -9,7 +9,7 @@ from gradwatch.history import RankHistory
 from gradwatch.rules.catalogue_specs import catalogue_rules_text
 from gradwatch.rules.config import RulesConfig, parse_rules
 from gradwatch.rules.engine import Decision, RunRules
-from gradwatch.spool.records import LayersRecord, StepRecord
+from gradwatch.spool.records import ActivationsRecord, LayersRecord, StepRecord
 
 
 def catalogue() -> RulesConfig:
@@ -23,8 +23,8 @@ def replay(rank: RankHistory, config: RulesConfig | None = None) -> list[Decisio
     out: list[Decision] = []
     for record in rank.records:
         observed = state.apply(record)
-        if isinstance(record, LayersRecord):
-            out += rules.observe_layers(record)
+        if isinstance(record, (LayersRecord, ActivationsRecord)):
+            out += rules.observe_sample(record)
         if observed:
             optimizer = record.opt if isinstance(record, StepRecord) and record.opt else "0"
             out += rules.observe(record.step, record.t, observed, optimizer)

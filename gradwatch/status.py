@@ -228,4 +228,24 @@ def print_runs(runs: list[dict[str, Any]], source: str, show: Sequence[str] = ()
                         if a["severity"] in ("critical", "warning", "info") else 3):
             style = colour.get(a["severity"], "blue")
             console.print(f"  [{style}]{a['severity']:8s}[/] {a['alertname']}: {a['summary']}", soft_wrap=True)
+    diagnoses = diagnoses_of(runs)
+    if diagnoses:
+        console.print(f"[bold]{len(diagnoses)} diagnosis(es)[/] (the catalogue's rules: docs/rules.md)")
+        for name, text in diagnoses:
+            console.print(f"  {name}: {text}", soft_wrap=True)
     console.print(f"[dim]from {source}[/]", soft_wrap=True)
+
+
+def diagnoses_of(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The newest firing of each catalogue rule of each run, in words (its evidence), unless an alert firing
+    now says it already."""
+    said = {str(a.get("summary", "")) for entry in runs for a in entry.get("alerts") or []}
+    out = []
+    for run in runs:
+        newest: dict[str, str] = {}
+        for decision in (run.get("rules") or {}).get("recent_decisions") or []:
+            evidence = decision.get("evidence")
+            if isinstance(evidence, str) and evidence:
+                newest[str(decision.get("rule"))] = evidence
+        out += [(run["run"], text) for text in newest.values() if not any(text in summary for summary in said)]
+    return out

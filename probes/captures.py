@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from gradwatch.probes import readback
+from gradwatch.probes.activations import ActivationsCapture
 from gradwatch.spool.records import (
     AckRecord,
     AckStatus,
+    ActivationsRecord,
     CheckpointRecord,
     LayersRecord,
     LogRecord,
@@ -64,12 +66,13 @@ class LayersCapture(NamedTuple):
 
 
 # a checkpoint has no device values; ForwardFlags (nonfinite.py) are a forward check's
-Capture = StepCapture | LogCapture | AckCapture | LayersCapture | CheckpointRecord | readback.Deferred
+Capture = (StepCapture | LogCapture | AckCapture | LayersCapture | ActivationsCapture | CheckpointRecord
+           | readback.Deferred)
 
 
-def _measured(values: list[float]) -> list[float | None]:
+def _measured(values: list[float] | list[float | None]) -> list[float | None]:
     """None for a layer the sample has no figure of (NaN: no gradient at that step, a frozen layer)."""
-    return [None if v != v else v for v in values]
+    return [None if v is None or v != v else v for v in values]
 
 
 def _resolve_values(values: dict[str, Any], unreadable: list[tuple[str, str]] | None) -> dict[str, float] | None:
@@ -162,9 +165,30 @@ def to_record(item: Capture, logged: LogCapture | None = None,
                             grad_abs_mean=_measured(vector[n:2 * n]), grad_zero_fraction=_measured(vector[2 * n:3 * n]),
                             update_ratio={names[layer]: ratio for layer, ratio in zip(item.covered, vector[3 * n:],
                                                                                          strict=False)})
+    if isinstance(item, ActivationsCapture):
+        return _activations(item)
     if isinstance(item, CheckpointRecord):
         return item
     if isinstance(item, readback.Deferred):  # a forward check's flags: its NonFiniteRecord once read
         record = item.resolve()
         return None if record is readback.NOT_READY else record
     raise TypeError(f"not a capture: {type(item).__name__}")
+
+
+def _activations(item: ActivationsCapture) -> ActivationsRecord | None:
+    vector = readback.resolve(item.vector)
+    if vector is readback.NOT_READY:
+        return None
+    shares, at = [], 0
+    for count in item.shares:
+        shares.append([min(max(v, 0.0), 1.0) for v in vector[at:at + count]])
+        at += count
+    n = len(item.modules)
+    totals, squares = vector[at:at + n], vector[at + n:at + 2 * n]
+    means = [total / size if size else None for total, size in zip(totals, item.elements, strict=True)]
+    spread = [square / size - mean * mean if size and mean is not None else None
+              for square, size, mean in zip(squares, item.elements, means, strict=True)]
+    return ActivationsRecord(step=item.step, t=item.t, modules=list(item.modules), kinds=list(item.kinds),
+                             feeders=list(item.feeders), units=list(item.units), samples=list(item.samples),
+                             shares=shares, input_mean=_measured(means), input_var=_measured(
+                                 [max(v, 0.0) if v is not None and v == v else v for v in spread]))

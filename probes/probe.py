@@ -23,6 +23,7 @@ import torch
 from gradwatch.errors import StopTraining
 from gradwatch.probes import graph_capture, readback
 from gradwatch.probes.acting import Actuator
+from gradwatch.probes.activations import ActivationsCapture, ActivationStats, compiled
 from gradwatch.probes.autostart import ensure_agent
 from gradwatch.probes.batch_size import SampleCounter
 from gradwatch.probes.captures import LayersCapture, LogCapture, StepCapture
@@ -116,7 +117,9 @@ class Probe:
         self._last_step_end: float | None = None
         self._data_wait: float | None = None
         self._awaiting_forward = False
-        self._held_layers: LayersCapture | None = None
+        # a sampled step's layer and activation samples, queued at the next step (or close), so that probe.log()
+        # right after the step still joins the step's record (the writer merges neighbours)
+        self._held: list[LayersCapture | ActivationsCapture] = []
         self._layers_measured = False  # this step's per-layer norms were taken (before the script's clip)
         self._clip_norm: tuple[torch.Tensor, int, float | None] | None = None  # the script's clip_grad_norm_
         self._pending_script_clip: float | None = None  # its max_norm, when its result is the recorded norm
@@ -148,6 +151,12 @@ class Probe:
         self._layers = LayerStats(model, watched, settings.layer_stats_every) \
             if model is not None and watched is not None and settings.layer_stats_every else None
         self._layer_step = settings.layer_stats_every if self._layers is not None else 0  # next sampled (0: never)
+        # activation statistics at the layer samples' steps and at step 1 (an initialisation shows there); not
+        # for a compiled model, whose forward a hook added or removed would recompile
+        self._activations = ActivationStats(model) if self._layers is not None and model is not None \
+            and not compiled(model) else None
+        if self._activations is not None:
+            self._activations.arm()
         actuator = None
         if self._grad_norm is not None and watched is not None:
             guards = GradientGuards(self.rules.guards, self.rules.dry_run)
@@ -192,6 +201,20 @@ class Probe:
         self._runtime.opened(self)
 
     # -- public API ---------------------------------------------------------------------------
+    def watch_activation(self, x: torch.Tensor, name: str, kind: str = "relu") -> None:
+        """Count ``x`` as the input of an activation called ``name`` at the sampled steps, as the hooks on
+        ``nn.ReLU``-like modules do (for ``torch.nn.functional`` users: ``probe.watch_activation(h, "mlp.act")``
+        before ``F.relu(h)``). ``kind``: relu, gelu, silu, tanh or sigmoid. Costs one check on other steps."""
+        activations = self._activations
+        if activations is None or not activations.armed or _is_compiling() or not torch.is_grad_enabled():
+            return
+        if kind not in ("relu", "gelu", "silu", "tanh", "sigmoid"):
+            raise ValueError(f"watch_activation: kind {kind!r} is not one of relu, gelu, silu, tanh, sigmoid")
+        try:
+            activations.observe(x, name, kind, module_feeder=activations.last_feeder)
+        except Exception as exc:
+            self.report_internal_error("activation_stats", exc)
+
     def log(self, **scalars: Any) -> None:
         """Record named scalars (floats, ints or one-element tensors) for the current step.
 
@@ -481,8 +504,9 @@ class Probe:
         self._closed = True
         if end is EndStatus.FINISHED and self.should_stop:
             end, error = EndStatus.STOPPED, self.stop_reason  # the run ended because a rule stopped it
-        if self._held_layers is not None:
-            self._queue.put(self._held_layers)
+        for item in self._held:
+            self._queue.put(item)
+        self._held = []
         self._commands.run_ended()
         if self._actuator is not None:
             self._actuator.lr_cut.close()
@@ -491,6 +515,8 @@ class Probe:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._activations is not None and self._activations.armed:
+            self._activations.disarm(self.step, 0.0)  # the run ends: its hooks go, what they counted too
         if self._listening is not None:
             from gradwatch.probes import interceptors
 
@@ -540,9 +566,10 @@ class Probe:
                 self._before_step()
 
     def _before_step(self) -> None:
-        if self._held_layers is not None:
-            self._queue.put(self._held_layers)
-            self._held_layers = None
+        if self._held:
+            for item in self._held:
+                self._queue.put(item)
+            self._held = []
         if self.step + 1 == self._layer_step and not self._layers_measured:
             self._measure_layers()  # before the guards, which may clip or hide the gradients
         try:
@@ -663,6 +690,8 @@ class Probe:
                     logged["batch_size"] = samples
                 if logged:
                     self.log(**logged)
+            if self._activations is not None:
+                self._sample_activations(item.t)
             if self.step == self._layer_step:
                 if skipped:  # the layers were not measured before this step: sample the next one instead
                     self._layer_step += self._layers.every  # type: ignore[union-attr]
@@ -679,6 +708,24 @@ class Probe:
         except Exception as exc:
             self.report_internal_error("step", exc)
 
+    def _sample_activations(self, t: float) -> None:
+        """After a step: what its forward passes' activations counted, if they were hooked; hook them for the
+        next step if it is sampled."""
+        activations = self._activations
+        try:
+            if activations.armed:  # type: ignore[union-attr]
+                item = activations.disarm(self.step, t)  # type: ignore[union-attr]
+                if item is not None:
+                    self._held.append(item)
+            if activations.under_compile:  # type: ignore[union-attr]
+                self._activations = None  # (docs/rules.md: compiled models have no activation samples)
+                return
+            if self.step + 1 == self._layer_step:
+                activations.arm()  # type: ignore[union-attr]
+        except Exception as exc:
+            self._activations = None  # off for the rest of the run: its hooks must not fail every step
+            self.report_internal_error("activation_stats", exc)
+
     def _record_layers(self, t: float) -> None:
         self._layer_step += self._layers.every  # type: ignore[union-attr]
         try:
@@ -686,8 +733,8 @@ class Probe:
         except Exception as exc:
             self.report_internal_error("layer_stats", exc)
             return
-        # queued at the next step (or close), so that probe.log() right after this step still joins the step record
-        self._held_layers = item
+        if item is not None:
+            self._held.append(item)
 
     def report_internal_error(self, where: str, exc: Exception) -> None:
         """A failure of gradwatch's own code around the training (hooks, wrappers): counted, reported once."""

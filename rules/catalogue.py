@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from gradwatch.rules import catalogue_specs as spec
 from gradwatch.rules.detector_base import Detector, Observation, StepObservation, TickObservation, Trigger
-from gradwatch.spool.records import LayersRecord
+from gradwatch.spool.records import ActivationsRecord, LayersRecord
 
 #: vanishing_gradient: a layer's mean |gradient| under the threshold is a vanishing gradient when another layer's
 #: is this many times larger (gradients that are small everywhere are a converged model, not a broken flow)
@@ -815,6 +815,197 @@ class LowGpuUtilizationDetector(Detector):
         self.low = bool(state.get("low", False))
 
 
+class _ActivationRule(Detector):
+    """A rule judged per activation module at each activation sample (step 1 and the layer samples' steps);
+    fires when a module starts to break it (once per module and episode), holds while any does."""
+
+    inputs: ClassVar[frozenset[str]] = frozenset({"activations"})
+    reason: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.offending: dict[str, int] = {}  # module -> the sampled step since which it breaks the rule
+
+    def figure(self, record: ActivationsRecord, index: int) -> float:
+        """The share (0..1) of the module's units that are idle."""
+        raise NotImplementedError
+
+    def evidence(self, record: ActivationsRecord, index: int, figure: float, since: int, others: int) -> str:
+        raise NotImplementedError
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if not isinstance(observation, ActivationsRecord):
+            return None
+        record, step = observation, observation.step
+        found: dict[str, tuple[int, float]] = {}
+        for index, (module, kind) in enumerate(zip(record.modules, record.kinds, strict=False)):
+            if kind in self.kinds and index < len(record.shares) and record.shares[index]:
+                figure = self.figure(record, index)
+                if 100.0 * figure > self.spec.threshold_layer:
+                    found[module] = (index, figure)
+        found = dict(sorted(found.items(), key=lambda item: -item[1][1]))
+        new = [module for module in found if module not in self.offending]
+        self.offending = {module: self.offending.get(module, step) for module in found}
+        if not new:
+            return None
+        module = new[0]
+        index, figure = found[module]
+        feeder = record.feeders[index] if index < len(record.feeders) else ""
+        text = self.evidence(record, index, figure, self.offending[module], len(found) - 1)
+        return Trigger(self.reason, {"layer": module, "feeder": feeder, "value": 100.0 * figure,
+                                     "layers": new[:SHOWN_LAYERS], "since": self.offending[module], "evidence": text})
+
+    def holding(self) -> bool:
+        return bool(self.offending)
+
+
+def _unit_word(record: ActivationsRecord, index: int) -> str:
+    units = record.units[index] if index < len(record.units) else 0
+    return f"{units} units" if units else "units"
+
+
+def _fed_by(record: ActivationsRecord, index: int) -> str:
+    feeder = record.feeders[index] if index < len(record.feeders) else ""
+    return f"`{feeder}`" if feeder else "the layer before it"
+
+
+class DeadReluDetector(_ActivationRule):
+    """A unit is a feature of a linear layer's output or a channel of a convolution's; its activity is the share
+    of (sample, position) pairs of the sampled step's training forward passes where its input is positive."""
+
+    reason = "dead_relu"
+    kinds = frozenset({"relu"})
+
+    def figure(self, record: ActivationsRecord, index: int) -> float:
+        return record.share_below(index, self.spec.threshold_inactivity / 100.0)
+
+    def evidence(self, record: ActivationsRecord, index: int, figure: float, since: int, others: int) -> str:
+        return (f"dead_relu at step {record.step}: {100 * figure:.0f} % of `{record.modules[index]}`'s "
+                f"{_unit_word(record, index)} active in < {self.spec.threshold_inactivity:g} % of samples"
+                f"{_since(record.step, since)} (threshold_layer {self.spec.threshold_layer:g} %)"
+                f"{_and_others(others)}; try a lower learning rate, LeakyReLU or GELU, or check the initialisation "
+                f"(and the bias) of {_fed_by(record, index)}")
+
+
+class SaturatedActivationDetector(_ActivationRule):
+    """A tanh or sigmoid unit is saturated (inactive) when its input is beyond the bounds, where the gradient is
+    under 1e-7, in more than ``threshold_inactivity`` % of its pairs: a healthy unit never gets there."""
+
+    reason = "saturated_activation"
+    kinds = frozenset({"tanh", "sigmoid"})
+
+    def figure(self, record: ActivationsRecord, index: int) -> float:
+        return record.share_above(index, self.spec.threshold_inactivity / 100.0)
+
+    def evidence(self, record: ActivationsRecord, index: int, figure: float, since: int, others: int) -> str:
+        kind = record.kinds[index]
+        low, high = ((self.spec.threshold_tanh_min, self.spec.threshold_tanh_max) if kind == "tanh" else
+                     (self.spec.threshold_sigmoid_min, self.spec.threshold_sigmoid_max))
+        return (f"saturated_activation at step {record.step}: {100 * figure:.0f} % of `{record.modules[index]}`'s "
+                f"{_unit_word(record, index)} ({kind}) have inputs outside [{low:g}, {high:g}] in over "
+                f"{self.spec.threshold_inactivity:g} % of samples{_since(record.step, since)} (threshold_layer "
+                f"{self.spec.threshold_layer:g} %){_and_others(others)}; try normalising the inputs of "
+                f"{_fed_by(record, index)} (LayerNorm, BatchNorm), a smaller initialisation or learning rate, or a "
+                "ReLU-like activation")
+
+
+#: poor_weight_initialization: p95 - p5 of a zero-mean normal distribution is 3.29 sigma, and its mean absolute
+#: value sigma x sqrt(2 / pi): the spread estimated from the layer sample's mean |gradient|
+GRADIENT_SPREAD_PER_ABS_MEAN = 3.29 * math.sqrt(math.pi / 2)
+
+
+class PoorWeightInitializationDetector(Detector):
+    """(a) At the first ``steps`` activation samples (step 1 is one): the input variance of each activation
+    module against the module of the same kind before it in the forward pass; PyTorch's default initialisation
+    shrinks a ReLU MLP's variance about 6x a layer (so smdebug's max/min over all layers exceeds 10 in any
+    healthy MLP over 3 layers deep): a jump between neighbours over ``threshold`` is a layer initialised at
+    another scale. (b) At the first ``steps`` layer samples: every feeding layer's gradient spread under
+    ``distribution_range`` while the loss (its mean between layer samples) has not decreased within
+    ``patience`` samples: gradients too narrow to learn. Fires once."""
+
+    inputs = frozenset({"activations", "layers", "step"})
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.activation_samples = 0
+        self.layer_samples = 0
+        self.feeders: list[str] = []
+        self.loss_total, self.loss_count = 0.0, 0
+        self.means: list[float] = []  # the loss's mean between layer samples
+        self.fired = False
+
+    def observe(self, observation: Observation) -> Trigger | None:
+        if self.fired:
+            return None
+        if isinstance(observation, StepObservation):
+            loss = observation.values.get("loss")
+            if loss is not None and math.isfinite(loss):
+                self.loss_total += loss
+                self.loss_count += 1
+            return None
+        if isinstance(observation, ActivationsRecord):
+            self.activation_samples += 1
+            self.feeders = sorted({f for f in observation.feeders if f})[:1000]
+            return self._variance(observation) if self.activation_samples <= self.spec.steps else None
+        if isinstance(observation, LayersRecord) and not observation.trigger:
+            self.layer_samples += 1
+            if self.loss_count:
+                self.means.append(self.loss_total / self.loss_count)
+                self.loss_total, self.loss_count = 0.0, 0
+            return self._narrow(observation) if self.layer_samples <= self.spec.steps else None
+        return None
+
+    def _variance(self, record: ActivationsRecord) -> Trigger | None:
+        before: dict[str, tuple[str, float]] = {}  # kind -> the last module of that kind and its input variance
+        worst: tuple[float, int, str, float, float] | None = None
+        for index, (module, kind) in enumerate(zip(record.modules, record.kinds, strict=False)):
+            var = record.input_var[index] if index < len(record.input_var) else None
+            if var is None or not math.isfinite(var) or var <= 0:
+                continue
+            if kind in before:
+                previous, previous_var = before[kind]
+                ratio = max(var, previous_var) / min(var, previous_var)
+                if ratio > self.spec.threshold and (worst is None or ratio > worst[0]):
+                    worst = (ratio, index, previous, previous_var, var)
+            before[kind] = (module, var)
+        if worst is None:
+            return None
+        self.fired = True
+        ratio, index, previous, previous_var, var = worst
+        module = record.modules[index]
+        return Trigger("poor_weight_initialization", {"layer": module, "feeder": record.feeders[index]
+                                                      if index < len(record.feeders) else "", "value": ratio,
+                                                      "evidence": (
+            f"poor_weight_initialization at step {record.step}: the input variance of `{module}` is {var:.3g}, "
+            f"{ratio:.3g}x that of `{previous}` before it ({previous_var:.3g}; threshold {self.spec.threshold:g}); "
+            f"try: check the initialisation of {_fed_by(record, index)} (its scale, a custom init that "
+            "multiplies), or PyTorch's default / kaiming initialisation")})
+
+    def _narrow(self, record: LayersRecord) -> Trigger | None:
+        means = self.means
+        patience = self.spec.patience
+        if len(means) <= patience or min(means[-patience:]) < min(means[:-patience]):
+            return None  # too soon to say, or the loss decreased within patience
+        feeders = set(self.feeders)
+        spreads = {name: GRADIENT_SPREAD_PER_ABS_MEAN * v for name, v in _finite(record.layers,
+                                                                                record.grad_abs_mean).items()
+                   if name in feeders}
+        if not spreads or max(spreads.values()) >= self.spec.distribution_range:
+            return None
+        self.fired = True
+        widest = max(spreads, key=spreads.__getitem__)
+        return Trigger("poor_weight_initialization:narrow_gradients", {"layer": widest, "value": spreads[widest],
+                                                                       "evidence": (
+            f"poor_weight_initialization at step {record.step}: the gradients of every weight matrix are narrow "
+            f"(p95 - p5 at most {spreads[widest]:.3g}, at `{widest}`; distribution_range "
+            f"{self.spec.distribution_range:g}) and the loss has not decreased in {patience} samples; try a "
+            "larger initialisation (PyTorch's default, kaiming) or a higher learning rate")})
+
+    def holding(self) -> bool:
+        return False
+
+
 CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.VanishingGradient: VanishingGradientDetector, spec.ExplodingTensor: ExplodingTensorDetector,
     spec.WeightUpdateRatio: WeightUpdateRatioDetector, spec.AllZero: AllZeroDetector,
@@ -823,4 +1014,6 @@ CATALOGUE_DETECTORS: dict[type[Any], Callable[[Any], Detector]] = {
     spec.UnchangedTensor: UnchangedTensorDetector, spec.GpuMemoryIncrease: GpuMemoryIncreaseDetector,
     spec.StalledTraining: StalledTrainingDetector, spec.MaxInitializationTime: MaxInitializationTimeDetector,
     spec.StepOutlier: StepOutlierDetector, spec.LowGpuUtilization: LowGpuUtilizationDetector,
+    spec.DeadRelu: DeadReluDetector, spec.SaturatedActivation: SaturatedActivationDetector,
+    spec.PoorWeightInitialization: PoorWeightInitializationDetector,
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gradwatch.rules.spec_base import SpecModel
 
@@ -141,13 +141,63 @@ class LowGpuUtilization(SpecModel):
     window: int = Field(500, ge=10, le=100_000)
 
 
+class DeadRelu(SpecModel):
+    """More than ``threshold_layer`` percent of a ReLU module's units are active (a positive input) in fewer
+    than ``threshold_inactivity`` percent of their (sample, position) pairs, at an activation sample."""
+
+    type: Literal["dead_relu"]
+    threshold_inactivity: float = Field(1.0, ge=0, le=100)
+    threshold_layer: float = Field(50.0, ge=0, lt=100)
+
+
+#: smdebug's saturation bounds, which the probe counts at (probes/activations.py)
+SATURATION_BOUNDS = {"threshold_tanh_min": -9.4999, "threshold_tanh_max": 9.4999, "threshold_sigmoid_min": -23.0,
+                     "threshold_sigmoid_max": 16.99999}
+
+
+class SaturatedActivation(SpecModel):
+    """More than ``threshold_layer`` percent of a tanh or sigmoid module's units have their input beyond the
+    bounds (a gradient under 1e-7) in more than ``threshold_inactivity`` percent of their pairs."""
+
+    type: Literal["saturated_activation"]
+    threshold_tanh_min: float = -9.4999
+    threshold_tanh_max: float = 9.4999
+    threshold_sigmoid_min: float = -23.0
+    threshold_sigmoid_max: float = 16.99999
+    threshold_inactivity: float = Field(1.0, ge=0, le=100)
+    threshold_layer: float = Field(50.0, ge=0, lt=100)
+
+    @model_validator(mode="after")
+    def _the_probes_bounds(self) -> SaturatedActivation:
+        other = {k: getattr(self, k) for k, v in SATURATION_BOUNDS.items() if getattr(self, k) != v}
+        if other:
+            raise ValueError(f"{', '.join(other)}: the probe counts saturated inputs at smdebug's bounds (tanh "
+                             "-9.4999 / 9.4999, sigmoid -23 / 16.99999, where the float32 gradient is under 1e-7); "
+                             "other bounds are not supported: leave these parameters out")
+        return self
+
+
+class PoorWeightInitialization(SpecModel):
+    """Within the first ``steps`` activation samples: the variance of an activation's input over that of the
+    activation of its kind before it (or the inverse) above ``threshold``; or, within the first ``steps`` layer
+    samples, every weight matrix's gradient spread (p95 - p5, estimated) under ``distribution_range`` while
+    the training loss has not decreased within ``patience`` samples."""
+
+    type: Literal["poor_weight_initialization"]
+    threshold: float = Field(10.0, gt=1)
+    distribution_range: float = Field(0.001, ge=0)
+    patience: int = Field(5, ge=1, le=10_000)
+    steps: int = Field(10, ge=1, le=10_000)
+
+
 CatalogueSpecs = (VanishingGradient | ExplodingTensor | WeightUpdateRatio | AllZero | InputBound | LossNotDecreasing
                   | Overfit | Overtraining | UnchangedTensor | GpuMemoryIncrease | StalledTraining | MaxInitializationTime
-                  | StepOutlier | LowGpuUtilization)
+                  | StepOutlier | LowGpuUtilization | DeadRelu | SaturatedActivation | PoorWeightInitialization)
 CATALOGUE_SPECS: tuple[type[SpecModel], ...] = (VanishingGradient, ExplodingTensor, WeightUpdateRatio, AllZero,
                                                 InputBound, LossNotDecreasing, Overfit, Overtraining, UnchangedTensor,
                                                 GpuMemoryIncrease, StalledTraining, MaxInitializationTime,
-                                                StepOutlier, LowGpuUtilization)
+                                                StepOutlier, LowGpuUtilization, DeadRelu, SaturatedActivation,
+                                                PoorWeightInitialization)
 
 #: what each catalogue rule reads, shown where a rule's metric is (decisions, alerts, `rules check`)
 IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tensor": "loss,grad_norm",
@@ -156,7 +206,9 @@ IMPLIED_METRICS = {"vanishing_gradient": "layer_grad_abs_mean", "exploding_tenso
                    "overtraining": "loss,val_loss", "unchanged_tensor": "layer_update_ratio",
                    "gpu_memory_increase": "cuda_memory_reserved_bytes", "stalled_training": "last_step_time",
                    "max_initialization_time": "first_step_time", "step_outlier": "step_duration_seconds",
-                   "low_gpu_utilization": "gpu_utilization_ratio"}
+                   "low_gpu_utilization": "gpu_utilization_ratio", "dead_relu": "activation_active_share",
+                   "saturated_activation": "activation_saturated_share",
+                   "poor_weight_initialization": "activation_input_variance,layer_grad_abs_mean,loss"}
 
 
 def implied_metric(detect_type: object) -> str | None:
@@ -164,11 +216,14 @@ def implied_metric(detect_type: object) -> str | None:
     return IMPLIED_METRICS.get(detect_type) if isinstance(detect_type, str) else None
 
 
+def catalogue_types() -> list[str]:
+    """The catalogue's detector types (smdebug's rule names), in the order above."""
+    return [model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]  # Literal["name"]
+            for model in CATALOGUE_SPECS]
+
+
 def catalogue_rules_text() -> str:
     """A rules file of the whole catalogue at smdebug's defaults, each rule named after its type, observing:
     what ``gradwatch inspect`` runs over a recorded run."""
-    lines = ["rules:"]
-    for model in CATALOGUE_SPECS:
-        kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]  # Literal["name"]
-        lines.append(f"  - {{name: {kind}, detect: {{type: {kind}}}, alert: none}}")
+    lines = ["rules:"] + [f"  - {{name: {kind}, detect: {{type: {kind}}}, alert: none}}" for kind in catalogue_types()]
     return "\n".join(lines) + "\n"

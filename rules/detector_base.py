@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from gradwatch.spool.records import LayersRecord
+from gradwatch.spool.records import ActivationsRecord, LayersRecord
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,12 @@ class TickObservation:
     gpu_reading_t: float | None = None
 
 
-Observation = StepObservation | LayersRecord | TickObservation
+Observation = StepObservation | LayersRecord | ActivationsRecord | TickObservation
 
 
 class Detector:
-    #: what a catalogue detector reads ("step", "layers", "tick"); empty: one metric's values, through update()
+    #: what a catalogue detector reads ("step", "layers", "activations", "tick"); empty: one metric's values,
+    #: through update()
     inputs: ClassVar[frozenset[str]] = frozenset()
 
     def update(self, value: float) -> Trigger | None:

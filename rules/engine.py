@@ -19,7 +19,7 @@ from typing import Any
 from gradwatch.rules.config import Rule, RulesConfig
 from gradwatch.rules.detector_base import Observation, StepObservation, TickObservation, Trigger
 from gradwatch.rules.detectors import Detector, make_detector
-from gradwatch.spool.records import LayersRecord
+from gradwatch.spool.records import ActivationsRecord, LayersRecord
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -170,11 +170,12 @@ class RunRules:
                 self._run_rule(out, name, state, step, t, history, value=values[rule.metric])
         return out
 
-    def observe_layers(self, record: LayersRecord, history: bool = False) -> list[Decision]:
-        """Feed a layer sample of rank 0 to the catalogue rules that read layers."""
+    def observe_sample(self, record: LayersRecord | ActivationsRecord, history: bool = False) -> list[Decision]:
+        """Feed a layer or activation sample of rank 0 to the catalogue rules that read them."""
         out: list[Decision] = []
+        kind = "layers" if isinstance(record, LayersRecord) else "activations"
         for name, state in self.states.items():
-            if "layers" in state.detector.inputs and record.step >= state.rule.start_step and not state.failed:
+            if kind in state.detector.inputs and record.step >= state.rule.start_step and not state.failed:
                 self._run_rule(out, name, state, record.step, record.t, history, observation=record)
         return out
 
@@ -227,8 +228,10 @@ class RunRules:
                             rule=name, metric=rule.metric, action=action, mode=mode, reason=trigger.reason,
                             step=step, t=t, details=dict(trigger.details), optimizer=rule.optimizer,
                             target=rule.optimizer if "optimizer" in rule.model_fields_set else "", history=history)
+        evidence = trigger.details.get("evidence")
         self.recent = (self.recent + [{"id": decision.id, "rule": name, "action": action["type"], "mode": mode,
-                                       "reason": trigger.reason, "step": step}])[-10:]
+                                       "reason": trigger.reason, "step": step,
+                                       **({"evidence": evidence[:1000]} if isinstance(evidence, str) else {})}])[-10:]
         if decision.acts and action["type"] in TRAJECTORY_ACTIONS and not history:
             self.awaiting[name] = decision.id
         return decision

@@ -9,7 +9,7 @@ from pathlib import Path
 
 FORMAT_NAME = "gradwatch-spool"
 #: major.minor. A reader refuses a newer *major*; a newer minor only adds fields.
-FORMAT_VERSION = "1.8"
+FORMAT_VERSION = "1.9"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(meta\.json|records\.jsonl)$")

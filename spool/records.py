@@ -39,6 +39,7 @@ MAX_UUID = 80  # characters of a GPU UUID or a pid namespace
 MAX_GPUS = 64  # GPUs one process uses
 MAX_ORIGIN_PARAMS = 64  # parameter names a nonfinite record lists
 SPIKE_SAMPLE_GAP = 10  # (1.8) steps at least between two on-trigger layer samples: a spike stretch has its first's
+MAX_UNIT_SHARES = 256  # (1.9) unit shares an activations record keeps per module
 MAX_INT = 2**63 - 1  # steps, counters: what a signed 64-bit field holds
 
 
@@ -53,6 +54,7 @@ class RecordKind(str, enum.Enum):
     CHECKPOINT = "checkpoint"  # the script saved the probe's state (probe.state_dict()) after this step (1.5)
     RESUME = "resume"  # a new process continues the run from a saved state: the next step is step + 1 (1.5)
     NONFINITE = "nonfinite"  # where a non-finite gradient or forward output came from (1.7)
+    ACTIVATIONS = "activations"  # per activation module: its units' activity and its input's spread (1.9)
 
 
 class AckStatus(str, enum.Enum):
@@ -239,8 +241,41 @@ class NonFiniteRecord:
                 f"nearest the loss in `{self.module}`")
 
 
+@dataclass(slots=True)
+class ActivationsRecord:
+    """Activation statistics of a sampled step (1.9), per activation module in the order of the forward pass:
+    its kind (relu, gelu, silu, tanh, sigmoid), the layer that feeds it (its last weight matrix or kernel before
+    it), its units (features; channels of a convolution), the (sample, position) pairs counted per unit, and
+    ``shares``: the units' shares of those pairs where a ReLU's input was positive (active) or a tanh's /
+    sigmoid's was beyond its saturation bounds, sorted, at most ``MAX_UNIT_SHARES`` evenly spaced ranks ([] for
+    GELU and SiLU); ``input_mean`` and ``input_var``: over all of its input's elements."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.ACTIVATIONS
+    step: int
+    t: float
+    modules: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    feeders: list[str] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    shares: list[list[float]] = field(default_factory=list)
+    input_mean: list[float | None] = field(default_factory=list)
+    input_var: list[float | None] = field(default_factory=list)
+    seq: int = 0
+    dropped: int = 0
+
+    def share_below(self, module: int, threshold: float) -> float:
+        """The share of a module's units whose share is under ``threshold`` (0..1); 0 without shares."""
+        shares = self.shares[module] if module < len(self.shares) else []
+        return sum(1 for v in shares if v < threshold) / len(shares) if shares else 0.0
+
+    def share_above(self, module: int, threshold: float) -> float:
+        shares = self.shares[module] if module < len(self.shares) else []
+        return sum(1 for v in shares if v > threshold) / len(shares) if shares else 0.0
+
+
 Record = (StepRecord | LogRecord | AckRecord | EndRecord | LayersRecord | CheckpointRecord | ResumeRecord
-          | NonFiniteRecord)
+          | NonFiniteRecord | ActivationsRecord)
 
 
 @dataclass(slots=True)
@@ -340,6 +375,10 @@ def to_json(record: Record) -> dict[str, Any]:
         elif isinstance(record, NonFiniteRecord):
             out.update(source=record.source, module=record.module, value=record.value, params=record.params,
                        count=record.count)
+        elif isinstance(record, ActivationsRecord):
+            out.update(modules=record.modules, kinds=record.kinds, feeders=record.feeders, units=record.units,
+                       samples=record.samples, shares=record.shares, input_mean=record.input_mean,
+                       input_var=record.input_var)
         else:
             raise TypeError(f"not a spool record: {type(record).__name__}")
     out["seq"] = record.seq
@@ -539,6 +578,34 @@ def _decode_nonfinite(obj: dict[str, Any], step: int, t: float, seq: int, droppe
         count=_count(obj.get("count")) or 0, seq=seq, dropped=dropped)
 
 
+def _names(value: Any, limit: int) -> list[str]:
+    return [str(v)[:MAX_NAME] for v in value[:limit]] if isinstance(value, list) else []
+
+
+def _decode_activations(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> ActivationsRecord:
+    modules = _names(obj.get("modules"), MAX_LAYERS)
+    n = len(modules)
+
+    def names(key: str) -> list[str]:
+        given = _names(obj.get(key), n)
+        return given + [""] * (n - len(given))
+
+    def counts(key: str) -> list[int]:
+        given = [_count(v) or 0 for v in obj.get(key, [])[:n]] if isinstance(obj.get(key), list) else []
+        return given + [0] * (n - len(given))
+
+    def numbers(key: str) -> list[float | None]:
+        given = _per_layer(obj.get(key), n)
+        return given + [None] * (n - len(given))
+    raw = obj.get("shares")
+    shares = [[v for x in per[:MAX_UNIT_SHARES] if (v := _number(x)) is not None and 0.0 <= v <= 1.0]
+              if isinstance(per, list) else [] for per in (raw[:n] if isinstance(raw, list) else [])]
+    return ActivationsRecord(step=step, t=t, modules=modules, kinds=names("kinds"), feeders=names("feeders"),
+                             units=counts("units"), samples=counts("samples"),
+                             shares=shares + [[] for _ in range(n - len(shares))], input_mean=numbers("input_mean"),
+                             input_var=numbers("input_var"), seq=seq, dropped=dropped)
+
+
 def _decode_log(obj: dict[str, Any], step: int, t: float, seq: int, dropped: int) -> LogRecord:
     return LogRecord(step=step, t=t, values=_values(obj.get("values")) or {}, seq=seq, dropped=dropped,
                      values_dropped=_count(obj.get("values_dropped")) or 0)
@@ -548,7 +615,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], int, float, int, int], Record]] =
     RecordKind.STEP.value: _decode_step, RecordKind.LOG.value: _decode_log, RecordKind.ACK.value: _decode_ack,
     RecordKind.END.value: _decode_end, RecordKind.LAYERS.value: _decode_layers,
     RecordKind.CHECKPOINT.value: _decode_checkpoint, RecordKind.RESUME.value: _decode_resume,
-    RecordKind.NONFINITE.value: _decode_nonfinite,
+    RecordKind.NONFINITE.value: _decode_nonfinite, RecordKind.ACTIVATIONS.value: _decode_activations,
 }
 
 

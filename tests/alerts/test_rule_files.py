@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradwatch.agent.alerts import alert_name
 from gradwatch.agent.catalogue import ALL
-from gradwatch.agent.links import DEFAULT_DOCS_URL, DEFAULT_GRAFANA_URL, RUNBOOK_ALERTS, anchor
+from gradwatch.agent.links import CATALOGUE_ALERTS, DEFAULT_DOCS_URL, DEFAULT_GRAFANA_URL, RUNBOOK_ALERTS, alert_name, anchor
 from gradwatch.rules.config import default_rules
 from tests.conftest import REPO
 
@@ -121,10 +120,15 @@ def _runbook_headings() -> set[str]:
 
 
 def test_every_alert_either_source_sends_has_a_runbook_section_and_nothing_else_does() -> None:
+    """Also the catalogue's rules the defaults record without an alert (exploding_tensor, stalled_training,
+    step_outlier): a user who gives one a severity gets its section."""
     agent_alerts = {alert_name(r.name) for r in default_rules().rules if r.alert != "none"}
     state_alerts = {"GradwatchRunStalled", "GradwatchRunCrashed", "GradwatchRunFailed"}
     sent = {rule["alert"] for rule in RULES} | agent_alerts | state_alerts
-    assert _runbook_headings() == sent == RUNBOOK_ALERTS
+    assert _runbook_headings() == sent | CATALOGUE_ALERTS == RUNBOOK_ALERTS
+    silent = {alert_name(r.name) for r in default_rules().rules if r.alert == "none"}
+    assert CATALOGUE_ALERTS - sent == silent == {
+        "GradwatchExplodingTensor", "GradwatchStalledTraining", "GradwatchStepOutlier"}
 
 
 def test_every_rule_links_its_runbook_section_and_its_runs_dashboard() -> None:

@@ -59,10 +59,13 @@ def test_a_resumed_probe_continues_the_run_and_its_step_series(isolated_home: Pa
     assert again.run == probe.run and again.step == 20
     assert [p.name for p in SpoolLayout(isolated_home).runs_dir.iterdir()] == [probe.run]
     records = _records(isolated_home, probe.run)
-    kinds = [(r["kind"], r["step"]) for r in records if r["kind"] != "step"]
+    kinds = [(r["kind"], r["step"]) for r in records if r["kind"] not in ("step", "activations")]
     assert kinds == [("checkpoint", 10), ("end", 15), ("resume", 10), ("end", 20)]
+    # each process samples its first step's activations (an initialisation, or a resume that went wrong)
+    assert [r["step"] for r in records if r["kind"] == "activations"] == [1, 11]
     resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
-    assert records[resume]["checkpoint"] == saved["gradwatch"]["checkpoint"] == records[10]["id"]
+    checkpoint = next(r for r in records if r["kind"] == "checkpoint")
+    assert records[resume]["checkpoint"] == saved["gradwatch"]["checkpoint"] == checkpoint["id"]
     assert [r["step"] for r in records[resume:] if r["kind"] == "step"] == list(range(11, 21))
 
 

@@ -21,13 +21,16 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(isolated_home: Path) 
     model, opt = tiny_model()
     # The writer only wakes every hour: nothing leaves the queue while we train.
     probe = gradwatch.attach(model, opt, run="full", max_queue=10, flush_interval=3600)
-    train_steps(model, opt, probe, steps=20)  # 40 records into a queue of 10
+    # 41 items into a queue of 10: 20 steps, 20 logs and step 1's activation sample (queued after step 1's log)
+    train_steps(model, opt, probe, steps=20)
     assert len(probe._queue) == 10
-    assert probe.dropped == 30
+    assert probe.dropped == 31
     probe.close()
     _, records = read_run(isolated_home, "full")
-    assert len(logged(records)) == 5 and len([r for r in records if r["kind"] == "step"]) == 5  # 10 queue items
-    assert records[-1]["dropped"] == 30  # the loss is reported to the agent
+    # the 10 queue items: steps 1-5, the logs of steps 1-4 merged into them, the activation sample
+    assert len(logged(records)) == 4 and len([r for r in records if r["kind"] == "step"]) == 5
+    assert [r["kind"] for r in records].count("activations") == 1
+    assert records[-1]["dropped"] == 31  # the loss is reported to the agent
 
 
 def test_unwritable_spool_warns_once_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -44,7 +47,8 @@ def _train_with_unusable_home(home: Path, caplog: pytest.LogCaptureFixture) -> N
     losses = train_steps(model, opt, probe, steps=30)
     probe.close()
     assert len(losses) == 30 and not any(math.isnan(loss) for loss in losses)
-    assert probe.dropped == 31  # 30 step records (each with its log merged in) + the end record
+    # 30 step records (each with its log merged in), step 1's activation sample and the end record
+    assert probe.dropped == 32
     warnings = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
     assert len(warnings) == 1 and "GRADWATCH_HOME" in warnings[0], warnings
 
@@ -67,14 +71,14 @@ def test_disk_errors_while_writing_are_counted_and_retried(isolated_home: Path, 
     model, opt = tiny_model()
     probe = gradwatch.attach(model, opt, run="disk-full", flush_interval=3600)
     train_steps(model, opt, probe, steps=3)
-    probe._writer._drain()  # fails: 3 step records dropped
+    probe._writer._drain()  # fails: 3 step records and step 1's activation sample dropped
     train_steps(model, opt, probe, steps=2)
     probe._writer._drain()  # fails again: 2 more
     train_steps(model, opt, probe, steps=1)
     probe.close()  # writes
     _, records = read_run(isolated_home, "disk-full")
     assert [r["step"] for r in records if r["kind"] == "step"] == [6]
-    assert records[-1]["dropped"] == 5 and probe.dropped == 5
+    assert records[-1]["dropped"] == 6 and probe.dropped == 6
     assert len([r for r in caplog.records if "No space left" in r.getMessage()]) == 1
 
 

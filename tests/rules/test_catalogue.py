@@ -23,6 +23,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.rules.config import parse_rules
 from gradwatch.rules.engine import Decision
 from gradwatch.spool.format import SpoolLayout
+from gradwatch.spool.records import ActivationsRecord, LayersRecord
 from tests.agent.helpers import FakeClock
 from tests.probe.test_nonfinite_origin import ForwardNaN
 
@@ -39,6 +40,9 @@ rules:
   - {name: unchanged_tensor, detect: {type: unchanged_tensor}}
   - {name: gpu_memory_increase, detect: {type: gpu_memory_increase}}
   - {name: step_outlier, detect: {type: step_outlier}}
+  - {name: dead_relu, detect: {type: dead_relu}}
+  - {name: saturated_activation, detect: {type: saturated_activation}}
+  - {name: poor_weight_initialization, detect: {type: poor_weight_initialization}}
 """
 EVERY = 10  # layer statistics every 10 steps: the tests' sampling cadence
 
@@ -159,6 +163,107 @@ def test_a_layer_frozen_on_purpose_is_no_fault(tmp_path: Path) -> None:
     assert _firings(tmp_path)[0] == []
 
 
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_dead_relu_behind_a_large_negative_bias_in_an_mlp_and_a_cnn(tmp_path: Path) -> None:
+    """The first ReLU's inputs are all negative from step 1 (its Linear's bias at -5; its Conv2d's at -20): the
+    rule fires at the first activation sample, step 1, naming the ReLU and the layer that feeds it; the ReLUs
+    downstream are alive."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        mlp[0].bias.fill_(-5.0)
+    _train(tmp_path / "mlp", mlp, _regression(), steps=30)
+    [dead] = _by_rule(_firings(tmp_path / "mlp")[0])["dead_relu"]
+    assert (dead.step, dead.details["layer"], dead.details["feeder"], dead.details["value"]) == (1, "1", "0", 100.0)
+    # the ReLU after it sees only its Linear's bias: the units with a negative one are dead too
+    assert dead.details["evidence"].startswith(
+        "dead_relu at step 1: 100 % of `1`'s 32 units active in < 1 % of samples (threshold_layer 50 %)")
+    assert dead.details["evidence"].endswith(
+        "try a lower learning rate, LeakyReLU or GELU, or check the initialisation (and the bias) of `0`")
+
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 64, 1))
+    with torch.no_grad():
+        cnn[1].bias.fill_(-20.0)  # BatchNorm's shift: every channel's input far below zero
+    _train(tmp_path / "cnn", cnn, lambda step: (torch.randn(8, 3, 8, 8), torch.randn(8, 1)), steps=20)
+    dead = _by_rule(_firings(tmp_path / "cnn")[0])["dead_relu"][0]  # (the ReLU after it may die too)
+    # a unit is a channel: the feeder is the convolution (BatchNorm has no weight matrix)
+    assert (dead.step, dead.details["layer"], dead.details["feeder"]) == (1, "2", "0")
+    assert "of `2`'s 8 units active" in dead.details["evidence"]
+
+
+def test_gradwatch_status_says_the_diagnosis_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no agent running, `gradwatch status` replays the spool with the shipped defaults, which include the
+    catalogue: the dead ReLU's evidence is printed under the table."""
+    from gradwatch.cli import main
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        mlp[0].bias.fill_(-5.0)
+    _train(tmp_path, mlp, _regression(), steps=30)
+    main(["status", "--home", str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "diagnosis(es)" in out
+    assert ("r: dead_relu at step 1: 100 % of `1`'s 32 units active in < 1 % of samples (threshold_layer 50 %); try "
+            "a lower learning rate, LeakyReLU or GELU, or check the initialisation (and the bias) of `0`") in out
+
+
+def test_saturated_tanh_with_its_inputs_scaled_100x(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), _Scale(100.0), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    _train(tmp_path, model, _regression(), steps=30)
+    [saturated] = _by_rule(_firings(tmp_path)[0])["saturated_activation"]
+    assert (saturated.step, saturated.details["layer"], saturated.details["feeder"]) == (1, "2", "0")
+    assert saturated.details["evidence"].startswith(
+        "saturated_activation at step 1: 100 % of `2`'s 32 units (tanh) have inputs outside [-9.4999, 9.4999] in "
+        "over 1 % of samples")
+
+
+def test_poor_weight_initialization_of_one_layer_times_100(tmp_path: Path) -> None:
+    """Layer 4's weights x100: its ReLU's input variance jumps 10^4 / 6 times over the ReLU's before it (PyTorch's
+    default initialisation shrinks it about 6x a layer): fires at step 1 naming that ReLU and layer 4."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(32, 32), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        model[4].weight.mul_(100.0)
+    _train(tmp_path, model, _regression(32), steps=20)
+    [poor] = _by_rule(_firings(tmp_path)[0])["poor_weight_initialization"]
+    assert (poor.step, poor.details["layer"], poor.details["feeder"]) == (1, "5", "4")
+    assert poor.details["value"] > 1000
+    assert "the input variance of `5` is" in poor.details["evidence"] and "that of `3` before it" in \
+        poor.details["evidence"]
+
+
+def test_a_deep_mlp_at_pytorchs_default_initialisation_is_no_poor_initialisation(tmp_path: Path) -> None:
+    """12 Linear+ReLU layers, then 8 Linear+Tanh, at the defaults: the variance shrinks about 6x a ReLU layer
+    (to the variance of the biases, 1/192), never jumps between neighbours: no poor initialisation, no
+    saturation. (Its deep ReLUs see mostly their biases: dead_relu may rightly say so.)"""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for k in range(20):
+        layers += [torch.nn.Linear(64 if k else 16, 64), torch.nn.ReLU() if k < 12 else torch.nn.Tanh()]
+    _train(tmp_path, torch.nn.Sequential(*layers, torch.nn.Linear(64, 1)), _regression(), steps=50)
+    fired = _by_rule(_firings(tmp_path)[0])
+    assert not {"poor_weight_initialization", "saturated_activation"} & set(fired), fired
+    variances = [v for r in gradwatch.read_run("r", tmp_path).rank(0).records if isinstance(r, ActivationsRecord)
+                 for v in r.input_var[:12] if r.step == 1]
+    assert max(variances) / min(variances) > 10  # smdebug's literal max/min test would have fired (70x here)
+
+
 def test_weight_update_ratio_too_large_and_too_small(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
@@ -274,9 +379,11 @@ def test_step_outlier_when_steps_are_slowed_5x_at_random(tmp_path: Path) -> None
 def test_a_checkpoint_every_50_steps_is_periodic_news_not_outliers(tmp_path: Path) -> None:
     """A real checkpoint every 50 steps makes the next step slow on a period: reported once, at info level, and
     no step_outlier; random slow steps on top of it are still outliers."""
-    _sleeping_train(tmp_path / "a", 400, set(), checkpoint_every=50, width=2048)  # 4M parameters, 50 MB
+    _sleeping_train(tmp_path / "a", 500, set(), checkpoint_every=50, width=2048)  # 4M parameters, 50 MB
     decisions, state = _firings(tmp_path / "a", STEP_RULES)
-    [periodic] = _by_rule(decisions)["step_outlier"]
+    durations = {s.step: round(s.dur * 1e3) for s in gradwatch.read_run("r", tmp_path / "a").rank(0).steps if s.dur}
+    [periodic] = _by_rule(decisions).get("step_outlier", [None])  # type: ignore[list-item]
+    assert periodic is not None, [durations.get(k) for k in range(51, 501, 50)]
     assert periodic.reason == "step_outlier_periodic" and periodic.details["period"] == 50
     assert periodic.details["evidence"].startswith(f"step_outlier at step {periodic.step}: every 50 steps a step")
     [alert] = AlertTracker(resolve_after=1e9).evaluate(state, periodic.t + 1)
@@ -285,7 +392,7 @@ def test_a_checkpoint_every_50_steps_is_periodic_news_not_outliers(tmp_path: Pat
     slowed = _slowed_steps(600, 0.04, seed=5)
     _sleeping_train(tmp_path / "b", 600, set(slowed), checkpoint_every=50, width=2048, slow=0.15)  # ~5x a step
     reasons = [d.reason for d in _by_rule(_firings(tmp_path / "b", STEP_RULES)[0])["step_outlier"]]
-    assert reasons == ["step_outlier_periodic", "step_outlier"]
+    assert sorted(reasons) == ["step_outlier", "step_outlier_periodic"]  # (which first: the run's luck)
 
 
 def test_step_outlier_at_exactly_the_limit_and_its_state_across_a_restart() -> None:
@@ -349,6 +456,18 @@ def _memorise(tmp_path: Path, *, lr_zero_after: int = 0, steps: int = 400) -> li
 def test_overfit_on_a_tiny_training_set(tmp_path: Path) -> None:
     overfit = _by_rule(_memorise(tmp_path))["overfit"][0]  # and again at each new stretch of a growing gap
     assert overfit.step % 20 == 0 and overfit.details["value"] > 0.1
+    assert overfit.details["val_loss"] > overfit.details["train_loss"]
+    assert "the gap growing while the training loss falls" in overfit.details["evidence"]
+
+
+def test_overfit_under_lightning(tmp_path: Path) -> None:
+    """The same fault in a Lightning script (tests/support/user_scripts/lightning_overfit.py): its train_loss and
+    val_loss, logged with self.log and recorded by the callback, give the overfit firing at a validation step."""
+    from tests.frameworks.helpers import run_script
+
+    run_script("user_scripts/lightning_overfit.py", tmp_path)
+    overfit = _by_rule(_firings(tmp_path)[0])["overfit"][0]
+    assert overfit.run == "overfit" and overfit.step % 20 == 0 and overfit.details["value"] > 0.1
     assert overfit.details["val_loss"] > overfit.details["train_loss"]
     assert "the gap growing while the training loss falls" in overfit.details["evidence"]
 
@@ -474,7 +593,9 @@ def test_healthy_runs_fire_no_catalogue_rule(tmp_path: Path, kind: str) -> None:
     _train(tmp_path, model, batch, steps=steps, loss_fn=loss_fn, optimizer=opt, scheduler=schedule,
            evaluate_every=evaluate_every)
     decisions, _ = _firings(tmp_path)
-    assert [(d.rule, d.step, d.details.get("evidence")) for d in decisions] == []
+    # (a slow in-loop evaluation is reported once as periodic, at info: news about the loop, not a firing)
+    assert [(d.rule, d.step, d.details.get("evidence")) for d in decisions if d.reason != "step_outlier_periodic"] \
+        == []
     losses = [s.values["loss"] for s in gradwatch.read_run("r", tmp_path).rank(0).steps if s.values]
     assert math.isfinite(losses[-1]) and sum(losses[-100:]) < sum(losses[:100])  # it learned: a real run
 
@@ -490,7 +611,10 @@ def test_inspect_reports_the_firings_the_agent_made_at_the_same_steps(tmp_path: 
     test_weight_update_ratio_too_large_and_too_small(tmp_path / "a")
     test_overfit_on_a_tiny_training_set(tmp_path / "b")
     test_a_layer_cut_off_by_a_detach_has_all_zero_gradients(tmp_path / "c")
-    for home in (tmp_path / "a", tmp_path / "b", tmp_path / "c"):
+    test_poor_weight_initialization_of_one_layer_times_100(tmp_path / "d")
+    test_dead_relu_behind_a_large_negative_bias_in_an_mlp_and_a_cnn(tmp_path / "e")
+    for home in (tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d", tmp_path / "e" / "mlp",
+                 tmp_path / "e" / "cnn"):
         live = [(d.rule, d.step, d.details.get("layer")) for d in _firings(home)[0]]
         offline = [(d.rule, d.step, d.details.get("layer")) for d in replay(gradwatch.read_run("r", home).rank(0))]
         assert live and sorted(offline) == sorted(live)
@@ -551,6 +675,69 @@ def test_overfit_at_exactly_the_ratio_and_with_a_gap_that_does_not_grow() -> Non
     assert _feed(_detector(detect), train, vals={2: 1.125, 4: 0.625}) == []  # 12.5 % then exactly 25 %: not over
     assert _feed(_detector(detect), train, vals={2: 1.25, 4: 0.625}) == []  # 25 % then 25 %: not growing
     assert _feed(_detector(detect), train, vals={2: 1.25, 4: 0.6875}) == [4]  # 25 % then 37.5 %, falling: yes
+
+
+def _activation_sample(step: int, kind: str, shares: list[float], var: float = 1.0) -> ActivationsRecord:
+    return ActivationsRecord(step=step, t=float(step), modules=["act"], kinds=[kind], feeders=["fc"],
+                             units=[len(shares)], samples=[100], shares=[sorted(shares)], input_mean=[0.0],
+                             input_var=[var])
+
+
+def test_dead_relu_and_saturated_activation_at_exactly_their_thresholds() -> None:
+    """A unit active in exactly threshold_inactivity % of its pairs is not dead (nor a tanh unit saturated in
+    exactly that share saturated); a layer with exactly threshold_layer % of idle units is not over it."""
+    dead = _detector("{type: dead_relu}")
+    assert dead.observe(_activation_sample(1, "relu", [0.01] * 4)) is None  # active in exactly 1 %: alive
+    assert dead.observe(_activation_sample(2, "relu", [0.0, 0.0, 0.5, 0.5])) is None  # exactly 50 % dead
+    fired = dead.observe(_activation_sample(3, "relu", [0.0, 0.0, math.nextafter(0.01, 0), 0.5]))
+    assert fired is not None and fired.details["value"] == 75.0 and fired.details["feeder"] == "fc"
+    assert dead.holding() and dead.observe(_activation_sample(4, "relu", [0.0] * 4)) is None  # once per episode
+    assert dead.observe(_activation_sample(5, "tanh", [0.0] * 4)) is None and not dead.holding()  # not a ReLU
+    saturated = _detector("{type: saturated_activation}")
+    assert saturated.observe(_activation_sample(1, "sigmoid", [0.01] * 4)) is None
+    fired = saturated.observe(_activation_sample(2, "sigmoid", [math.nextafter(0.01, 1)] * 3 + [0.0]))
+    assert fired is not None and fired.details["value"] == 75.0
+
+
+def test_saturation_bounds_other_than_the_probes_are_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"threshold_tanh_max: the probe counts saturated inputs at smdebug's bounds"):
+        parse_rules("rules:\n  - {name: s, detect: {type: saturated_activation, threshold_tanh_max: 5}}\n", "r.yaml")
+    parse_rules("rules:\n  - {name: s, detect: {type: saturated_activation, threshold_tanh_max: 9.4999}}\n", "r.yaml")
+
+
+def test_poor_weight_initialization_at_exactly_the_ratio_and_only_in_the_first_samples() -> None:
+    from gradwatch.rules.detector_base import StepObservation
+
+    def pair(step: int, ratio: float) -> ActivationsRecord:
+        return ActivationsRecord(step=step, t=0.0, modules=["a", "b"], kinds=["relu", "relu"], feeders=["f", "g"],
+                                 units=[4, 4], samples=[8, 8], shares=[[0.5] * 4] * 2, input_mean=[0.0, 0.0],
+                                 input_var=[1.0, ratio])
+    detector = _detector("{type: poor_weight_initialization, steps: 2}")
+    assert detector.observe(pair(1, 10.0)) is None  # exactly threshold: not over it
+    assert detector.observe(pair(2, 0.1)) is None  # 10x smaller: the same
+    assert detector.observe(pair(3, 1e6)) is None  # a third sample is past `steps`
+    fresh = _detector("{type: poor_weight_initialization}")
+    fired = fresh.observe(pair(1, math.nextafter(10.0, math.inf)))
+    assert fired is not None and (fired.details["layer"], fired.details["feeder"]) == ("b", "g")
+    # (b): narrow gradients in every feeding layer and a loss that has not decreased in `patience` samples
+    narrow = _detector("{type: poor_weight_initialization, patience: 2, distribution_range: 0.001}")
+    narrow.observe(pair(1, 1.0))
+    spread_per_abs_mean = 3.29 * math.sqrt(math.pi / 2)
+    fired_at = []
+    for k, loss in enumerate([1.0, 1.0, 1.0, 1.0], start=1):
+        narrow.observe(StepObservation(10 * k, 0.0, {"loss": loss}))
+        at = 0.001 / spread_per_abs_mean * (1 - 1e-9)  # a spread just under distribution_range
+        sample = LayersRecord(step=10 * k, t=0.0, layers=["f", "g", "norm"], grad_norm=[1.0, 1.0, 1.0],
+                              grad_abs_mean=[at, at / 2, 1.0])  # a norm layer's is wide: no matter
+        if narrow.observe(sample) is not None:
+            fired_at.append(10 * k)
+    assert fired_at == [30]  # the third mean is not below the first within patience 2
+    learning = _detector("{type: poor_weight_initialization, patience: 2}")
+    learning.observe(pair(1, 1.0))
+    for k, loss in enumerate([1.0, 1.0, 0.999, 0.998], start=1):
+        learning.observe(StepObservation(10 * k, 0.0, {"loss": loss}))
+        assert learning.observe(LayersRecord(step=10 * k, t=0.0, layers=["f", "g"], grad_norm=[1.0, 1.0],
+                                             grad_abs_mean=[1e-9, 1e-9])) is None  # the loss decreases
 
 
 def test_overtraining_counts_an_improvement_of_exactly_delta_as_none() -> None:

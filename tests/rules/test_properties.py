@@ -31,7 +31,7 @@ from gradwatch.rules.detector_base import StepObservation, TickObservation
 from gradwatch.rules.detectors import make_detector
 from gradwatch.rules.engine import RunRules
 from gradwatch.rules.lr import min_lr_for, reduced_lr
-from gradwatch.spool.records import LayersRecord
+from gradwatch.spool.records import ActivationsRecord, LayersRecord
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -122,6 +122,19 @@ def layer_samples(draw: st.DrawFn, step: int) -> LayersRecord:
 
 
 @st.composite
+def activation_samples(draw: st.DrawFn, step: int) -> ActivationsRecord:
+    modules = draw(LAYER_NAMES)
+    n = len(modules)
+    return ActivationsRecord(
+        step=step, t=float(step), modules=modules,
+        kinds=draw(st.lists(st.sampled_from(["relu", "tanh", "sigmoid", "gelu", ""]), max_size=n)),
+        feeders=draw(st.lists(st.sampled_from(["", "0", "fc"]), max_size=n)),
+        units=draw(st.lists(st.integers(0, 10), max_size=n)), samples=draw(st.lists(st.integers(0, 10), max_size=n)),
+        shares=draw(st.lists(st.lists(st.floats(0, 1), max_size=4), max_size=n)),
+        input_mean=draw(st.lists(MAYBE, max_size=n)), input_var=draw(st.lists(MAYBE, max_size=n)))
+
+
+@st.composite
 def observations(draw: st.DrawFn) -> list[Any]:
     """A run's steps and layer samples, in order: every field may be missing, non-finite or extreme."""
     out: list[Any] = []
@@ -131,6 +144,8 @@ def observations(draw: st.DrawFn) -> list[Any]:
         out.append(StepObservation(step, float(step), {name: draw(VALUES) for name in names}))
         if draw(st.booleans()):
             out.append(draw(layer_samples(step)))
+        if draw(st.booleans()):
+            out.append(draw(activation_samples(step)))
         if draw(st.booleans()):  # the agent's clock, with the run's GPUs' readings
             out.append(TickObservation(now=step + draw(st.floats(0, 1e4)), step=step, last_step_t=float(step),
                                        start_time=draw(st.one_of(st.none(), st.floats(0, 10))),
@@ -165,8 +180,8 @@ def test_the_engine_never_raises_on_any_accepted_catalogue_rule(spec: Any, seen:
             **({"action": {"type": "stop"}} if mode == "act" else {})}
     rules = RunRules("run", parse_rules(json.dumps({"rules": [rule]}), "generated.yaml"), "agent")
     for observation in seen:
-        if isinstance(observation, LayersRecord):
-            decisions = rules.observe_layers(observation)
+        if isinstance(observation, (LayersRecord, ActivationsRecord)):
+            decisions = rules.observe_sample(observation)
         elif isinstance(observation, TickObservation):
             decisions = rules.tick(observation)
         else:

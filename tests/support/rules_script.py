@@ -73,6 +73,8 @@ def main() -> None:
                 loss = loss * float("nan")
             optimizer.zero_grad()
             loss.backward()
+            if args.sleep:  # the pace is the step's compute (a GPU step), not a wait for data
+                time.sleep(args.sleep * (5 if rank == args.slow_rank else 1))
             optimizer.step()
             values = {"loss": loss, "batch_size": 32}
             if args.signal_at:
@@ -83,8 +85,6 @@ def main() -> None:
             probe.log(**values)
             lrs.append(probe.learning_rates()[0])  # what the next update uses, gradwatch's LR cuts included
             losses.append(loss.item())
-            if args.sleep:
-                time.sleep(args.sleep * (5 if rank == args.slow_rank else 1))
             if step == args.ctrl_c_at:
                 os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised here, ends the script
             if step == args.exit_at:
