@@ -273,6 +273,22 @@ def compare(names: tuple[str, ...], home: Path | None, output: Path, rank: int) 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("run")
 @_home_option
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for each rank's dump.")
+@click.option("--full", is_flag=True, help="Every frame, and the other threads of each rank.")
+def stacks(run: str, home: Path | None, timeout: float, full: bool) -> None:
+    """Where each rank of RUN on this machine is now: the Python stack of its training thread, ranks at the same
+    place grouped, the odd one out first. The probe writes its threads' stacks into the spool when asked (a signal;
+    training goes on); ranks on other machines are named, not asked: run this there."""
+    from gradwatch.stacks import collect, report
+
+    for line in report(run, collect(run, home, timeout), full=full):
+        click.echo(line)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("run")
+@_home_option
 @click.option("--rank", default=None, type=click.IntRange(min=0), help="Only this rank. [default: every rank]")
 @click.option("-n", "--lines", "last", default=10, show_default=True, type=click.IntRange(min=0),
               help="Steps to show from before now.")

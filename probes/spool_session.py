@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gradwatch.probes import stacks
 from gradwatch.probes.control import CommandReader, acked_ids
 from gradwatch.probes.identity import ProcessIdentity
 from gradwatch.probes.warn_once import WarnOnce
@@ -58,6 +59,8 @@ class SpoolSession:
                 meta_file = SpoolLayout.meta_file(run_dir, self.identity.rank)
                 before = self._check_rank_unclaimed(meta_file)
                 meta = self._make_meta(name)
+                meta.stack_signal = stacks.register(SpoolLayout.stacks_file(run_dir, self.identity.rank))
+                meta.main_thread = stacks.main_thread_ident() if meta.stack_signal else 0
                 # the directory's creator: kept by a resumed run, so the agent knows it is the same run
                 created_by = before.get("run_uid") if self.resuming else None
                 meta.run_uid = created_by if isinstance(created_by, str) and created_by else meta.launch_key

@@ -100,6 +100,11 @@ class SpoolLayout:
         return run_dir / f"rank-{rank}.records.jsonl"
 
     @staticmethod
+    def stacks_file(run_dir: Path, rank: int) -> Path:
+        """(1.9) where the process writes its threads' stacks on its ``stack_signal``."""
+        return run_dir / f"rank-{rank}.stacks.txt"
+
+    @staticmethod
     def commands_file(run_dir: Path) -> Path:
         return run_dir / "control" / "commands.jsonl"
 

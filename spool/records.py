@@ -333,6 +333,10 @@ class RunMeta:
     # whatever pid namespace the process lives in; and that namespace, so that no agent judges a pid from another
     gpu_uuids: list[str] = field(default_factory=list)
     pid_namespace: str = ""
+    # (1.9) the signal on which the process writes every thread's Python stack to rank-<r>.stacks.txt (0: none),
+    # and the training thread's ident, as that dump names it
+    stack_signal: int = 0
+    main_thread: int = 0
 
 
 # -- encoding (the probe's writer thread) --------------------------------------------------------
@@ -434,6 +438,7 @@ def meta_to_json(meta: RunMeta) -> dict[str, Any]:
         **({"run_uid": meta.run_uid} if meta.run_uid else {}),
         **({"gpu_uuids": meta.gpu_uuids} if meta.gpu_uuids else {}),
         **({"pid_namespace": meta.pid_namespace} if meta.pid_namespace else {}),
+        **({"stack_signal": meta.stack_signal, "main_thread": meta.main_thread} if meta.stack_signal else {}),
     }
 
 
@@ -695,7 +700,9 @@ def decode_meta(obj: Any) -> RunMeta:
         command_sync="collective" if obj.get("command_sync") == "collective" else "",
         run_uid=_text(obj.get("run_uid"), MAX_NAME) or "",
         gpu_uuids=[u[:MAX_UUID] for u in gpus[:MAX_GPUS] if isinstance(u, str)] if isinstance(gpus, list) else [],
-        pid_namespace=_text(obj.get("pid_namespace"), MAX_UUID) or "")
+        pid_namespace=_text(obj.get("pid_namespace"), MAX_UUID) or "",
+        stack_signal=signal if (signal := _count(obj.get("stack_signal"))) is not None and signal <= 64 else 0,
+        main_thread=_count(obj.get("main_thread")) or 0)
 
 
 def merge_logged(records: list[Record]) -> list[Record]:
