@@ -89,6 +89,8 @@ class _Seen:
 @dataclass
 class ActivationStats:
     model: torch.nn.Module
+    #: what failed in a hook (an input our counting cannot read): reported once by the probe, sampling stops
+    error: Exception | None = None
     #: set when a hook ran inside code torch.compile traced (a compiled training step around an eager model):
     #: the probe then stops sampling activations, since hooks added and removed would recompile that code
     under_compile: bool = False
@@ -126,12 +128,17 @@ class ActivationStats:
 
     def _pre_hook(self, module: torch.nn.Module, args: Any) -> None:
         watched = self._watched.get(id(module))
-        if watched is None:
+        if watched is None or self.error is not None:
             return
         if _is_compiling():
             self.under_compile = True
             return
-        name, kind = watched
+        try:  # it runs inside the script's forward pass: a failure of ours must never become the script's
+            self._count(module, args, *watched)
+        except Exception as exc:
+            self.error = exc  # the probe reports it once, after the step, and stops sampling activations
+
+    def _count(self, module: torch.nn.Module, args: Any, name: str, kind: str | None) -> None:
         if kind is None:
             self._last_feeder = name
             return

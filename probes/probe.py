@@ -713,10 +713,13 @@ class Probe:
         next step if it is sampled."""
         activations = self._activations
         try:
-            if activations.armed:  # type: ignore[union-attr]
-                item = activations.disarm(self.step, t)  # type: ignore[union-attr]
-                if item is not None:
-                    self._held.append(item)
+            item = activations.disarm(self.step, t) if activations.armed else None  # type: ignore[union-attr]
+            if activations.error is not None:  # type: ignore[union-attr]
+                self._activations = None  # off for the rest of the run; this step's partial counts dropped
+                self.report_internal_error("activation_stats", activations.error)  # type: ignore[union-attr]
+                return
+            if item is not None:
+                self._held.append(item)
             if activations.under_compile:  # type: ignore[union-attr]
                 self._activations = None  # (docs/rules.md: compiled models have no activation samples)
                 return

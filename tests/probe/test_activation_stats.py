@@ -171,3 +171,27 @@ def test_a_hostile_activations_line_keeps_what_is_valid() -> None:
     assert record.input_var[1:] == [2.0, 3.0] and record.input_var[0] != record.input_var[0]  # NaN kept: flagged
     again = decode(json.loads(encode(record)))
     assert again is not None and encode(again) == encode(record)  # what is kept round-trips
+
+
+def test_an_input_the_counting_cannot_read_costs_the_forward_nothing(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A nested (jagged) tensor into a ReLU in training mode: the forward pass and the run go on, the probe says
+    once that its activation statistics failed, and samples no more activations."""
+
+    class Jagged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = torch.nn.Linear(4, 4), torch.nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            nested = torch.nested.nested_tensor([h[:2], h[2:]], layout=torch.jagged)
+            return self.act(nested).values().sum() + h.sum()
+    model = Jagged()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.attach(model, opt, run="r", home=tmp_path, autostart_agent=False, layer_stats_every=2) as probe:
+        for _ in range(6):
+            _step(model, opt, torch.randn(5, 4))
+    assert probe.internal_errors == 1 and probe.step == 6
+    assert [r.getMessage() for r in caplog.records if "activation_stats" in r.getMessage()]
+    assert _activations(tmp_path) == []

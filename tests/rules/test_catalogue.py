@@ -311,6 +311,7 @@ def test_exploding_tensor_names_the_step_and_its_alert_the_layer(tmp_path: Path)
     assert 'gradwatch_rule_fired_total{rank="0",rule="exploding_tensor",run="r"} 1.0' in scrape.splitlines()
 
 
+@pytest.mark.timing  # a share of step time: a loaded machine stretches the compute part
 def test_input_bound_when_the_loader_sleeps(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
