@@ -109,7 +109,8 @@ def parse_dump(text: str) -> dict[int, list[Frame]]:
 def _signalable(meta: RunMeta, meta_file: Path, local_host: str) -> str:
     """Why this rank's process must not be signalled ("" when it may)."""
     if not meta.stack_signal:
-        return "its probe dumps no stacks (GRADWATCH_STACK_DUMPS=0, an older gradwatch, or another probe of the process)"
+        return ("its probe dumps no stacks (GRADWATCH_STACK_DUMPS=1 not set, an older gradwatch, or another probe of "
+                "the process)")
     if not judges_pid(meta.host, meta.pid, meta.pid_namespace, local_host):
         return f"it runs on host {meta.host or '?'} (ask that host's agent, or run gradwatch stacks there)"
     if meta.proc_start_ticks is not None and process_start_ticks(meta.pid) != meta.proc_start_ticks:

@@ -6,7 +6,8 @@ GIL or not: no ptrace, no py-spy, no dependency. The signal is a real-time one (
 nothing else in the training stacks we know uses (Lightning's SLURM requeue uses SIGUSR1, torchelastic SIGTERM);
 the agent and ``gradwatch stacks`` send it only to a process whose metadata names it and whose start time
 matches. One registration per process (a signal has one handler): the first probe's run gets the dumps.
-``GRADWATCH_STACK_DUMPS=0`` turns it off.
+Opt-in for now: ``GRADWATCH_STACK_DUMPS=1`` turns it on (the default becomes on once the agent collects stacks
+on a stall by itself, issue 22).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class _Registration:
 
 
 def enabled() -> bool:
-    return STACK_SIGNAL != 0 and os.environ.get("GRADWATCH_STACK_DUMPS", "1").strip().lower() not in (
-        "0", "false", "no", "off")
+    return STACK_SIGNAL != 0 and os.environ.get("GRADWATCH_STACK_DUMPS", "0").strip().lower() in (
+        "1", "true", "yes", "on")
 
 
 def register(path: Path) -> int:

@@ -35,7 +35,7 @@ def test_the_stuck_rank_is_named_with_its_frame_and_the_others_grouped(isolated_
     release = tmp_path / "release"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", str(SCRIPT),
                str(release), "--stuck-rank", "1", "--stuck-at", "5"]
-    env = {**os.environ, "GRADWATCH_HOME": str(isolated_home), "GRADWATCH_AUTOSTART": "0"}
+    env = {**os.environ, "GRADWATCH_HOME": str(isolated_home), "GRADWATCH_AUTOSTART": "0", "GRADWATCH_STACK_DUMPS": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: all(_steps(isolated_home, r) == 4 for r in range(3)), timeout=120,
@@ -75,7 +75,8 @@ def test_a_process_that_is_not_the_runs_is_never_signalled(isolated_home: Path) 
                                                                                pid=os.getpid()))))
     stacks = collect("other", isolated_home, timeout=0.5)
     assert [s.error for s in stacks] == ["its process has ended", (
-        "its probe dumps no stacks (GRADWATCH_STACK_DUMPS=0, an older gradwatch, or another probe of the process)")]
+        "its probe dumps no stacks (GRADWATCH_STACK_DUMPS=1 not set, an older gradwatch, or another probe of the "
+        "process)")]
     assert summary("other", stacks).startswith("run other: rank 0 unknown: its process has ended")
 
 
