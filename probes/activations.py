@@ -189,13 +189,17 @@ class ActivationStats:
         module = self.model.get_submodule(feeder) if feeder and feeder != "(root)" else None
         return isinstance(module, _CHANNEL_FIRST_1D)
 
-    def disarm(self, step: int, t: float) -> ActivationsCapture | None:
-        """Remove the hooks; what the sampled step's forward passes counted, for the writer thread."""
+    def release(self) -> None:
+        """Remove the process-wide hook (whatever state the counting is in)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._watched = {}
         self._armed = False
+
+    def disarm(self, step: int, t: float) -> ActivationsCapture | None:
+        """Remove the hooks; what the sampled step's forward passes counted, for the writer thread."""
+        self.release()
         seen, self._seen = [s for s in self._seen.values() if s.total is not None], {}
         if not seen:
             return None

@@ -7,6 +7,7 @@ Reading values back, encoding and file I/O happen on the writer thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -727,6 +728,8 @@ class Probe:
                 activations.arm()  # type: ignore[union-attr]
         except Exception as exc:
             self._activations = None  # off for the rest of the run: its hooks must not fail every step
+            with contextlib.suppress(Exception):
+                activations.release()  # type: ignore[union-attr]  # a process-wide hook must not outlive it
             self.report_internal_error("activation_stats", exc)
 
     def _record_layers(self, t: float) -> None:
